@@ -1,0 +1,177 @@
+"""Forward+backward time and saved activations of one LoRA layer against a frozen nn.Linear.
+
+Candidates, in one process on the same input: a frozen ``nn.Linear`` (backward for dX only),
+Hugging Face PEFT's LoRA ``Linear`` and lorafast's ``FusedLoRALinear``, each with the LoRA
+dropout given. Every round times each candidate once, in a rotating order so that a noisy
+machine affects them alike; the figure reported is the median over rounds of the per-round
+ratio to the frozen layer.
+
+    python bench/layer_ratios.py --tokens 8192 --features 768 --rank 8 --dropout 0 0.1
+
+Prints a Markdown table and writes it, with a PNG chart, to ``--out`` (default
+``bench/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorafast import FusedLoRALinear
+from lorafast.profiling import saved_activation_bytes
+
+
+def make_candidates(features_in: int, features_out: int, r: int, alpha: float, dropout: float, dtype, device):
+    """``{name: module}``: frozen nn.Linear, PEFT LoRA and lorafast, sharing one base weight."""
+    from peft import LoraConfig, get_peft_model
+
+    base = nn.Linear(features_in, features_out, device=device, dtype=dtype)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["0"])
+    peft = get_peft_model(nn.Sequential(base), config).base_model.model[0]
+    ours = FusedLoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout)
+    with torch.no_grad():  # same, non-zero adapter in both
+        nn.init.normal_(ours.lora_B, std=0.02)
+        peft.lora_A["default"].weight.copy_(ours.lora_A)
+        peft.lora_B["default"].weight.copy_(ours.lora_B)
+    return {"frozen nn.Linear": base, "PEFT LoRA": peft.train(), "lorafast": ours.train()}
+
+
+def step(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> None:
+    """One forward and backward; gradients are dropped afterwards so none accumulate."""
+    module(x).backward(grad_y)
+    x.grad = None
+    for p in module.parameters():
+        p.grad = None
+
+
+def measure(candidates: dict, x: torch.Tensor, grad_y: torch.Tensor, rounds: int, warmup: int = 2):
+    """Per candidate: median time (s) and median per-round ratio to the first candidate."""
+    names = list(candidates)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        for name in names:
+            step(candidates[name], x, grad_y)
+    times = {name: [] for name in names}
+    for round_ in range(rounds):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name in order:
+            sync()
+            start = time.perf_counter()
+            step(candidates[name], x, grad_y)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    baseline = times[names[0]]
+    return {
+        name: (statistics.median(ts), statistics.median(t / b for t, b in zip(ts, baseline)))
+        for name, ts in times.items()
+    }
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Activation bytes ``module`` keeps for backward on x (parameters excluded)."""
+    return saved_activation_bytes(lambda: module(x), exclude=list(module.parameters()))
+
+
+def run(args) -> list[dict]:
+    torch.manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    x = torch.randn(args.tokens, args.features, device=device, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(args.tokens, args.out_features or args.features, device=device, dtype=dtype)
+    rows = []
+    for p in args.dropout:
+        candidates = make_candidates(
+            args.features, args.out_features or args.features, args.rank, args.alpha, p, dtype, device
+        )
+        results = measure(candidates, x, grad_y, args.rounds)
+        for name, (seconds, ratio) in results.items():
+            rows.append(
+                {
+                    "dropout": p,
+                    "layer": name,
+                    "ms": seconds * 1e3,
+                    "ratio": ratio,
+                    "saved_bytes": saved_bytes(candidates[name], x),
+                }
+            )
+    return rows
+
+
+def machine() -> str:
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    return f"{dev}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def report(rows: list[dict], args) -> str:
+    x_bytes = args.tokens * args.features * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    lines = [
+        f"fwd+bwd, x {args.tokens}x{args.features}, W0 {args.out_features or args.features}x{args.features}, "
+        f"r={args.rank}, {args.dtype}, {machine()}, {args.rounds} rounds; x = {x_bytes:,} B, "
+        f"n·r·4 = {args.tokens * args.rank * 4:,} B",
+        "",
+        "| dropout | layer | median ms | median ratio to frozen | saved activations (B) | saved / x |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['dropout']} | {row['layer']} | {row['ms']:.1f} | {row['ratio']:.3f} | "
+            f"{row['saved_bytes']:,} | {row['saved_bytes'] / x_bytes:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [r["layer"] for r in rows if r["dropout"] == rows[0]["dropout"]]
+    dropouts = sorted({r["dropout"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(layers)
+    for i, layer in enumerate(layers):
+        ratios = [next(r["ratio"] for r in rows if r["layer"] == layer and r["dropout"] == p) for p in dropouts]
+        bars = ax.bar([d + i * width for d in range(len(dropouts))], ratios, width, label=layer)
+        ax.bar_label(bars, fmt="%.2f")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks([d + width * (len(layers) - 1) / 2 for d in range(len(dropouts))])
+    ax.set_xticklabels([f"dropout {p}" for p in dropouts])
+    ax.set_ylabel("forward+backward time / frozen nn.Linear")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--features", type=int, default=768, help="in_features")
+    parser.add_argument("--out-features", type=int, default=None, help="default: --features")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16)
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = run(args)
+    table = report(rows, args)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"layer_ratios_{args.device}_{args.dtype}_{args.tokens}x{args.features}_r{args.rank}"
+    (args.out / f"{stem}.md").write_text(table + "\n")
+    plot(rows, args.out / f"{stem}.png")
+    print(f"written: {args.out / stem}.md and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Triton kernels of lorafast, installed as ``lorafast.kernels``.
+
+``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` forward in one pass over x, and its backward for dX,
+dA and dB (never dW0). Set ``TRITON_INTERPRET=1`` before importing to run them on CPU
+tensors through Triton's interpreter (tests).
+"""
+
+from .dropout_mask import dropout_keep_mask
+from .dropout_xa import dropout_xa
+from .fused_lora_dx import fused_lora_dx
+from .fused_lora_forward import fused_lora_forward
+from .launch import INTERPRETED, MAX_RANK, SUPPORTED_DTYPES
+from .lora_linear import lora_backward, lora_forward
+from .lora_weight_grad import lora_weight_grad
+
+__all__ = [
+    "INTERPRETED",
+    "MAX_RANK",
+    "SUPPORTED_DTYPES",
+    "dropout_keep_mask",
+    "dropout_xa",
+    "fused_lora_dx",
+    "fused_lora_forward",
+    "lora_backward",
+    "lora_forward",
+    "lora_weight_grad",
+]

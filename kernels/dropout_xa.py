@@ -1,0 +1,81 @@
+"""LoRA down-projection with dropout: ``xa = (x ⊙ keep / (1 - p))·Aᵀ``.
+
+Shapes: x ``(M, K)``, A ``(R, K)``, xa ``(M, R)``; keep is ``dropout_mask.keep_mask(seed, ...)``.
+
+One program per ``BLOCK_M`` rows walks K once: each x tile is read once, masked in registers
+(the mask is generated once per element and never stored) and multiplied into an fp32
+``(BLOCK_M, R_PAD)`` accumulator. Memory-bound: one read of x, one small write.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dropout_mask import keep_mask
+from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block
+
+
+def _configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+        for bm, bk, s, w in [(64, 128, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4), (32, 128, 3, 4)]
+    ]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def dropout_xa_kernel(
+    x_ptr, a_ptr, xa_ptr,
+    M, K, R,
+    seed, p, keep_scale,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xar,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    at_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        keep = keep_mask(seed, offs_m, k0 + offs_k, K, p)
+        dropped = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
+        at = tl.load(at_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = dot(dropped, at, acc, DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        at_ptrs += BLOCK_K * stride_ak
+    xa_ptrs = xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
+    tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+
+
+dropout_xa_tuned = triton.autotune(configs=_configs(), key=["K", "R_PAD"])(dropout_xa_kernel)
+
+
+def dropout_xa(
+    x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, config: triton.Config | None = None
+) -> torch.Tensor:
+    """``drop(x)·Aᵀ``: x ``(M, K)``, lora_A ``(R, K)``, drop probability p in (0, 1) -> ``(M, R)``."""
+    check_input("x", x)
+    M, K = x.shape
+    R = lora_A.shape[0]
+    check_tensor("lora_A", lora_A, (R, K), x)
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout probability {p} must be in (0, 1) here")
+    xa = torch.empty(M, R, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return xa
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]),)
+
+    args = (
+        x, lora_A, xa, M, K, R, int(seed), float(p), 1.0 / (1.0 - p),
+        *x.stride(), *lora_A.stride(), *xa.stride(), rank_block(R), dot_precision(x.dtype),
+    )  # fmt: skip
+    launch(dropout_xa_kernel, dropout_xa_tuned, grid, args, config)
+    return xa

@@ -1,0 +1,134 @@
+"""What every lorafast kernel launcher shares: input checks, the rank block, config choice.
+
+Launchers run the autotuned kernel on CUDA and, when a config is given or the kernels run in
+Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors), the plain kernel with that config
+(the first of the kernel's configs by default), so tests can pin every config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_RANK = 256
+
+
+@triton.jit
+def _probe_kernel(ptr):
+    tl.store(ptr, 1)
+
+
+# Triton decides when a kernel is defined whether it is compiled or interpreted.
+INTERPRETED = type(_probe_kernel).__name__ == "InterpretedFunction"
+
+# Triton's interpreter multiplies the raw bits of bfloat16 dot operands
+# (triton-lang/triton#11584); there, and only there, they are widened to fp32 first.
+_WIDEN_BF16_DOT = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``acc + a·b`` in fp32 (``acc`` may be None), as ``tl.dot``."""
+    if _WIDEN_BF16_DOT and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+def rank_block(r: int) -> int:
+    """Rank padded for ``tl.dot`` (at least 16, a power of two): r=3 -> 16, r=40 -> 64."""
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"rank r={r} is outside the kernels' range [1, {MAX_RANK}]")
+    return max(16, triton.next_power_of_2(r))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: fp32 follows ``torch.backends.cuda.matmul.allow_tf32``."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def check_tensor(name: str, t: torch.Tensor, shape: Sequence[int], like: torch.Tensor) -> None:
+    """Raise ValueError unless ``t`` has ``shape`` and the dtype and device of ``like``."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype != like.dtype:
+        raise ValueError(f"{name} is {t.dtype} but the input is {like.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
+
+
+def check_input(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError unless ``t`` is a 2-D tensor of a supported dtype on a usable device."""
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} is {t.dtype}; the kernels support {', '.join(map(str, SUPPORTED_DTYPES))}")
+    check_device(name, t.device)
+
+
+def check_device(name: str, device: torch.device) -> None:
+    """Raise ValueError unless the kernels can run on ``device`` (CUDA, or CPU when interpreted)."""
+    device = torch.device(device)
+    if INTERPRETED and device.type != "cpu":
+        raise ValueError(f"{name} is on {device}; with TRITON_INTERPRET=1 the kernels run on CPU tensors")
+    if not INTERPRETED and device.type != "cuda":
+        raise ValueError(f"{name} is on {device}; the compiled kernels need CUDA tensors")
+
+
+def launch(
+    kernel,
+    tuned_kernel,
+    grid: Callable[[dict], tuple[int, ...]],
+    args: Sequence,
+    config: triton.Config | None,
+) -> None:
+    """Run ``tuned_kernel`` (autotuned) or, with ``config`` or in the interpreter, ``kernel``."""
+    if config is None and not INTERPRETED:
+        tuned_kernel[grid](*args)
+        return
+    config = config or tuned_kernel.configs[0]
+    kernel[grid(config.kwargs)](*args, **config.all_kwargs())
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Tiles of the GEMM-shaped kernels (forward, dX) for Hopper/Ampere; the small ones also
+    serve short inputs and large ranks."""
+    shapes = [
+        (128, 256, 64, 3, 8),
+        (128, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in shapes
+    ]
+
+
+def prune_for_rank(configs, named_args, **kwargs):
+    """Large ranks add a (BLOCK_M, R_PAD) accumulator: keep the tiles that leave room for it."""
+    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
+    if r_pad < 128:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or configs
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid``, walking GROUP_M row tiles per column for L2 reuse."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    return pid_m, pid_n

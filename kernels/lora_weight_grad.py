@@ -1,0 +1,123 @@
+"""LoRA weight gradients as one skinny reduction over the tokens: ``C = s·(U ⊙ keep)ᵀ·V``.
+
+Shapes: U ``(M, P)``, V ``(M, R)``, C ``(P, R)``, with M the (long) token dimension:
+- ``dA = s/(1-p)·gᵀ·(x ⊙ keep)``: U = x ``(M, in)``, V = g = dY·B, C = dAᵀ, keep = the
+  forward's dropout mask (regenerated from the seed);
+- ``dB = s·dYᵀ·xa``: U = dY ``(M, out)``, V = xa, no mask.
+
+The grid is ``(P / BLOCK_P, SPLIT)``: each program reduces one slab of ``M / SPLIT`` tokens
+for ``BLOCK_P`` columns of U into fp32 and writes its partial sum; the partials are added in
+a fixed order afterwards, so the result is deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dropout_mask import keep_mask
+from .launch import (
+    INTERPRETED,
+    check_input,
+    check_tensor,
+    dot,
+    dot_precision,
+    launch,
+    rank_block,
+)
+
+
+def _configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_P": bp}, num_stages=s, num_warps=w)
+        for bm, bp, s, w in [(64, 128, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4), (128, 128, 3, 8)]
+    ]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_weight_grad_kernel(
+    u_ptr, v_ptr, partial_ptr,
+    M, P, R, rows_per_split,
+    seed, p,
+    stride_um, stride_up, stride_vm, stride_vr, stride_cs, stride_cp, stride_cr,
+    DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    pid_p = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = tl.arange(0, R_PAD)
+    p_mask = offs_p < P
+    r_mask = offs_r < R
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_mask = offs_m < m_end
+        u = tl.load(
+            u_ptr + offs_m[:, None] * stride_um + offs_p[None, :] * stride_up,
+            mask=m_mask[:, None] & p_mask[None, :],
+            other=0.0,
+        )
+        if DROPOUT:
+            u = tl.where(keep_mask(seed, offs_m, offs_p, P, p), u, 0.0)
+        v = tl.load(
+            v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr,
+            mask=m_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        acc = dot(tl.trans(u), v, acc, DOT_PRECISION)
+    c_ptrs = partial_ptr + split * stride_cs + offs_p[:, None] * stride_cp + offs_r[None, :] * stride_cr
+    tl.store(c_ptrs, acc, mask=p_mask[:, None] & r_mask[None, :])
+
+
+lora_weight_grad_tuned = triton.autotune(configs=_configs(), key=["P", "R_PAD", "DROPOUT"])(lora_weight_grad_kernel)
+
+
+def _split_count(M: int, p_tiles: int, device: torch.device) -> int:
+    """Token slabs so that the grid fills the GPU about twice (2 slabs in the interpreter)."""
+    if INTERPRETED:
+        return min(2, max(1, M // 16))
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(programs, p_tiles), triton.cdiv(M, 256)))
+
+
+def lora_weight_grad(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    split: int | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """``scale·(U ⊙ keep)ᵀ·V``: u ``(M, P)``, v ``(M, R)`` -> ``(P, R)`` in u's dtype.
+
+    ``dropout_p > 0`` applies the dropout keep mask of ``seed`` to U (dA); ``split`` pins the
+    number of token slabs and ``config`` one of the kernel's configs (tests).
+    """
+    check_input("u", u)
+    M, P = u.shape
+    R = v.shape[1]
+    check_tensor("v", v, (M, R), u)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout probability {dropout_p} must be in [0, 1)")
+    if M == 0:
+        return torch.zeros(P, R, dtype=u.dtype, device=u.device)
+    if split is None:
+        split = _split_count(M, triton.cdiv(P, 64), u.device)
+    rows_per_split = triton.cdiv(M, split)
+    partial = torch.empty(split, P, R, dtype=torch.float32, device=u.device)
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]), split)
+
+    args = (
+        u, v, partial, M, P, R, rows_per_split, int(seed), float(dropout_p),
+        *u.stride(), *v.stride(), *partial.stride(),
+        dropout_p > 0.0, rank_block(R), dot_precision(u.dtype),
+    )  # fmt: skip
+    launch(lora_weight_grad_kernel, lora_weight_grad_tuned, grid, args, config)
+    return partial.sum(0).mul_(scale).to(u.dtype)

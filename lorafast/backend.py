@@ -1,0 +1,72 @@
+"""Which implementation runs a call: the Triton kernels or the PyTorch path.
+
+``auto`` (default): CUDA tensors use the Triton kernels, every other device the PyTorch path.
+The environment variable ``LORAFAST_BACKEND=auto|triton|torch`` overrides the choice; it is
+read on every call, so it can be changed between calls. ``triton`` on CPU tensors needs
+``TRITON_INTERPRET=1`` set before ``lorafast.kernels`` is first imported (Triton decides at
+kernel definition whether a kernel is compiled or interpreted).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "LORAFAST_BACKEND"
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels_or_error():
+    """Import ``lorafast.kernels`` once; returns ``(module, None)`` or ``(None, reason)``."""
+    try:
+        from . import kernels
+    except ImportError as exc:  # triton missing or broken
+        return None, f"Triton could not be imported ({exc})"
+    return kernels, None
+
+
+def requested_backend() -> str:
+    """The backend named by ``LORAFAST_BACKEND`` (``auto`` when unset)."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={choice!r} is not one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """``"triton"`` or ``"torch"`` for tensors on ``device`` of ``dtype``.
+
+    Raises ValueError when the Triton kernels are asked for (explicitly, or by ``auto`` for a
+    CUDA tensor) but cannot run there.
+    """
+    choice = requested_backend()
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return "torch"
+    kernels, reason = _kernels_or_error()
+    fallback = f"set {ENV_VAR}=torch to use the PyTorch path instead"
+    if kernels is None:
+        raise ValueError(f"the Triton backend is needed for {device.type} tensors but {reason}; {fallback}")
+    if device.type == "cpu":
+        if not kernels.INTERPRETED:
+            raise ValueError(
+                "the Triton backend runs CPU tensors only through Triton's interpreter: set "
+                "TRITON_INTERPRET=1 before lorafast.kernels is imported, or " + fallback
+            )
+    elif device.type != "cuda":
+        raise ValueError(f"the Triton backend does not run on {device.type} tensors; {fallback}")
+    elif kernels.INTERPRETED:
+        raise ValueError(f"TRITON_INTERPRET=1 runs Triton on CPU tensors only, not on {device}; {fallback}")
+    elif torch.version.hip is None:
+        capability = torch.cuda.get_device_capability(device)
+        needed = (8, 0) if dtype == torch.bfloat16 else (7, 0)
+        if capability < needed:
+            raise ValueError(
+                f"the Triton kernels need compute capability {needed[0]}.{needed[1]} for {dtype}, "
+                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}; {fallback}"
+            )
+    if dtype not in kernels.SUPPORTED_DTYPES:
+        raise ValueError(f"the Triton kernels support {kernels.SUPPORTED_DTYPES}, not {dtype}; {fallback}")
+    return "triton"

@@ -1,0 +1,103 @@
+"""Seeded dropout masks for the PyTorch path, regenerated in backward instead of stored.
+
+A mask is a pure function of the seed and the input's shape: rows are drawn in order from
+the seed's stream, a fixed number of draws per row, so forward and backward regenerate the
+same mask one row block at a time, without ever holding the whole mask.
+
+On CPU the bits come from NumPy's SFC64, four 16-bit lanes per 64-bit draw: several times
+faster than one float per element from torch's generator. (A second stream on a helper
+thread was slower: torch's OpenMP workers keep spinning on the cores between ops.) On
+other devices they come from a seeded ``torch.Generator`` there.
+Testing 16-bit lanes quantises the drop probability to a multiple of 1/65536 (``p=0.1``
+drops with probability 6554/65536 = 0.1000061). The Triton kernels use Triton's Philox
+instead; ``lorafast.kernels.dropout_keep_mask`` regenerates those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+_LANES_PER_DRAW = 4  # 16-bit lanes in one 64-bit draw
+_LANE_LEVELS = 1 << 16
+
+
+@torch.compiler.disable  # compiled code would draw from Inductor's own generator instead
+def draw_seed() -> int:
+    """Draw a dropout seed from torch's default CPU generator.
+
+    ``torch.manual_seed`` therefore makes a run's dropout masks reproducible, compiled or not.
+    """
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def _drop_threshold(p: float) -> int:
+    """Signed 16-bit threshold: a lane ``v`` (uniform on [-32768, 32767]) is kept iff ``v >= t``."""
+    return round(p * _LANE_LEVELS) - _LANE_LEVELS // 2
+
+
+class MaskStream:
+    """Yields the keep masks of consecutive row blocks of a ``(rows, cols)`` input.
+
+    Args:
+        seed: dropout seed, from :func:`draw_seed`.
+        cols: row length (``in_features``).
+        p: drop probability, in (0, 1).
+        device: device the masks are made on.
+    """
+
+    def __init__(self, seed: int, cols: int, p: float, device: torch.device):
+        self.cols = cols
+        self.device = torch.device(device)
+        self.threshold = _drop_threshold(p)
+        self._lanes_per_row = -(-cols // _LANES_PER_DRAW) * _LANES_PER_DRAW
+        if self.device.type == "cpu":
+            self._bits = np.random.SFC64(seed)
+        else:
+            self._gen = torch.Generator(device=self.device)
+            self._gen.manual_seed(seed)
+
+    # NumPy bit-casts confuse torch.compile's NumPy tracing; the draw runs eagerly instead.
+    @torch.compiler.disable
+    def _lanes(self, rows: int) -> torch.Tensor:
+        """Random int16 lanes, uniform on [-32768, 32767], for the next ``rows`` rows: ``(rows, cols)``."""
+        if self.device.type == "cpu":
+            draws = self._bits.random_raw(rows * self._lanes_per_row // _LANES_PER_DRAW)
+            lanes = torch.from_numpy(draws.view(np.int16)).view(rows, self._lanes_per_row)
+        else:
+            lanes = torch.empty(rows, self._lanes_per_row, dtype=torch.int16, device=self.device)
+            lanes.random_(-(2**15), 2**15, generator=self._gen)
+        return lanes[:, : self.cols]
+
+    def next_rows(self, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep mask of the next ``rows`` rows, ``(rows, cols)``: 1 where kept, 0 where dropped.
+
+        Bool, or written into ``out`` (any dtype; a float mask in x's dtype multiplies fastest).
+        """
+        if out is None:
+            return self._lanes(rows) >= self.threshold
+        return torch.ge(self._lanes(rows), self.threshold, out=out)
+
+
+def row_blocks(rows: int, cols: int, elements_per_block: int = 1 << 20, multiple: int = 8) -> Iterator[slice]:
+    """Split ``rows`` into consecutive blocks of about ``elements_per_block`` elements.
+
+    Blocks that fit in the last-level cache keep the mask, the masked copy and the matmuls on
+    them cache-resident; block lengths are multiples of ``multiple`` rows (but the last) so
+    that a block splits evenly into row slabs.
+    """
+    step = max(multiple, elements_per_block // max(cols, 1) // multiple * multiple)
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def keep_mask(seed: int, shape: tuple[int, int], p: float, device="cpu") -> torch.Tensor:
+    """The whole keep mask the PyTorch path uses for ``seed``: bool ``(rows, cols)``.
+
+    For tests and debugging; the layer itself never materialises it.
+    """
+    rows, cols = shape
+    stream = MaskStream(seed, cols, p, torch.device(device))
+    return torch.cat([stream.next_rows(b.stop - b.start) for b in row_blocks(rows, cols)])

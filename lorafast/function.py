@@ -1,0 +1,118 @@
+"""The LoRA linear as a custom autograd Function, and its functional entry point ``lora_linear``.
+
+For backward the Function keeps the caller's x itself (no copy: layers that share an input
+share it), ``xa = drop(x)·Aᵀ`` ``(n, r)`` and the dropout seed; the frozen weight and the
+LoRA factors are parameters, not activations. Gradients are computed for x, A and B only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import torch_backend
+from .backend import resolve_backend
+from .dropout import draw_seed
+from .validation import check_lora_inputs
+
+
+def _implementation(backend: str):
+    """The module with ``lora_forward``/``lora_backward`` for ``backend``."""
+    if backend == "triton":
+        from . import kernels
+
+        return kernels
+    return torch_backend
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with gradients for x, A and B only.
+
+    Inputs: x ``(..., in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(r, in)``,
+    lora_B ``(out, r)``, scaling s, dropout_p, seed (ignored when dropout_p is 0) and
+    backend (``"triton"`` or ``"torch"``). Output: ``(..., out)``. Inputs are not checked
+    here; :func:`lora_linear` checks them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+        impl = _implementation(backend)
+        y, xa = impl.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = _implementation(ctx.backend).lora_backward(
+            grad_y.reshape(-1, grad_y.shape[-1]),
+            x.reshape(-1, x.shape[-1]),
+            xa,
+            weight,
+            lora_A,
+            lora_B,
+            ctx.scaling,
+            ctx.dropout_p,
+            ctx.seed,
+            (needs[0], needs[3], needs[4]),
+        )
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """LoRA linear layer: ``y = x·W0ᵀ + b + scaling·(drop(x)·Aᵀ)·Bᵀ``.
+
+    Args:
+        x: ``(..., in_features)``, any strides.
+        weight: frozen W0 ``(out_features, in_features)``; bias: frozen ``(out_features,)`` or None.
+        lora_A: ``(r, in_features)``; lora_B: ``(out_features, r)``.
+        scaling: ``alpha / r``, a runtime number (changing it never recompiles a kernel).
+        dropout_p: dropout probability on the LoRA branch's input, in [0, 1).
+        training: apply dropout (with a seed drawn from torch's default generator, so
+            ``torch.manual_seed`` makes it reproducible); False means no dropout.
+
+    Returns:
+        ``(..., out_features)`` in x's dtype.
+
+    CUDA tensors run the Triton kernels, others the PyTorch path (``LORAFAST_BACKEND``
+    overrides, see :mod:`lorafast.backend`). Under ``torch.autocast`` all inputs are cast to the
+    autocast dtype first, as ``torch.nn.functional.linear`` would be.
+
+    Raises:
+        ValueError: on a shape, dtype or device mismatch, r outside [1, min(in, out)],
+            dropout_p outside [0, 1), a weight or bias that requires grad (lorafast computes
+            no gradient for them), or a backend that cannot run these tensors.
+    """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, lora_A, lora_B = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (x, weight, bias, lora_A, lora_B)
+        )
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+
+    check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if torch.is_grad_enabled():
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, but lorafast trains only lora_A and lora_B and computes "
+                    f"no gradient for the base layer; freeze it with {name}.requires_grad_(False)"
+                )
+    backend = resolve_backend(x.device, x.dtype)
+    p = float(dropout_p) if training else 0.0
+    seed = draw_seed() if p > 0.0 else 0
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, backend)

@@ -1,0 +1,154 @@
+"""``FusedLoRALinear``: a drop-in ``nn.Linear`` replacement with a trainable low-rank update."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .function import lora_linear
+from .validation import check_dropout, check_rank, check_scaling
+
+
+class FusedLoRALinear(nn.Module):
+    """``y = x·Wᵀ + b + (alpha/r)·(drop(x)·Aᵀ)·Bᵀ`` with W and b frozen, A and B trained.
+
+    Keeps ``nn.Linear``'s names and state_dict keys (``weight``, ``bias``) so a base checkpoint
+    loads unchanged (the missing ``lora_A``/``lora_B`` keep their initialisation), and adds
+    ``lora_A`` ``(r, in_features)`` (Kaiming-uniform, as in PEFT) and ``lora_B``
+    ``(out_features, r)`` (zeros, so the layer starts equal to the base layer).
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        r: LoRA rank, 1 <= r <= min(in_features, out_features).
+        alpha: LoRA alpha; the update is scaled by ``scaling = alpha / r``.
+        dropout: dropout probability on the LoRA branch's input in training, in [0, 1).
+        device, dtype: as ``nn.Linear``.
+
+    Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        check_rank(r, in_features, out_features)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._init_lora(r, alpha, dropout)
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+        """Wrap ``linear``: its weight and bias Parameters are reused (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        check_rank(r, linear.in_features, linear.out_features)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            layer.bias = linear.bias.requires_grad_(False)
+        else:
+            layer.register_parameter("bias", None)
+        layer._init_lora(r, alpha, dropout)
+        layer.reset_lora_parameters()
+        return layer
+
+    def _init_lora(self, r: int, alpha: float, dropout: float) -> None:
+        check_scaling(alpha)
+        check_dropout(dropout)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.r, self.alpha, self.dropout = r, alpha, float(dropout)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.merged = False
+        self.register_load_state_dict_post_hook(_allow_missing_lora_keys)
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, the factor of the low-rank update."""
+        return self.alpha / self.r
+
+    def reset_parameters(self) -> None:
+        """Initialise W and b as ``nn.Linear`` does, then the LoRA factors."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A Kaiming-uniform (PEFT's default), B zeros: the update starts at exactly zero."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def get_delta_weight(self) -> torch.Tensor:
+        """``scaling·B·A`` ``(out_features, in_features)`` in the weight's dtype (computed in fp32)."""
+        delta = self.lora_B.float() @ self.lora_A.float()
+        return delta.mul_(self.scaling).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``scaling·B·A`` into the weight: forward then costs one plain linear."""
+        if self.merged:
+            warnings.warn("FusedLoRALinear is already merged; nothing to do", stacklevel=2)
+            return
+        self.weight.add_(self.get_delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take ``scaling·B·A`` back out of the weight (exact in fp32; rounded in fp16/bf16)."""
+        if not self.merged:
+            warnings.warn("FusedLoRALinear is not merged; nothing to do", stacklevel=2)
+            return
+        self.weight.sub_(self.get_delta_weight())
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``(..., in_features)`` -> ``(..., out_features)``."""
+        if self.merged:
+            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+                raise RuntimeError(
+                    "FusedLoRALinear is merged, so lora_A and lora_B no longer act on the output and "
+                    "cannot be trained; call unmerge() before training (or eval() / torch.no_grad() "
+                    "for inference)"
+                )
+            return F.linear(x, self.weight, self.bias)
+        return lora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training
+        )
+
+    def extra_repr(self) -> str:
+        merged = ", merged=True" if self.merged else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
+        )
+
+
+def _allow_missing_lora_keys(module: FusedLoRALinear, incompatible_keys) -> None:
+    """Let a plain ``nn.Linear`` state_dict (no LoRA keys) load with ``strict=True``."""
+    missing = incompatible_keys.missing_keys
+    for key in [k for k in missing if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")]:
+        missing.remove(key)

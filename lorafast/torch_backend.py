@@ -1,0 +1,147 @@
+"""PyTorch implementation of the LoRA linear forward and backward (CPU, and fallback).
+
+Computes ``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` and its gradients for x, A and B without
+materialising ``B·A``, a dropped copy of x or a mask beyond one cache-sized row block:
+
+- forward writes the rank-r term (and the bias) into ``y`` first and lets the big GEMM
+  accumulate onto it (``addmm_`` with beta=1), so the LoRA branch costs one skinny matmul
+  over x and no extra pass over y; backward does the same for dX;
+- the dropout mask is regenerated from the seed block by block, in forward for ``xa`` and
+  in backward for ``dA`` and the masked part of ``dX``.
+
+Shapes: x ``(n, in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(r, in)``,
+lora_B ``(out, r)``, y ``(n, out)``, xa ``(n, r)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dropout import MaskStream, row_blocks
+
+_SLABS = 8  # row slabs of a batched uᵀ·v; see rows_transposed_matmul
+
+
+def rows_transposed_matmul(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``uᵀ·v`` for u ``(n, p)``, v ``(n, q)`` with few columns in u or v -> ``(p, q)``.
+
+    On CPU, MKL runs a GEMM with so few output rows on one thread; summing a batched matmul
+    over row slabs uses every core.
+    """
+    n = u.shape[0]
+    if u.device.type != "cpu" or n < 4 * _SLABS:
+        return torch.mm(u.t(), v)
+    even = n - n % _SLABS
+    out = torch.bmm(u[:even].view(_SLABS, -1, u.shape[1]).transpose(1, 2), v[:even].view(_SLABS, -1, v.shape[1])).sum(0)
+    if even < n:
+        out.addmm_(u[even:].t(), v[even:])
+    return out
+
+
+def _column_major(m: torch.Tensor) -> torch.Tensor:
+    """m with its memory laid out column by column (a no-op if it already is).
+
+    With an r-sized dimension, ``a @ m`` is several times faster on MKL when the right
+    operand is column-major (an "NT" GEMM) than when it is row-major.
+    """
+    return m.t().contiguous().t()
+
+
+def _dropout_project(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``drop(x)·Aᵀ`` block by block: x ``(n, in)``, lora_A ``(r, in)`` -> ``(n, r)``."""
+    n, d = x.shape
+    a_t = (lora_A * (1.0 / (1.0 - p))).t()
+    xa = torch.empty(n, lora_A.shape[0], dtype=x.dtype, device=x.device)
+    masks = MaskStream(seed, d, p, x.device)
+    buffer = None
+    for rows in row_blocks(n, d):
+        if buffer is None:
+            buffer = torch.empty(rows.stop - rows.start, d, dtype=x.dtype, device=x.device)
+        dropped = masks.next_rows(rows.stop - rows.start, out=buffer[: rows.stop - rows.start]).mul_(x[rows])
+        torch.mm(dropped, a_t, out=xa[rows])
+    return xa
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the LoRA linear on 2-D x ``(n, in)``.
+
+    Returns ``(y, xa)``: y ``(n, out)`` and ``xa = drop(x)·Aᵀ`` ``(n, r)``, kept for backward.
+    """
+    if dropout_p > 0.0:
+        xa = _dropout_project(x, lora_A, dropout_p, seed)
+    else:
+        xa = torch.mm(x, lora_A.t())
+    if bias is None:
+        y = torch.mm(xa, (lora_B * scaling).t())
+    else:
+        y = torch.addmm(bias, xa, lora_B.t(), alpha=scaling)
+    y.addmm_(x, weight.t())
+    return y, xa
+
+
+def lora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(dX, dA, dB)`` of the LoRA linear; ``dW0`` and ``db`` are never formed.
+
+    grad_y ``(n, out)``, x ``(n, in)``, xa ``(n, r)`` as returned by :func:`lora_forward`.
+    ``needs_grad`` says which of dX, dA, dB to compute; the others come back as None.
+    """
+    need_dx, need_da, need_db = needs_grad
+    grad_x = grad_a = grad_b = None
+    if need_db:
+        grad_b = rows_transposed_matmul(xa, grad_y).t().mul_(scaling).contiguous()
+    if not (need_dx or need_da):
+        return grad_x, grad_a, grad_b
+
+    # g = s/(1-p)·dY·B: the one (n, r) factor both dA and the LoRA part of dX need.
+    g = torch.mm(grad_y, _column_major(lora_B)).mul_(scaling / (1.0 - dropout_p))
+    if dropout_p == 0.0:
+        if need_da:
+            grad_a = rows_transposed_matmul(g, x)
+        if need_dx:
+            grad_x = torch.mm(g, _column_major(lora_A))
+            grad_x.addmm_(grad_y, weight)
+        return grad_x, grad_a, grad_b
+
+    n, d = x.shape
+    if need_da:
+        # Sum the row blocks' contributions in at least fp32.
+        grad_a = torch.zeros(lora_A.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    if need_dx:
+        grad_x = torch.empty(n, d, dtype=x.dtype, device=x.device)
+    a_cm = _column_major(lora_A)
+    masks = MaskStream(seed, d, dropout_p, x.device)
+    buffer = None
+    for rows in row_blocks(n, d):
+        count = rows.stop - rows.start
+        if buffer is None:
+            buffer = torch.empty(count, d, dtype=x.dtype, device=x.device)
+        keep = masks.next_rows(count, out=buffer[:count])
+        if need_dx:
+            torch.mm(g[rows], a_cm, out=grad_x[rows]).mul_(keep)
+        if need_da:
+            grad_a += rows_transposed_matmul(g[rows], keep.mul_(x[rows]))
+    if need_dx:
+        grad_x.addmm_(grad_y, weight)
+    if need_da:
+        grad_a = grad_a.to(x.dtype)
+    return grad_x, grad_a, grad_b

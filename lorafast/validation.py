@@ -1,0 +1,80 @@
+"""Input checks of the LoRA linear, run before any work so that bad input fails early and clearly."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_rank(r: int, in_features: int, out_features: int) -> None:
+    """Raise ValueError unless ``1 <= r <= min(in_features, out_features)``."""
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise ValueError(f"LoRA rank r must be an int, got {type(r).__name__}")
+    if not 1 <= r <= min(in_features, out_features):
+        raise ValueError(
+            f"LoRA rank r={r} must be between 1 and min(in_features, out_features) = "
+            f"min({in_features}, {out_features}) = {min(in_features, out_features)}"
+        )
+
+
+def check_dropout(p: float) -> None:
+    """Raise ValueError unless the dropout probability is in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"LoRA dropout probability must be a number in [0, 1), got {p!r}")
+
+
+def check_scaling(scaling: float) -> None:
+    """Raise ValueError unless ``scaling`` (alpha / r) is a finite number."""
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"LoRA scaling (alpha / r) must be a finite number, got {scaling!r}")
+
+
+def check_lora_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+) -> None:
+    """Check shapes, dtypes and devices of a LoRA linear call.
+
+    Expected: x ``(..., in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(r, in)``,
+    lora_B ``(out, r)``, all of one floating dtype and on one device.
+    """
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {in_features}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must have shape (r, in_features={in_features}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    check_rank(r, in_features, out_features)
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B must have shape (out_features, r) = ({out_features}, {r}), got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    check_scaling(scaling)
+    check_dropout(dropout_p)
+
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise ValueError(
+                f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; cast them to one dtype "
+                "(or run under torch.autocast)"
+            )
+        if t.device != x.device:
+            raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")

@@ -1,0 +1,40 @@
+"""Packaging for lorafast: the ``lorafast`` package and its Triton kernels as ``lorafast.kernels``."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="lorafast",
+    version="0.1.0",
+    description="Fused Triton LoRA kernels and a drop-in nn.Linear replacement for PyTorch",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # The kernels live in ./kernels but install only as lorafast.kernels: a top-level
+    # ``kernels`` module would clash with the unrelated PyPI package of that name.
+    packages=["lorafast", "lorafast.kernels"],
+    package_dir={"lorafast": "lorafast", "lorafast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        # Triton ships for Linux only; elsewhere lorafast runs its PyTorch path.
+        "triton>=3.6; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "peft>=0.14", "transformers>=4.45", "ruff"],
+        "bench": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.14", "transformers>=4.45", "matplotlib"],
+        "train": [
+            "transformers>=4.45",
+            "datasets>=2.19",
+            "peft>=0.14",
+            "safetensors",
+            "rouge-score",
+            "tqdm",
+            "matplotlib",
+        ],
+    },
+)

@@ -1,0 +1,147 @@
+"""Each Triton kernel, through Triton's interpreter, for every config its autotuner can pick."""
+
+import pytest
+import torch
+
+from conftest import TOLERANCES, make_inputs
+from lorafast import kernels
+from lorafast.kernels.dropout_xa import dropout_xa_tuned
+from lorafast.kernels.fused_lora_dx import fused_lora_dx_tuned
+from lorafast.kernels.fused_lora_forward import fused_lora_forward_tuned
+from lorafast.kernels.launch import prune_for_rank, rank_block
+from lorafast.kernels.lora_weight_grad import lora_weight_grad_tuned
+
+pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests run in Triton's interpreter")
+
+# Odd sizes (not multiples of any block) and ranks that are not powers of two.
+SHAPES = [(37, 70, 50, 3), (130, 200, 150, 40)]
+GEMM_CONFIGS = fused_lora_forward_tuned.configs
+ids = lambda c: "-".join(f"{k}{v}" for k, v in c.kwargs.items()) + f"-w{c.num_warps}-s{c.num_stages}"
+
+
+def _close(actual, expected, dtype=torch.float32):
+    atol, rtol = TOLERANCES[dtype]
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol)
+
+
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_forward_every_config(config, shape, bias):
+    n, d_in, d_out, r = shape
+    x, w, b, a, bb = make_inputs((n,), d_in, d_out, r, bias=bias)
+    y, xa = kernels.fused_lora_forward(x, w, b, a, bb, 1.7, config=config)
+    xa_ref = x.double() @ a.double().T
+    y_ref = x.double() @ w.double().T + 1.7 * xa_ref @ bb.double().T + (0 if b is None else b.double())
+    _close(xa, xa_ref)
+    _close(y, y_ref)
+
+
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
+def test_fused_forward_with_given_xa(config):
+    x, w, b, a, bb = make_inputs((37,), 70, 50, 3)
+    xa = torch.randn(37, 3)
+    y, xa_out = kernels.fused_lora_forward(x, w, b, a, bb, 0.5, xa=xa, config=config)
+    assert xa_out is xa
+    _close(y, x.double() @ w.double().T + 0.5 * xa.double() @ bb.double().T + b.double())
+
+
+@pytest.mark.parametrize("config", fused_lora_dx_tuned.configs, ids=ids)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_fused_dx_every_config(config, shape, dropout_p):
+    n, d_in, d_out, r = shape
+    _, w, _, a, bb = make_inputs((n,), d_in, d_out, r)
+    gy = torch.randn(n, d_out)
+    dx, g = kernels.fused_lora_dx(gy, w, a, bb, 1.7, dropout_p, seed=99, config=config)
+    keep = kernels.dropout_keep_mask(99, (n, d_in), dropout_p, "cpu").double() if dropout_p else 1.0
+    g_ref = gy.double() @ bb.double()
+    dx_ref = gy.double() @ w.double() + keep * (1.7 / (1 - dropout_p)) * (g_ref @ a.double())
+    _close(g, g_ref)
+    _close(dx, dx_ref)
+
+
+@pytest.mark.parametrize("config", dropout_xa_tuned.configs, ids=ids)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dropout_xa_every_config(config, shape):
+    n, d_in, _, r = shape
+    x, _, _, a, _ = make_inputs((n,), d_in, 8, r)
+    xa = kernels.dropout_xa(x, a, 0.3, seed=5, config=config)
+    keep = kernels.dropout_keep_mask(5, (n, d_in), 0.3, "cpu").double()
+    _close(xa, (x.double() * keep / 0.7) @ a.double().T)
+
+
+@pytest.mark.parametrize("config", lora_weight_grad_tuned.configs, ids=ids)
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_weight_grad_every_config(config, split, dropout_p):
+    u, v = torch.randn(131, 70), torch.randn(131, 5)
+    c = kernels.lora_weight_grad(u, v, 0.8, dropout_p, seed=3, split=split, config=config)
+    keep = kernels.dropout_keep_mask(3, (131, 70), dropout_p, "cpu").double() if dropout_p else 1.0
+    _close(c, 0.8 * (u.double() * keep).T @ v.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_half_precision(dtype):
+    x, w, b, a, bb = make_inputs((37,), 70, 50, 3, dtype=dtype)
+    y, xa = kernels.fused_lora_forward(x, w, b, a, bb, 2.0)
+    assert y.dtype == dtype and xa.dtype == dtype
+    xa_ref = x.float() @ a.float().T
+    _close(xa, xa_ref, dtype)
+    _close(y, x.float() @ w.float().T + 2.0 * xa.float() @ bb.float().T + b.float(), dtype)
+    gy = torch.randn(37, 50).to(dtype)
+    dx, g = kernels.fused_lora_dx(gy, w, a, bb, 2.0)
+    _close(dx, gy.float() @ w.float() + 2.0 * g.float() @ a.float(), dtype)
+
+
+def test_strided_inputs():
+    """Transposed weights and a column slice of x: the launchers pass strides, never copy."""
+    x_full = torch.randn(45, 80)
+    x = x_full[:, 5:75]  # (45, 70), row stride 80
+    w = torch.randn(70, 50).T  # (50, 70), column-major
+    a = torch.randn(70, 3).T
+    bb = torch.randn(3, 50).T
+    y, _ = kernels.fused_lora_forward(x, w, None, a, bb, 2.0)
+    _close(y, x.double() @ w.double().T + 2.0 * (x.double() @ a.double().T) @ bb.double().T)
+
+
+@pytest.mark.parametrize("r", [1, 3, 16, 17, 100, 256])
+def test_every_rank_up_to_256(r):
+    x, w, b, a, bb = make_inputs((20,), 260, 270, r)
+    y, _ = kernels.fused_lora_forward(x, w, b, a, bb, 1.0)
+    _close(y, x.double() @ w.double().T + (x.double() @ a.double().T) @ bb.double().T + b.double())
+
+
+def test_rank_padding_and_limits():
+    assert [rank_block(r) for r in (1, 3, 16, 17, 40, 256)] == [16, 16, 16, 32, 64, 256]
+    with pytest.raises(ValueError, match="rank r=257"):
+        rank_block(257)
+
+
+def test_large_ranks_prune_to_tiles_that_fit():
+    kept = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 256})
+    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128 for c in kept)
+    assert prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16}) == GEMM_CONFIGS
+
+
+def test_dropout_mask_is_a_function_of_seed_and_position():
+    m1 = kernels.dropout_keep_mask(7, (50, 90), 0.4, "cpu")
+    assert torch.equal(m1, kernels.dropout_keep_mask(7, (50, 90), 0.4, "cpu"))
+    assert not torch.equal(m1, kernels.dropout_keep_mask(8, (50, 90), 0.4, "cpu"))
+    # Row m of a taller input has the same mask: positions, not tiling, decide.
+    assert torch.equal(m1, kernels.dropout_keep_mask(7, (80, 90), 0.4, "cpu")[:50])
+
+
+def test_launcher_errors():
+    x, w, b, a, bb = make_inputs((8,), 32, 24, 4)
+    with pytest.raises(ValueError, match=r"weight has shape \(24, 31\), expected \(24, 32\)"):
+        kernels.fused_lora_forward(x, w[:, :31], b, a, bb, 1.0)
+    with pytest.raises(ValueError, match=r"lora_B is torch\.float16 but the input is torch\.float32"):
+        kernels.fused_lora_forward(x, w, b, a, bb.half(), 1.0)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        kernels.fused_lora_forward(x[None], w, b, a, bb, 1.0)
+    with pytest.raises(ValueError, match="float64"):
+        kernels.fused_lora_forward(x.double(), w.double(), b.double(), a.double(), bb.double(), 1.0)
+    with pytest.raises(ValueError, match=r"dropout probability 1.0 must be in \(0, 1\)"):
+        kernels.dropout_xa(x, a, 1.0, seed=0)
