@@ -7,8 +7,7 @@ tensors through Triton's interpreter (tests).
 
 from .dropout_mask import dropout_keep_mask
 from .dropout_xa import dropout_xa
-from .fused_lora_dx import fused_lora_dx
-from .fused_lora_forward import fused_lora_forward
+from .fused_lora_matmul import fused_lora_dx, fused_lora_forward
 from .launch import INTERPRETED, MAX_RANK, SUPPORTED_DTYPES
 from .lora_linear import lora_backward, lora_forward
 from .lora_weight_grad import lora_weight_grad

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from .dropout_xa import dropout_xa
-from .fused_lora_dx import fused_lora_dx
-from .fused_lora_forward import fused_lora_forward
+from .fused_lora_matmul import fused_lora_dx, fused_lora_forward
 from .lora_weight_grad import lora_weight_grad
 
 

@@ -6,8 +6,7 @@ import torch
 from conftest import TOLERANCES, make_inputs
 from lorafast import kernels
 from lorafast.kernels.dropout_xa import dropout_xa_tuned
-from lorafast.kernels.fused_lora_dx import fused_lora_dx_tuned
-from lorafast.kernels.fused_lora_forward import fused_lora_forward_tuned
+from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
 from lorafast.kernels.launch import prune_for_rank, rank_block
 from lorafast.kernels.lora_weight_grad import lora_weight_grad_tuned
 
@@ -15,7 +14,7 @@ pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests ru
 
 # Odd sizes (not multiples of any block) and ranks that are not powers of two.
 SHAPES = [(37, 70, 50, 3), (130, 200, 150, 40)]
-GEMM_CONFIGS = fused_lora_forward_tuned.configs
+GEMM_CONFIGS = fused_lora_matmul_tuned.configs
 ids = lambda c: "-".join(f"{k}{v}" for k, v in c.kwargs.items()) + f"-w{c.num_warps}-s{c.num_stages}"
 
 
@@ -47,7 +46,7 @@ def test_fused_forward_with_given_xa(config):
     _close(y, x.double() @ w.double().T + 0.5 * xa.double() @ bb.double().T + b.double())
 
 
-@pytest.mark.parametrize("config", fused_lora_dx_tuned.configs, ids=ids)
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_fused_dx_every_config(config, shape, dropout_p):

@@ -35,7 +35,7 @@ def test_wheel_holds_only_the_lorafast_package(tmp_path):
     )
     (wheel,) = tmp_path.glob("lorafast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "lorafast/kernels/fused_lora_forward.py" in names
+    assert "lorafast/kernels/fused_lora_matmul.py" in names
     assert all(n.startswith(("lorafast/", "lorafast-")) for n in names), names
     top_level = next(n for n in names if n.endswith("top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["lorafast"]
