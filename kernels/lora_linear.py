@@ -18,6 +18,8 @@ from .fused_lora_matmul import fused_lora_dx, fused_lora_forward
 from .lora_weight_grad import lora_weight_grad
 
 
+# torch.compile runs these eagerly (a graph break) rather than tracing the launchers' checks.
+@torch.compiler.disable
 def lora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -33,6 +35,7 @@ def lora_forward(
     return fused_lora_forward(x, weight, bias, lora_A, lora_B, scaling, xa=xa)
 
 
+@torch.compiler.disable
 def lora_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,

@@ -12,6 +12,8 @@ a fixed order afterwards, so the result is deterministic (no atomics).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -76,11 +78,16 @@ def lora_weight_grad_kernel(
 lora_weight_grad_tuned = triton.autotune(configs=_configs(), key=["P", "R_PAD", "DROPOUT"])(lora_weight_grad_kernel)
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _split_count(M: int, p_tiles: int, device: torch.device) -> int:
     """Token slabs so that the grid fills the GPU about twice (2 slabs in the interpreter)."""
     if INTERPRETED:
         return min(2, max(1, M // 16))
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(triton.cdiv(programs, p_tiles), triton.cdiv(M, 256)))
 
 

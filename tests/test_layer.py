@@ -137,3 +137,16 @@ def test_only_lora_factors_receive_gradients(backend):
     layer(torch.randn(4, 16)).sum().backward()
     assert layer.weight.grad is None and layer.bias.grad is None
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+def test_autocast_runs_in_the_autocast_dtype(backend):
+    layer = _trained(FusedLoRALinear(16, 12, r=2))
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32  # the fp32 parameters get fp32 gradients
+    want = FusedLoRALinear.from_linear(nn.Linear(16, 12), r=2)
+    want.load_state_dict({k: v.bfloat16() for k, v in layer.state_dict().items()}, assign=True)
+    torch.testing.assert_close(y, want(x.bfloat16()), atol=1e-2, rtol=1e-2)
