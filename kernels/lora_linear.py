@@ -56,7 +56,7 @@ def lora_backward(
     elif need_da:
         g = torch.mm(grad_y, lora_B)
     if need_da:
-        grad_a = lora_weight_grad(x, g, scaling / (1.0 - dropout_p), dropout_p, seed).t()
+        grad_a = lora_weight_grad(x, g, scaling / (1.0 - dropout_p), dropout_p, seed).t().contiguous()
     if need_db:
         grad_b = lora_weight_grad(grad_y, xa, scaling)
     return grad_x, grad_a, grad_b

@@ -94,6 +94,14 @@ def test_only_requested_gradients(backend):
     _assert_close(grad_a, grad_ref, torch.float32)
 
 
+def test_one_dimensional_input(backend):
+    x, w, b, a, bb = make_inputs((), 16, 24, 4)
+    assert x.shape == (16,)
+    y = lora_linear(x, w, b, a, bb, 2.0)
+    assert y.shape == (24,)
+    _assert_close(y, reference_lora(x.double(), w.double(), b.double(), a.double(), bb.double(), 2.0), torch.float32)
+
+
 def test_empty_batch(backend):
     x, w, b, a, bb = make_inputs((0,), 16, 24, 4)
     x.requires_grad_()
