@@ -33,9 +33,10 @@ _WIDEN_BF16_DOT = tl.constexpr(INTERPRETED)
 @triton.jit
 def dot(a, b, acc, DOT_PRECISION: tl.constexpr):
     """``acc + a·b`` in fp32 (``acc`` may be None), as ``tl.dot``."""
-    if _WIDEN_BF16_DOT and a.dtype == tl.bfloat16:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+    if _WIDEN_BF16_DOT:  # nested constexpr ifs: no boolean operators, for older Triton versions
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 

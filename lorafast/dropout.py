@@ -93,6 +93,21 @@ def row_blocks(rows: int, cols: int, elements_per_block: int = 1 << 20, multiple
         yield slice(start, min(start + step, rows))
 
 
+def keep_blocks(
+    seed: int, p: float, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, keep)`` for each row block of a ``(n, cols)`` input: keep is its 0/1 mask in
+    ``dtype``, written into one reused buffer (valid until the next block is drawn)."""
+    n, cols = shape
+    stream = MaskStream(seed, cols, p, device)
+    buffer = None
+    for rows in row_blocks(n, cols):
+        count = rows.stop - rows.start
+        if buffer is None:
+            buffer = torch.empty(count, cols, dtype=dtype, device=device)
+        yield rows, stream.next_rows(count, out=buffer[:count])
+
+
 def keep_mask(seed: int, shape: tuple[int, int], p: float, device="cpu") -> torch.Tensor:
     """The whole keep mask the PyTorch path uses for ``seed``: bool ``(rows, cols)``.
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import MaskStream, row_blocks
+from .dropout import keep_blocks
 
 _SLABS = 8  # row slabs of a batched uᵀ·v; see rows_transposed_matmul
 
@@ -49,16 +49,10 @@ def _column_major(m: torch.Tensor) -> torch.Tensor:
 
 def _dropout_project(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """``drop(x)·Aᵀ`` block by block: x ``(n, in)``, lora_A ``(r, in)`` -> ``(n, r)``."""
-    n, d = x.shape
     a_t = (lora_A * (1.0 / (1.0 - p))).t()
-    xa = torch.empty(n, lora_A.shape[0], dtype=x.dtype, device=x.device)
-    masks = MaskStream(seed, d, p, x.device)
-    buffer = None
-    for rows in row_blocks(n, d):
-        if buffer is None:
-            buffer = torch.empty(rows.stop - rows.start, d, dtype=x.dtype, device=x.device)
-        dropped = masks.next_rows(rows.stop - rows.start, out=buffer[: rows.stop - rows.start]).mul_(x[rows])
-        torch.mm(dropped, a_t, out=xa[rows])
+    xa = torch.empty(x.shape[0], lora_A.shape[0], dtype=x.dtype, device=x.device)
+    for rows, keep in keep_blocks(seed, p, x.shape, x.dtype, x.device):
+        torch.mm(keep.mul_(x[rows]), a_t, out=xa[rows])
     return xa
 
 
@@ -122,20 +116,13 @@ def lora_backward(
             grad_x.addmm_(grad_y, weight)
         return grad_x, grad_a, grad_b
 
-    n, d = x.shape
     if need_da:
         # Sum the row blocks' contributions in at least fp32.
         grad_a = torch.zeros(lora_A.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     if need_dx:
-        grad_x = torch.empty(n, d, dtype=x.dtype, device=x.device)
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     a_cm = _column_major(lora_A)
-    masks = MaskStream(seed, d, dropout_p, x.device)
-    buffer = None
-    for rows in row_blocks(n, d):
-        count = rows.stop - rows.start
-        if buffer is None:
-            buffer = torch.empty(count, d, dtype=x.dtype, device=x.device)
-        keep = masks.next_rows(count, out=buffer[:count])
+    for rows, keep in keep_blocks(seed, dropout_p, x.shape, x.dtype, x.device):
         if need_dx:
             torch.mm(g[rows], a_cm, out=grad_x[rows]).mul_(keep)
         if need_da:
