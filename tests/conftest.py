@@ -13,6 +13,9 @@ import lorafast.kernels
 
 BACKENDS = ["torch", "triton"]
 
+# The compiled kernels' tests need a GPU (bench/gpu.sh runs them); CPU runs do not collect them.
+collect_ignore = [] if torch.cuda.is_available() else ["test_cuda.py"]
+
 # (dtype, atol, rtol) against an fp32/fp64 reference computed from the same rounded inputs.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-10),
