@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def report(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,6 +144,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks([d + width * (len(layers) - 1) / 2 for d in range(len(dropouts))])
     ax.set_xticklabels([f"dropout {p}" for p in dropouts])
     ax.set_ylabel("forward+backward time / frozen nn.Linear")
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -169,7 +171,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"layer_ratios_{args.device}_{args.dtype}_{args.tokens}x{args.features}_r{args.rank}"
     (args.out / f"{stem}.md").write_text(table + "\n")
-    plot(rows, args.out / f"{stem}.png")
+    plot(rows, args.out / f"{stem}.png", table.splitlines()[0])
     print(f"written: {args.out / stem}.md and .png")
 
 
