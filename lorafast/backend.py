@@ -9,7 +9,6 @@ kernel definition whether a kernel is compiled or interpreted).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -18,9 +17,8 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "LORAFAST_BACKEND"
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels_or_error():
-    """Import ``lorafast.kernels`` once; returns ``(module, None)`` or ``(None, reason)``."""
+    """Import ``lorafast.kernels`` (a dict lookup once imported): ``(module, None)`` or ``(None, reason)``."""
     try:
         from . import kernels
     except ImportError as exc:  # triton missing or broken
