@@ -38,18 +38,31 @@ def rows_transposed_matmul(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _column_major(m: torch.Tensor) -> torch.Tensor:
-    """m with its memory laid out column by column (a no-op if it already is).
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-    With an r-sized dimension, ``a @ m`` is several times faster on MKL when the right
-    operand is column-major (an "NT" GEMM) than when it is row-major.
+
+def matmul_wt(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a·wᵀ`` for a ``(m, k)`` and a small w ``(n, k)`` (n or k is the rank) -> ``(m, n)``.
+
+    On CPU in fp32 this is oneDNN's linear, 2-3 times faster than MKL's GEMM for a rank-sized
+    n; elsewhere (and under torch.compile, which cannot lower that op on plain weights)
+    ``torch.mm`` with wᵀ column-major, the fast layout for MKL.
     """
-    return m.t().contiguous().t()
+    w = w.contiguous()
+    if (
+        _ONEDNN_LINEAR
+        and a.device.type == "cpu"
+        and a.dtype == torch.float32
+        and a.is_contiguous()
+        and not torch.compiler.is_compiling()
+    ):
+        return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+    return torch.mm(a, w.t())
 
 
 def _dropout_project(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """``drop(x)·Aᵀ`` block by block: x ``(n, in)``, lora_A ``(r, in)`` -> ``(n, r)``."""
-    a_t = (lora_A * (1.0 / (1.0 - p))).t()
+    a_t = (lora_A * (1.0 / (1.0 - p))).t()  # column-major: MKL's fast layout
     xa = torch.empty(x.shape[0], lora_A.shape[0], dtype=x.dtype, device=x.device)
     for rows, keep in keep_blocks(seed, p, x.shape, x.dtype, x.device):
         torch.mm(keep.mul_(x[rows]), a_t, out=xa[rows])
@@ -73,7 +86,7 @@ def lora_forward(
     if dropout_p > 0.0:
         xa = _dropout_project(x, lora_A, dropout_p, seed)
     else:
-        xa = torch.mm(x, lora_A.t())
+        xa = matmul_wt(x, lora_A)
     if bias is None:
         y = torch.mm(xa, (lora_B * scaling).t())
     else:
@@ -107,12 +120,12 @@ def lora_backward(
         return grad_x, grad_a, grad_b
 
     # g = s/(1-p)·dY·B: the one (n, r) factor both dA and the LoRA part of dX need.
-    g = torch.mm(grad_y, _column_major(lora_B)).mul_(scaling / (1.0 - dropout_p))
+    g = matmul_wt(grad_y, lora_B.t()).mul_(scaling / (1.0 - dropout_p))
     if dropout_p == 0.0:
         if need_da:
             grad_a = rows_transposed_matmul(g, x)
         if need_dx:
-            grad_x = torch.mm(g, _column_major(lora_A))
+            grad_x = matmul_wt(g, lora_A.t())
             grad_x.addmm_(grad_y, weight)
         return grad_x, grad_a, grad_b
 
@@ -121,10 +134,10 @@ def lora_backward(
         grad_a = torch.zeros(lora_A.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     if need_dx:
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-    a_cm = _column_major(lora_A)
+    a_t = lora_A.t().contiguous()
     for rows, keep in keep_blocks(seed, dropout_p, x.shape, x.dtype, x.device):
         if need_dx:
-            torch.mm(g[rows], a_cm, out=grad_x[rows]).mul_(keep)
+            torch.mm(g[rows], a_t.t(), out=grad_x[rows]).mul_(keep)
         if need_da:
             grad_a += rows_transposed_matmul(g[rows], keep.mul_(x[rows]))
     if need_dx:
