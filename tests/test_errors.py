@@ -94,3 +94,28 @@ def test_triton_backend_rejects_float64(inputs, monkeypatch):
     monkeypatch.setenv("LORAFAST_BACKEND", "triton")
     with pytest.raises(ValueError, match=r"the Triton kernels support .* not torch\.float64.*LORAFAST_BACKEND=torch"):
         lora_linear(*(t.double() for t in inputs), 2.0)
+
+
+def test_cuda_tensors_without_a_usable_triton(monkeypatch):
+    """auto picks the kernels for CUDA tensors; without Triton that is an error, not a silent fallback."""
+    from lorafast import backend
+
+    monkeypatch.delenv("LORAFAST_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "_kernels_or_error", lambda: (None, "Triton could not be imported (no module)"))
+    with pytest.raises(ValueError, match=r"Triton backend is needed for cuda tensors but Triton could not be imported"):
+        backend.resolve_backend(torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setenv("LORAFAST_BACKEND", "torch")
+    assert backend.resolve_backend(torch.device("cuda"), torch.bfloat16) == "torch"
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    from lorafast import backend
+
+    class Compiled:
+        INTERPRETED = False
+        SUPPORTED_DTYPES = (torch.float32,)
+
+    monkeypatch.setenv("LORAFAST_BACKEND", "triton")
+    monkeypatch.setattr(backend, "_kernels_or_error", lambda: (Compiled, None))
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        backend.resolve_backend(torch.device("cpu"), torch.float32)
