@@ -21,11 +21,12 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
+        "safetensors>=0.4",
         # Triton ships for Linux only; elsewhere lorafast runs its PyTorch path.
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "peft>=0.14", "transformers>=4.45", "ruff"],
+        "test": ["pytest>=8", "peft>=0.14", "transformers>=4.45", "tokenizers", "ruff"],
         "bench": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.14", "transformers>=4.45", "matplotlib"],
         "train": [
             "transformers>=4.45",

@@ -2,10 +2,27 @@
 
 - :func:`lora_linear`: ``y = x·W0ᵀ + b + scaling·(drop(x)·Aᵀ)·Bᵀ`` with gradients for x, A, B.
 - :class:`FusedLoRALinear`: a drop-in ``nn.Linear`` replacement built on it.
+- :func:`apply_lora`, :func:`merge_lora`, :func:`remove_lora`: LoRA on a whole model.
+- :func:`save_adapter`, :func:`load_adapter`: adapters in PEFT's format.
 """
 
+from .adapter import load_adapter, read_adapter, save_adapter
 from .function import LoRALinearFunction, lora_linear
 from .layer import FusedLoRALinear
+from .model import apply_lora, lora_layers, lora_state_dict, merge_lora, parameter_counts, remove_lora
 
-__all__ = ["FusedLoRALinear", "LoRALinearFunction", "lora_linear"]
+__all__ = [
+    "FusedLoRALinear",
+    "LoRALinearFunction",
+    "apply_lora",
+    "load_adapter",
+    "lora_layers",
+    "lora_linear",
+    "lora_state_dict",
+    "merge_lora",
+    "parameter_counts",
+    "read_adapter",
+    "remove_lora",
+    "save_adapter",
+]
 __version__ = "0.1.0"

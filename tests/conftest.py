@@ -1,6 +1,7 @@
 """Shared fixtures: Triton runs through its interpreter so the real kernels are tested on CPU."""
 
 import os
+from pathlib import Path
 
 # Must be set before triton.jit decorates lorafast's kernels (when lorafast.kernels is imported).
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -56,3 +57,59 @@ def make_inputs(n_shape, in_f, out_f, r, dtype=torch.float32, bias=True, seed=0)
     lora_B = torch.randn(out_f, r, generator=g) / r**0.5
     to = lambda t: None if t is None else t.to(dtype)
     return to(x), to(weight), to(b), to(lora_A), to(lora_B)
+
+
+# --- small BART models and real SumPubMed text (integration tests) ---------------------------------
+
+SUMPUBMED = Path(__file__).resolve().parents[2] / "shared" / "sumpubmed"
+
+
+def sumpubmed_documents(count: int) -> list[tuple[str, str]]:
+    """(article text, abstract) of the ``count`` lowest document ids of the shared SumPubMed sample."""
+    ids = sorted(int(p.stem.rpartition("_")[2]) for p in (SUMPUBMED / "text").glob("text_*.txt"))[:count]
+    if len(ids) < count:
+        raise FileNotFoundError(f"{SUMPUBMED} holds {len(ids)} documents, the tests need {count}")
+    read = lambda folder, name: (SUMPUBMED / folder / name).read_text(encoding="utf-8")
+    return [(read("text", f"text_{i}.txt"), read("abstract", f"abstract_{i}.txt")) for i in ids]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE tokenizer trained here on SumPubMed text (no hub access)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
+    bpe = ByteLevelBPETokenizer()
+    texts = [t for doc in sumpubmed_documents(200) for t in doc]
+    bpe.train_from_iterator(texts, vocab_size=1000, min_frequency=2, special_tokens=specials, show_progress=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        mask_token="<mask>",
+    )  # fmt: skip
+
+
+def tiny_bart(vocab_size: int = 1000, seed: int = 0):
+    """A small BartForConditionalGeneration with random weights and no dropout of its own."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=vocab_size, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=256,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return BartForConditionalGeneration(config)
+
+
+def summarization_batches(tokenizer, count: int, batch_size: int = 4, source_len: int = 128, target_len: int = 48):
+    """``count`` batches of real SumPubMed articles (inputs) and abstracts (labels)."""
+    docs = sumpubmed_documents(count * batch_size)
+    batches = []
+    for start in range(0, len(docs), batch_size):
+        texts, abstracts = zip(*docs[start : start + batch_size])
+        batch = tokenizer(list(texts), max_length=source_len, truncation=True, padding=True, return_tensors="pt")
+        labels = tokenizer(list(abstracts), max_length=target_len, truncation=True, padding=True, return_tensors="pt")
+        batch["labels"] = labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)
+        batches.append(dict(batch))
+    return batches

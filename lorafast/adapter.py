@@ -1,0 +1,208 @@
+"""Adapters in Hugging Face PEFT's on-disk format, so that PEFT (and vLLM) can load lorafast's and back.
+
+A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``) and ``adapter_model.safetensors``
+with one ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight``
+``(out, r)`` per adapted linear layer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import apply_lora, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
+
+# PEFT options that change what an adapter computes and that lorafast does not implement, with
+# the value that means "off". An adapter using any of them is refused by name.
+_UNSUPPORTED = {
+    "use_dora": False,
+    "use_rslora": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "lora_bias": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "use_bdlora": None,
+}
+
+
+def _is_off(value, off) -> bool:
+    return value == off or (off in (None, {}, False) and not value)
+
+
+def save_adapter(model: nn.Module, directory: str | Path, *, task_type: str | None = None) -> Path:
+    """Write the model's LoRA factors and config in PEFT's format to ``directory``; returns it.
+
+    ``peft.PeftModel.from_pretrained(base_model, directory)`` then reproduces the lorafast
+    model's outputs. ``task_type`` (e.g. ``"SEQ_2_SEQ_LM"``) is recorded for PEFT's auto classes.
+
+    Raises:
+        ValueError: if the model has no LoRA layers, or its layers differ in r, alpha or dropout
+            (one PEFT config describes them all).
+    """
+    from safetensors.torch import save_file
+
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save; call apply_lora() first")
+    settings = {(layer.r, layer.alpha, layer.dropout) for layer in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"the LoRA layers differ in (r, alpha, dropout): {sorted(settings)}; save_adapter needs one")
+    (r, alpha, dropout) = settings.pop()
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_modules(model, set(layers)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    return directory
+
+
+def _target_modules(model: nn.Module, names: set[str]) -> list[str] | str:
+    """The suffixes of ``names`` if PEFT's suffix matching selects exactly them, else a regex of the names."""
+    suffixes = sorted({name.rpartition(".")[2] for name in names})
+    selected = {n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in suffixes)}
+    return suffixes if selected == names else _names_pattern(names)
+
+
+def _names_pattern(names) -> str:
+    """A regular expression that matches exactly these module names."""
+    return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """``(config, {module name: {"A": (r, in), "B": (out, r)}})`` of a PEFT LoRA adapter directory.
+
+    Raises:
+        FileNotFoundError: if the directory, its config or its weights are missing.
+        ValueError: on a corrupt config, an adapter type other than LoRA, an option lorafast does
+            not support (named in the message), or weights that are not plain LoRA factors.
+    """
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a PEFT adapter directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path} describes a {found!r} adapter; lorafast loads LoRA adapters only")
+    for option, off in _UNSUPPORTED.items():
+        if option in config and not _is_off(config[option], off):
+            raise ValueError(
+                f"the adapter in {directory} uses PEFT option {option}={config[option]!r}, which lorafast does not "
+                "support; loading it would give different outputs than PEFT"
+            )
+    for required in ("r", "lora_alpha"):
+        if not isinstance(config.get(required), (int, float)) or isinstance(config.get(required), bool):
+            raise ValueError(f"{config_path} has no numeric {required!r}")
+
+    weights_path = directory / WEIGHTS_NAME
+    if weights_path.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(weights_path)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{weights_path} could not be read as safetensors: {exc}") from exc
+    elif (directory / LEGACY_WEIGHTS_NAME).is_file():
+        state = torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {directory}")
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(f"{weights_path.name} holds {key!r}, which is not a LoRA factor of a linear layer")
+        factors.setdefault(match["module"], {})[match["factor"]] = tensor
+    incomplete = sorted(name for name, ab in factors.items() if set(ab) != {"A", "B"})
+    if incomplete or not factors:
+        raise ValueError(f"{weights_path.name} lacks lora_A or lora_B for {incomplete or 'every module'}")
+    return config, factors
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a PEFT LoRA adapter (saved by PEFT or by :func:`save_adapter`) into ``model``.
+
+    A model without LoRA layers gets them first, on exactly the modules the adapter covers
+    (with its r, alpha and dropout); a model with LoRA layers must have them on those same
+    modules. The adapter's alpha and dropout replace the layers' own. Returns ``model``.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`read_adapter`; also ValueError when the
+            adapter's modules or shapes do not fit the model's (the message names them).
+    """
+    config, factors = read_adapter(directory)
+    r, alpha, dropout = int(config["r"]), config["lora_alpha"], float(config.get("lora_dropout") or 0.0)
+    if next(lora_layers(model), None) is None:
+        modules = dict(model.named_modules())
+        absent = sorted(name for name in factors if name not in modules)
+        if absent:
+            raise ValueError(f"the adapter targets modules that {type(model).__name__} does not have: {absent[:5]}")
+        apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
+    layers = dict(lora_layers(model))
+    merged = sorted(name for name, layer in layers.items() if layer.merged)
+    if merged:
+        raise ValueError(f"LoRA layers {merged[:5]} are merged; unmerge() them before loading an adapter")
+    if set(layers) != set(factors):
+        raise ValueError(
+            "the adapter and the model's LoRA layers cover different modules: "
+            f"only in the adapter {sorted(set(factors) - set(layers))[:5]}, "
+            f"only in the model {sorted(set(layers) - set(factors))[:5]}"
+        )
+    for name, layer in layers.items():
+        for factor, param in (("A", layer.lora_A), ("B", layer.lora_B)):
+            if tuple(factors[name][factor].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"lora_{factor} of {name} has shape {tuple(factors[name][factor].shape)} in the adapter but "
+                    f"{tuple(param.shape)} in the model"
+                )
+    for name, layer in layers.items():
+        layer.lora_A.copy_(factors[name]["A"])
+        layer.lora_B.copy_(factors[name]["B"])
+        layer.alpha, layer.dropout = alpha, dropout
+    return model

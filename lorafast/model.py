@@ -1,0 +1,145 @@
+"""LoRA on a whole model: put FusedLoRALinear in place of chosen nn.Linear modules, and undo it.
+
+Targets are chosen as in PEFT: a sequence of names matches every module whose name is one of
+them or ends with ``"." + name`` (``"q_proj"`` matches ``model.encoder.layers.0.self_attn.q_proj``);
+a single string is a regular expression that must match the whole module name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .layer import FusedLoRALinear
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
+
+
+def _matches(name: str, targets: str | Sequence[str]) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoRALinear]]:
+    """``(module name, layer)`` for every FusedLoRALinear in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLoRALinear):
+            yield name, module
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules: str | Sequence[str] = DEFAULT_TARGETS,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Replace the targeted ``nn.Linear`` modules of ``model`` in place by FusedLoRALinear.
+
+    The new layers reuse the linears' weights (no copy); every other parameter of the model is
+    frozen, so only the LoRA factors train. Returns ``model``.
+
+    Args:
+        model: any module, e.g. a transformers model.
+        target_modules: names matched by suffix (a sequence) or one regular expression that
+            must match the whole module name (a string), as in PEFT.
+        r, alpha, dropout: as in :class:`FusedLoRALinear`.
+
+    Raises:
+        ValueError: if LoRA is already applied, if a target matches no module (the message
+            lists the model's linear layers), or if a matched module is not an ``nn.Linear``.
+    """
+    if next(lora_layers(model), None) is not None:
+        raise ValueError("the model already has LoRA layers; call merge_lora() or remove_lora() before applying again")
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ValueError(f"target_modules must be a regular expression or non-empty names, got {target_modules!r}")
+    matched = [(name, module) for name, module in model.named_modules() if name and _matches(name, target_modules)]
+    if isinstance(target_modules, str):
+        unmatched = [] if matched else [target_modules]
+    else:
+        unmatched = [t for t in target_modules if not any(_matches(name, [t]) for name, _ in matched)]
+    if unmatched:
+        suffixes = sorted({name.rpartition(".")[2] for name in _linear_names(model)})
+        raise ValueError(
+            f"target_modules {unmatched} match no module of {type(model).__name__}; its nn.Linear modules "
+            f"are named {suffixes} (e.g. {_linear_names(model)[:3]})"
+        )
+    for name, module in matched:
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}, not an nn.Linear; "
+                "lorafast adds LoRA to linear layers only"
+            )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, module in matched:
+        _replace(model, name, FusedLoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout))
+    return model
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Put plain ``nn.Linear`` modules back, with the original (unmerged) weights. Returns ``model``."""
+    for name, layer in list(lora_layers(model)):
+        if layer.merged:
+            layer.unmerge()
+        _replace(model, name, _as_linear(layer))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain ``nn.Linear`` modules in place.
+
+    The result has no lorafast code in it: ``save_pretrained`` of a transformers model then
+    loads in plain transformers and gives the same outputs, at the base model's inference cost.
+    """
+    for name, layer in list(lora_layers(model)):
+        if not layer.merged:
+            layer.merge()
+        _replace(model, name, _as_linear(layer))
+    return model
+
+
+def _as_linear(layer: FusedLoRALinear) -> nn.Linear:
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = layer.weight
+    if layer.bias is not None:
+        linear.bias = layer.bias
+    return linear.train(layer.training)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA factors of ``model``'s state_dict: ``{"<module>.lora_A": ..., "<module>.lora_B": ...}``."""
+    return {k: v for k, v in model.state_dict().items() if k.rpartition(".")[2] in ("lora_A", "lora_B")}
+
+
+class ParameterCounts(NamedTuple):
+    """Trainable and total parameter counts of a model."""
+
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100 * self.trainable / self.total if self.total else 0.0
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {share:.4f}"
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    """Trainable and total parameters of ``model`` (each shared tensor counted once)."""
+    seen = {id(p): p for p in model.parameters()}.values()
+    return ParameterCounts(sum(p.numel() for p in seen if p.requires_grad), sum(p.numel() for p in seen))
