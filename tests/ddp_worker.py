@@ -4,7 +4,9 @@ Each rank trains on its half of one batch under DistributedDataParallel (gloo); 
 averaged LoRA gradients to OUT for tests/test_ddp.py to compare with one process on the whole batch.
 """
 
+import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,7 +39,7 @@ def make_batch(size: int = 8) -> dict[str, torch.Tensor]:
 
 
 def main(out: str) -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     model = DistributedDataParallel(build_model())
     shard = {k: v.chunk(world)[rank] for k, v in make_batch().items()}
@@ -46,7 +48,11 @@ def main(out: str) -> None:
         grads = {n: p.grad for n, p in model.module.named_parameters() if p.requires_grad}
         trainable = sum(p.numel() for p in model.module.parameters() if p.requires_grad)
         torch.save({"grads": grads, "trainable": trainable}, out)
-    dist.destroy_process_group()
+    dist.barrier()  # every rank is done before any leaves
+    # Leave without tearing DDP down: freeing its Reducer while holding the GIL can deadlock with
+    # gloo's worker thread, which needs the GIL to free its last work item (seen with torch 2.13,
+    # about one run in four after torch.compile ran in the parent process).
+    os._exit(0)
 
 
 if __name__ == "__main__":

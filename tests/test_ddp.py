@@ -1,6 +1,7 @@
 """DistributedDataParallel over 2 CPU processes (gloo) gives the adapter gradients of one process."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,17 @@ def test_two_processes_match_one_on_the_whole_batch(tmp_path):
     out = tmp_path / "grads.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAFAST_BACKEND": "torch"}
-    result = subprocess.run([*command, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # A session of its own, so that a hang kills the launcher and both ranks, not the launcher alone.
+    launcher = subprocess.Popen(
+        [*command, str(WORKER), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = launcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        output, _ = launcher.communicate()
+    assert launcher.returncode == 0, output[-3000:]
     saved = torch.load(out)
 
     model = build_model()
