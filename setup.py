@@ -5,6 +5,17 @@ from pathlib import Path
 from setuptools import setup
 
 HERE = Path(__file__).parent
+# What train/finetune.py needs; the tests and benchmarks compare against PEFT and need it too.
+TRAIN = [
+    "transformers>=4.45",
+    "tokenizers",
+    "datasets>=2.19",
+    "peft>=0.14",
+    "safetensors",
+    "rouge-score",
+    "tqdm",
+    "matplotlib",
+]
 
 setup(
     name="lorafast",
@@ -26,16 +37,8 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "peft>=0.14", "transformers>=4.45", "tokenizers", "ruff"],
-        "bench": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.14", "transformers>=4.45", "matplotlib"],
-        "train": [
-            "transformers>=4.45",
-            "datasets>=2.19",
-            "peft>=0.14",
-            "safetensors",
-            "rouge-score",
-            "tqdm",
-            "matplotlib",
-        ],
+        "train": TRAIN,
+        "bench": ["pytest>=8", "pytest-benchmark>=4", *TRAIN],
+        "test": ["pytest>=8", "ruff", *TRAIN],
     },
 )

@@ -1,0 +1,137 @@
+"""The model to fine-tune: a pretrained BART (Hub id or local folder) or a random one, and the method.
+
+``random:tiny`` and ``random:base`` build ``BartForConditionalGeneration`` from a ``BartConfig`` with
+random weights (tiny: small and fast, for smoke runs; base: facebook/bart-base's shapes) and a
+byte-level BPE tokenizer trained on the training texts, so a run needs no download at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    BartConfig,
+    BartForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+
+import lorafast
+
+METHODS = ("lorafast", "peft", "full")
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
+RANDOM_PRESETS = {
+    "random:tiny": {
+        "d_model": 128, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4, "encoder_ffn_dim": 256, "decoder_ffn_dim": 256, "vocab_size": 4000,
+        "max_position_embeddings": 1024,
+    },
+    "random:base": {  # facebook/bart-base
+        "d_model": 768, "encoder_layers": 6, "decoder_layers": 6, "encoder_attention_heads": 12,
+        "decoder_attention_heads": 12, "encoder_ffn_dim": 3072, "decoder_ffn_dim": 3072, "vocab_size": 50265,
+        "max_position_embeddings": 1024,
+    },
+}  # fmt: skip
+_TOKENIZER_DOCS = 1000  # training texts the random presets' tokenizer learns from
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A BART-style byte-level BPE tokenizer (``<s> ... </s>``) trained on ``texts``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS)
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        mask_token="<mask>", model_max_length=1024,
+    )  # fmt: skip
+
+
+def ensure_tokenizer(name: str, documents, directory: Path) -> None:
+    """For a random preset, train its tokenizer on ``documents`` into ``directory`` unless one is there."""
+    if name not in RANDOM_PRESETS or (directory / "tokenizer.json").is_file():
+        return
+    texts = [t for d in documents[:_TOKENIZER_DOCS] for t in (d.text, d.summary)]
+    vocab_size = min(RANDOM_PRESETS[name]["vocab_size"], 16000)
+    train_tokenizer(texts, vocab_size).save_pretrained(directory)
+
+
+def load_model(
+    name: str, tokenizer_dir: Path, model_dropout: float | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerFast, bool]:
+    """``(model, tokenizer, is_random)`` for a Hub id, a local folder or a ``random:`` preset.
+
+    A random preset's tokenizer comes from ``tokenizer_dir`` (see :func:`ensure_tokenizer`); the
+    caller seeds torch for its random weights.
+
+    Raises:
+        OSError: if a named model cannot be loaded; the message names the offline alternatives.
+    """
+    if name in RANDOM_PRESETS:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+        preset = RANDOM_PRESETS[name] | {"vocab_size": max(RANDOM_PRESETS[name]["vocab_size"], len(tokenizer))}
+        config = BartConfig(
+            **preset, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2
+        )
+        if model_dropout is not None:
+            config.dropout = model_dropout
+        return BartForConditionalGeneration(config), tokenizer, True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        kwargs = {} if model_dropout is None else {"dropout": model_dropout}
+        model = AutoModelForSeq2SeqLM.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        raise OSError(
+            f"could not load model {name!r} ({exc}). Without network access, give a local folder saved with "
+            f"save_pretrained, or one of the random presets {sorted(RANDOM_PRESETS)} (random weights, for "
+            "smoke runs and benchmarks)"
+        ) from exc
+    return model, tokenizer, False
+
+
+def prepare(model: nn.Module, method: str, r: int, alpha: float, dropout: float, targets: list[str]) -> nn.Module:
+    """The model to train with ``method``: lorafast LoRA, PEFT LoRA, or every weight (full)."""
+    if method == "lorafast":
+        return lorafast.apply_lora(model, target_modules=targets, r=r, alpha=alpha, dropout=dropout)
+    if method == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="SEQ_2_SEQ_LM"
+        )
+        return get_peft_model(model, config)
+    if method == "full":
+        return model.requires_grad_(True)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def save_trained(model: nn.Module, method: str, directory: Path) -> None:
+    """The trained part: a LoRA adapter in PEFT's format, or the whole model for ``full``."""
+    if method == "lorafast":
+        lorafast.save_adapter(model, directory, task_type="SEQ_2_SEQ_LM")
+    else:
+        model.save_pretrained(directory)
+
+
+def merged(model: nn.Module, method: str) -> nn.Module:
+    """A plain transformers model with the adapter folded in (the model itself for ``full``)."""
+    if method == "lorafast":
+        return lorafast.merge_lora(model)
+    if method == "peft":
+        return model.merge_and_unload()
+    return model
+
+
+def base_model(model: nn.Module, method: str) -> nn.Module:
+    """The transformers model inside (PEFT wraps it)."""
+    return model.get_base_model() if method == "peft" else model
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters by name, for checkpoints."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
