@@ -15,104 +15,42 @@ Prints a Markdown table and writes it, with a PNG chart, to ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import textwrap
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from lorafast import FusedLoRALinear
-from lorafast.profiling import saved_activation_bytes
-
-
-def make_candidates(features_in: int, features_out: int, r: int, alpha: float, dropout: float, dtype, device):
-    """``{name: module}``: frozen nn.Linear, PEFT LoRA and lorafast, sharing one base weight."""
-    from peft import LoraConfig, get_peft_model
-
-    base = nn.Linear(features_in, features_out, device=device, dtype=dtype)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["0"])
-    peft = get_peft_model(nn.Sequential(base), config).base_model.model[0]
-    ours = FusedLoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout)
-    with torch.no_grad():  # same, non-zero adapter in both
-        nn.init.normal_(ours.lora_B, std=0.02)
-        peft.lora_A["default"].weight.copy_(ours.lora_A)
-        peft.lora_B["default"].weight.copy_(ours.lora_B)
-    return {"frozen nn.Linear": base, "PEFT LoRA": peft.train(), "lorafast": ours.train()}
-
-
-def step(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> None:
-    """One forward and backward; gradients are dropped afterwards so none accumulate."""
-    module(x).backward(grad_y)
-    x.grad = None
-    for p in module.parameters():
-        p.grad = None
-
-
-def measure(candidates: dict, x: torch.Tensor, grad_y: torch.Tensor, rounds: int, warmup: int = 2):
-    """Per candidate: median time (s) and median per-round ratio to the first candidate."""
-    names = list(candidates)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        for name in names:
-            step(candidates[name], x, grad_y)
-    times = {name: [] for name in names}
-    for round_ in range(rounds):
-        order = names[round_ % len(names) :] + names[: round_ % len(names)]
-        for name in order:
-            sync()
-            start = time.perf_counter()
-            step(candidates[name], x, grad_y)
-            sync()
-            times[name].append(time.perf_counter() - start)
-    baseline = times[names[0]]
-    return {
-        name: (statistics.median(ts), statistics.median(t / b for t, b in zip(ts, baseline)))
-        for name, ts in times.items()
-    }
-
-
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Activation bytes ``module`` keeps for backward on x (parameters excluded)."""
-    return saved_activation_bytes(lambda: module(x), exclude=list(module.parameters()))
+from harness import FROZEN, Timer, forward_backward, interleaved, machine, make_candidates, saved_bytes, summarize
 
 
 def run(args) -> list[dict]:
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    d_out = args.out_features or args.features
     x = torch.randn(args.tokens, args.features, device=device, dtype=dtype, requires_grad=True)
-    grad_y = torch.randn(args.tokens, args.out_features or args.features, device=device, dtype=dtype)
+    grad_y = torch.randn(args.tokens, d_out, device=device, dtype=dtype)
     rows = []
     for p in args.dropout:
-        candidates = make_candidates(
-            args.features, args.out_features or args.features, args.rank, args.alpha, p, dtype, device
-        )
-        results = measure(candidates, x, grad_y, args.rounds)
-        for name, (seconds, ratio) in results.items():
+        candidates = make_candidates(args.features, d_out, args.rank, args.alpha, p, dtype, device)
+        runs = {name: forward_backward(module, x, grad_y) for name, module in candidates.items()}
+        results = summarize(interleaved(runs, args.rounds, Timer(device)), baselines=(FROZEN,))
+        for name, result in results.items():
             rows.append(
                 {
                     "dropout": p,
                     "layer": name,
-                    "ms": seconds * 1e3,
-                    "ratio": ratio,
+                    "ms": result["seconds"] * 1e3,
+                    "ratio": result[f"vs {FROZEN}"],
                     "saved_bytes": saved_bytes(candidates[name], x),
                 }
             )
     return rows
 
 
-def machine() -> str:
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    return f"{dev}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def report(rows: list[dict], args) -> str:
     x_bytes = args.tokens * args.features * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     lines = [
         f"fwd+bwd, x {args.tokens}x{args.features}, W0 {args.out_features or args.features}x{args.features}, "
-        f"r={args.rank}, {args.dtype}, {machine()}, {args.rounds} rounds; x = {x_bytes:,} B, "
+        f"r={args.rank}, {args.dtype}, {machine(torch.device(args.device))}, {args.rounds} rounds; x = {x_bytes:,} B, "
         f"n·r·4 = {args.tokens * args.rank * 4:,} B",
         "",
         "| dropout | layer | median ms | median ratio to frozen | saved activations (B) | saved / x |",

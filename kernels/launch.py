@@ -3,10 +3,13 @@
 Launchers run the autotuned kernel on CUDA and, when a config is given or the kernels run in
 Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors), the plain kernel with that config
 (the first of the kernel's configs by default), so tests can pin every config.
+``LORAFAST_AUTOTUNE=0`` skips autotuning on CUDA too (one compile per kernel instead of one per
+config: quicker tests, slower kernels).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -90,7 +93,7 @@ def launch(
     config: triton.Config | None,
 ) -> None:
     """Run ``tuned_kernel`` (autotuned) or, with ``config`` or in the interpreter, ``kernel``."""
-    if config is None and not INTERPRETED:
+    if config is None and not INTERPRETED and os.environ.get("LORAFAST_AUTOTUNE", "1") != "0":
         tuned_kernel[grid](*args)
         return
     config = config or tuned_kernel.configs[0]

@@ -22,6 +22,12 @@ pytestmark = pytest.mark.skipif(
 SHAPES = [(37, 70, 50, 3), (1000, 768, 3072, 8), (8192, 4096, 4096, 16)]
 
 
+@pytest.fixture(autouse=True)
+def one_config_per_kernel(monkeypatch):
+    """Correctness does not need autotuning; it would compile every config for every shape."""
+    monkeypatch.setenv("LORAFAST_AUTOTUNE", "0")
+
+
 def _inputs(n, d_in, d_out, r, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     make = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device="cuda") * scale).to(dtype)
@@ -63,6 +69,14 @@ def test_every_config_compiles_and_is_correct(config):
     xa_want = x.float() @ a.float().T
     want = x.float() @ w.float().T + 1.5 * xa_want @ bb.float().T + b.float()
     torch.testing.assert_close(xa.float(), xa_want, atol=5e-2 * xa_want.abs().max().item(), rtol=2e-2)
+    torch.testing.assert_close(y.float(), want, atol=5e-2 * want.abs().max().item(), rtol=2e-2)
+
+
+def test_autotuned_kernels_are_correct(monkeypatch):
+    monkeypatch.setenv("LORAFAST_AUTOTUNE", "1")
+    x, w, b, a, bb = _inputs(2048, 1024, 1024, 16, torch.bfloat16)
+    y = lora_linear(x, w, b, a, bb, 2.0)
+    want = x.float() @ w.float().T + 2.0 * (x.float() @ a.float().T) @ bb.float().T + b.float()
     torch.testing.assert_close(y.float(), want, atol=5e-2 * want.abs().max().item(), rtol=2e-2)
 
 

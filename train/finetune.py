@@ -269,23 +269,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
 
     step, history, tokens_seen, train_seconds = 0, [], 0, 0.0
     if resume_from is not None:
-        state = torch.load(resume_from / "trainer_state.pt", map_location=ctx.device, weights_only=False)
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, history = state["step"], state["history"]
-        tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
-        if len(state["rng"]) != ctx.world:
-            raise ValueError(f"{resume_from} was written by {len(state['rng'])} processes; resume with as many")
-        set_rng_state(state["rng"][ctx.rank])
-        if ctx.main:  # drop what the interrupted run logged after its checkpoint
-            kept = [r for r in _read_log(out) if r.get("step", 0) <= step]
-            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-        if ctx.main:
-            print(f"resumed from {resume_from} at step {step}")
+        step, history, tokens_seen, train_seconds = restore_checkpoint(resume_from, model, optimizer, scheduler, ctx)
     settings = vars(args) | {"output_dir": str(out)}
     log({"event": "resume" if resume_from else "start", "step": step, "args": settings, "parameters": counts._asdict()})
 
@@ -294,9 +278,12 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
     unwrapped = model_setup.base_model(model, args.method)
     bar = tqdm(total=total_steps, initial=step, desc=f"{args.method} fine-tuning", disable=not ctx.main)
     trained.train()
+    lengths, epoch_batches = [len(s) for s in sources], {}
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        batch_ids = sumpubmed.bucketed_batches([len(s) for s in sources], per_step, args.seed, epoch)[position]
+        if epoch not in epoch_batches:
+            epoch_batches = {epoch: sumpubmed.bucketed_batches(lengths, per_step, args.seed, epoch)}
+        batch_ids = epoch_batches[epoch][position]
         start = time.perf_counter()
         label_tokens = sum(len(targets[i]) for i in batch_ids)  # the whole step's, on every rank alike
         step_loss = 0.0
@@ -374,6 +361,26 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
         ctx.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+def restore_checkpoint(directory: Path, model, optimizer, scheduler, ctx) -> tuple[int, list, int, float]:
+    """Load what :func:`save_checkpoint` wrote; returns ``(step, losses, tokens seen, training seconds)``."""
+    state = torch.load(directory / "trainer_state.pt", map_location=ctx.device, weights_only=False)
+    if len(state["rng"]) != ctx.world:
+        raise ValueError(f"{directory} was written by {len(state['rng'])} processes; resume with as many")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][ctx.rank])
+    step = state["step"]
+    if ctx.main:  # drop what the interrupted run logged after its checkpoint
+        kept = [r for r in _read_log(directory.parent) if r.get("step", 0) <= step]
+        (directory.parent / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        print(f"resumed from {directory} at step {step}")
+    return step, state["history"], state["tokens_seen"], state["train_seconds"]
 
 
 def save_checkpoint(model, optimizer, scheduler, args, ctx, step, history, tokens_seen, train_seconds) -> None:

@@ -1,0 +1,136 @@
+"""Measuring LoRA layers side by side: the candidates, interleaved timing, memory, and the machine.
+
+Candidates share one frozen base weight: a frozen ``nn.Linear`` (its backward computes dX only),
+Hugging Face PEFT's LoRA ``Linear`` and lorafast's ``FusedLoRALinear``, with the same adapter.
+Every timing round runs each candidate once, in a rotating order, so that a noisy machine slows
+them alike; figures are medians over rounds, and ratios are medians of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lorafast import FusedLoRALinear
+from lorafast.profiling import saved_activation_bytes
+
+FROZEN, PEFT, LORAFAST = "frozen nn.Linear", "PEFT LoRA", "lorafast"
+
+
+def make_candidates(d_in: int, d_out: int, r: int, alpha: float, dropout: float, dtype, device) -> dict:
+    """``{name: module}`` for the frozen linear, PEFT LoRA and lorafast, in training mode."""
+    from peft import LoraConfig, get_peft_model
+
+    base = nn.Linear(d_in, d_out, device=device, dtype=dtype)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["0"])
+    # autocast_adapter_dtype=False keeps PEFT's factors in the layer's dtype, like lorafast's
+    peft = get_peft_model(nn.Sequential(base), config, autocast_adapter_dtype=False).base_model.model[0]
+    ours = FusedLoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout)
+    with torch.no_grad():  # the same non-zero adapter in both
+        nn.init.normal_(ours.lora_B, std=0.02)
+        peft.lora_A["default"].weight.copy_(ours.lora_A)
+        peft.lora_B["default"].weight.copy_(ours.lora_B)
+    return {FROZEN: base.train(), PEFT: peft.train(), LORAFAST: ours.train()}
+
+
+class Timer:
+    """Wall time of a callable: CUDA events on a GPU, ``perf_counter`` on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> Callable[[], None]:
+    """One training forward and backward; gradients are dropped so that none accumulate."""
+
+    def run() -> None:
+        module(x).backward(grad_y)
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+
+    return run
+
+
+def forward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One training forward (the graph is built, then dropped)."""
+    return lambda: module(x)
+
+
+def interleaved(runs: dict[str, Callable[[], None]], rounds: int, timer: Timer, warmup: int = 2) -> dict[str, list]:
+    """Seconds per round for each named run, the runs rotating their order from round to round."""
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            runs[name]()
+    times = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            times[name].append(timer(runs[name]))
+    return times
+
+
+def summarize(times: dict[str, list[float]], baselines: tuple[str, ...]) -> dict[str, dict]:
+    """Median seconds per run and the median per-round ratio of each run to each baseline."""
+    out = {}
+    for name, ts in times.items():
+        row = {"seconds": statistics.median(ts)}
+        for base in baselines:
+            row[f"vs {base}"] = statistics.median(t / b for t, b in zip(ts, times[base]))
+        out[name] = row
+    return out
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Activation bytes ``module`` keeps for backward on x (parameters excluded)."""
+    return saved_activation_bytes(lambda: module(x), exclude=list(module.parameters()))
+
+
+def peak_cuda_bytes(run: Callable[[], None], device: torch.device) -> int | None:
+    """Peak allocated CUDA memory during ``run`` above what was allocated before it; None on CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def machine(device: torch.device) -> str:
+    """The processor or GPU, thread count and library versions, for reports."""
+    import triton
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name() or platform.machine()
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, triton {triton.__version__}"
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None

@@ -1,0 +1,129 @@
+"""The benchmark report: tables printed at the end of the run and written as Markdown and PNG."""
+
+from __future__ import annotations
+
+import datetime
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Target:
+    """A measured ratio (or size) against the limit the project set for it."""
+
+    name: str
+    measured: float
+    limit: float
+    at_most: bool = True  # False: the measured value must be at least the limit
+
+    @property
+    def met(self) -> bool:
+        return self.measured <= self.limit if self.at_most else self.measured >= self.limit
+
+    def row(self) -> str:
+        sign = "≤" if self.at_most else "≥"
+        return f"| {self.name} | {self.measured:.3f} | {sign} {self.limit} | {'yes' if self.met else 'NO'} |"
+
+
+@dataclass
+class Report:
+    """Rows collected by the benchmark tests; ``write`` renders them once the session ends."""
+
+    machine: str = ""
+    layer_rows: list[dict] = field(default_factory=list)
+    model_rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    started: datetime.datetime = field(default_factory=datetime.datetime.now)
+
+    def markdown(self) -> str:
+        out = [f"# lorafast benchmarks\n\n{self.machine}; {datetime.datetime.now():%Y-%m-%d %H:%M}\n"]
+        if self.targets:
+            out += ["## Targets\n", "| target | measured | limit | met |", "|---|---|---|---|"]
+            out += [t.row() for t in self.targets] + [""]
+        if self.layer_rows:
+            out += [
+                "## Layers (median of interleaved rounds; ratios are medians of per-round ratios)\n",
+                "| in→out | tokens | r | dropout | layer | fwd ms | fwd+bwd ms | fwd / frozen | fwd+bwd / frozen "
+                "| fwd+bwd / PEFT | saved for backward | peak CUDA |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in self.layer_rows:
+                peak = f"{r['peak_bytes'] / 2**20:,.1f} MiB" if r["peak_bytes"] is not None else "–"
+                out.append(
+                    f"| {r['d_in']}→{r['d_out']} | {r['tokens']} | {r['r']} | {r['dropout']} | {r['layer']} | "
+                    f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_vs_frozen']:.3f} | "
+                    f"{r['fwd_bwd_vs_frozen']:.3f} | {r['fwd_bwd_vs_peft']:.3f} | {r['saved_bytes'] / 2**20:,.2f} MiB "
+                    f"| {peak} |"
+                )
+            out.append("")
+        if self.model_rows:
+            out += [
+                "## BART-base-shaped training step (random weights, real SumPubMed batches)\n",
+                "| method | targets | dropout | trainable params | step s | tokens/s | vs full | vs PEFT (same "
+                "targets, dropout) | peak memory |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in self.model_rows:
+                vs_peft = f"{r['vs_peft']:.2f}" if r.get("vs_peft") else "–"
+                out.append(
+                    f"| {r['method']} | {r['targets']} | {r['dropout']} | {r['trainable']:,} | {r['step_s']:.2f} | "
+                    f"{r['tokens_per_s']:,.0f} | {r['vs_full']:.2f} | {vs_peft} | {r['peak_bytes'] / 2**30:.2f} GiB |"
+                )
+            out.append("")
+        out += [f"- {note}" for note in self.notes]
+        return "\n".join(out) + "\n"
+
+    def write(self, device_type: str) -> Path:
+        """Write ``report.md`` and ``report.png`` to this run's results folder; returns the folder."""
+        folder = RESULTS / f"{device_type}-{self.started:%Y%m%d-%H%M%S}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.md").write_text(self.markdown())
+        self._plot(folder / "report.png")
+        return folder
+
+    def _plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [p for p in (self.layer_rows, self.model_rows) if p]
+        if not panels:
+            return
+        fig, axes = plt.subplots(len(panels), 1, figsize=(11, 4.2 * len(panels)), squeeze=False)
+        axes = iter(axes[:, 0])
+        if self.layer_rows:
+            ax = next(axes)
+            cases = []
+            for r in self.layer_rows:
+                key = (r["d_in"], r["d_out"], r["tokens"], r["r"], r["dropout"])
+                if key not in cases:
+                    cases.append(key)
+            for offset, layer in ((-0.2, "PEFT LoRA"), (0.2, "lorafast")):
+                values = [
+                    next(r["fwd_bwd_vs_frozen"] for r in self.layer_rows if r["layer"] == layer and
+                         (r["d_in"], r["d_out"], r["tokens"], r["r"], r["dropout"]) == case)
+                    for case in cases
+                ]  # fmt: skip
+                ax.bar([i + offset for i in range(len(cases))], values, 0.4, label=layer)
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+            ax.set_xticks(range(len(cases)))
+            ax.set_xticklabels([f"{a}→{b}\nn={n} r={r}\np={p}" for a, b, n, r, p in cases], fontsize=6)
+            ax.set_ylabel("fwd+bwd time / frozen nn.Linear")
+            ax.legend()
+        if self.model_rows:
+            ax = next(axes)
+            labels = [f"{r['method']}\n{r['targets']}\np={r['dropout']}" for r in self.model_rows]
+            bars = ax.bar(range(len(labels)), [r["tokens_per_s"] for r in self.model_rows])
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, fontsize=7)
+            ax.set_ylabel("training tokens / s")
+        fig.suptitle(textwrap.fill(self.machine, 120), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
