@@ -19,12 +19,12 @@ def report() -> Report:
 def write_report_after_each_benchmark():
     """Rewrite the report after every benchmark, so that a run cut short keeps what it measured."""
     yield
-    if REPORT.layer_rows or REPORT.model_rows or REPORT.targets:
+    if REPORT.layer_rows or REPORT.model_rows or REPORT.multi_rows or REPORT.targets:
         REPORT.write(DEVICE.type)
 
 
 def pytest_sessionfinish(session):
-    if REPORT.layer_rows or REPORT.model_rows or REPORT.targets:
+    if REPORT.layer_rows or REPORT.model_rows or REPORT.multi_rows or REPORT.targets:
         folder = REPORT.write(DEVICE.type)
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         text = REPORT.markdown() + f"\nreport written to {folder}/report.md and report.png\n"

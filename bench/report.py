@@ -35,6 +35,7 @@ class Report:
     machine: str = ""
     layer_rows: list[dict] = field(default_factory=list)
     model_rows: list[dict] = field(default_factory=list)
+    multi_rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     started: datetime.datetime = field(default_factory=datetime.datetime.now)
@@ -74,6 +75,18 @@ class Report:
                     f"{r['tokens_per_s']:,.0f} | {r['vs_full']:.2f} | {vs_peft} | {r['peak_bytes'] / 2**30:.2f} GiB |"
                 )
             out.append("")
+        if self.multi_rows:
+            out += [
+                "## Mixed-adapter batch (each sequence its own adapter, rows unsorted)\n",
+                "| case | mode | layer | ms | vs frozen | vs one adapter | vs loop |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {r['case']} | {r['mode']} | {r['layer']} | {r['ms']:.2f} | {r['vs_frozen']:.3f} | "
+                f"{r['vs_one']:.3f} | {r['vs_loop']:.3f} |"
+                for r in self.multi_rows
+            ]
+            out.append("")
         out += [f"- {note}" for note in self.notes]
         return "\n".join(out) + "\n"
 
@@ -91,7 +104,7 @@ class Report:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = [p for p in (self.layer_rows, self.model_rows) if p]
+        panels = [p for p in (self.layer_rows, self.model_rows, self.multi_rows) if p]
         if not panels:
             return
         fig, axes = plt.subplots(len(panels), 1, figsize=(11, 4.2 * len(panels)), squeeze=False)
@@ -123,6 +136,15 @@ class Report:
             ax.set_xticks(range(len(labels)))
             ax.set_xticklabels(labels, fontsize=7)
             ax.set_ylabel("training tokens / s")
+        if self.multi_rows:
+            ax = next(axes)
+            labels = [f"{r['layer']}\n{r['mode']}" for r in self.multi_rows]
+            bars = ax.bar(range(len(labels)), [r["vs_one"] for r in self.multi_rows])
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, fontsize=7)
+            ax.set_ylabel(f"time / one adapter ({self.multi_rows[0]['case']})", fontsize=8)
         fig.suptitle(textwrap.fill(self.machine, 120), fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 256
@@ -92,12 +93,26 @@ def launch(
     args: Sequence,
     config: triton.Config | None,
 ) -> None:
-    """Run ``tuned_kernel`` (autotuned) or, with ``config`` or in the interpreter, ``kernel``."""
+    """Run ``tuned_kernel`` (autotuned) or, with ``config`` or in the interpreter, ``kernel``.
+
+    Without autotuning and without a pinned config, the first of the kernel's configs that fits
+    the GPU runs (a big fp32 tile can need more shared memory than the GPU has; the autotuner
+    skips such configs itself). A pinned config that does not fit raises Triton's error.
+    """
     if config is None and not INTERPRETED and os.environ.get("LORAFAST_AUTOTUNE", "1") != "0":
         tuned_kernel[grid](*args)
         return
-    config = config or tuned_kernel.configs[0]
-    kernel[grid(config.kwargs)](*args, **config.all_kwargs())
+    if config is not None or INTERPRETED:
+        config = config or tuned_kernel.configs[0]
+        kernel[grid(config.kwargs)](*args, **config.all_kwargs())
+        return
+    for i, candidate in enumerate(tuned_kernel.configs):
+        try:
+            kernel[grid(candidate.kwargs)](*args, **candidate.all_kwargs())
+            return
+        except OutOfResources:  # raised before the kernel runs: nothing was written
+            if i == len(tuned_kernel.configs) - 1:
+                raise
 
 
 def gemm_configs() -> list[triton.Config]:

@@ -4,25 +4,39 @@
 - :class:`FusedLoRALinear`: a drop-in ``nn.Linear`` replacement built on it.
 - :func:`apply_lora`, :func:`merge_lora`, :func:`remove_lora`: LoRA on a whole model.
 - :func:`save_adapter`, :func:`load_adapter`: adapters in PEFT's format.
+- :func:`add_adapter`, :func:`adapter_ids`, :func:`multi_lora_linear`, :class:`MultiLoRALinear`:
+  several named adapters in one model, mixed in one batch (one adapter per sequence).
 """
 
 from .adapter import load_adapter, read_adapter, save_adapter
 from .function import LoRALinearFunction, lora_linear
 from .layer import FusedLoRALinear
 from .model import apply_lora, lora_layers, lora_state_dict, merge_lora, parameter_counts, remove_lora
+from .multi_adapter import adapter_ids, add_adapter, list_adapters, multi_lora_layers, remove_adapter, set_adapter
+from .multi_function import MultiLoRALinearFunction, multi_lora_linear
+from .multi_layer import MultiLoRALinear
 
 __all__ = [
     "FusedLoRALinear",
     "LoRALinearFunction",
+    "MultiLoRALinear",
+    "MultiLoRALinearFunction",
+    "adapter_ids",
+    "add_adapter",
     "apply_lora",
+    "list_adapters",
     "load_adapter",
     "lora_layers",
     "lora_linear",
     "lora_state_dict",
     "merge_lora",
+    "multi_lora_layers",
+    "multi_lora_linear",
     "parameter_counts",
     "read_adapter",
+    "remove_adapter",
     "remove_lora",
     "save_adapter",
+    "set_adapter",
 ]
 __version__ = "0.1.0"

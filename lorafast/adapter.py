@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .model import apply_lora, lora_layers
+from .multi_adapter import add_adapter, list_adapters, multi_lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,22 +49,23 @@ def _is_off(value, off) -> bool:
     return value == off or (off in (None, {}, False) and not value)
 
 
-def save_adapter(model: nn.Module, directory: str | Path, *, task_type: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | Path, *, task_type: str | None = None, adapter_name: str | None = None
+) -> Path:
     """Write the model's LoRA factors and config in PEFT's format to ``directory``; returns it.
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` then reproduces the lorafast
     model's outputs. ``task_type`` (e.g. ``"SEQ_2_SEQ_LM"``) is recorded for PEFT's auto classes.
+    ``adapter_name`` picks one of a model's named adapters (``lorafast.add_adapter``).
 
     Raises:
-        ValueError: if the model has no LoRA layers, or its layers differ in r, alpha or dropout
-            (one PEFT config describes them all).
+        ValueError: if the model has no LoRA layers (or no adapter ``adapter_name``), or its
+            layers differ in r, alpha or dropout (one PEFT config describes them all).
     """
     from safetensors.torch import save_file
 
-    layers = dict(lora_layers(model))
-    if not layers:
-        raise ValueError("the model has no LoRA layers to save; call apply_lora() first")
-    settings = {(layer.r, layer.alpha, layer.dropout) for layer in layers.values()}
+    layers = _adapter_factors(model, adapter_name)
+    settings = {(r, alpha, dropout) for _, _, r, alpha, dropout in layers.values()}
     if len(settings) > 1:
         raise ValueError(f"the LoRA layers differ in (r, alpha, dropout): {sorted(settings)}; save_adapter needs one")
     (r, alpha, dropout) = settings.pop()
@@ -87,14 +89,31 @@ def save_adapter(model: nn.Module, directory: str | Path, *, task_type: str | No
         "inference_mode": True,
     }
     tensors = {}
-    for name, layer in layers.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    for name, (lora_A, lora_B, *_) in layers.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     return directory
+
+
+def _adapter_factors(model: nn.Module, adapter_name: str | None) -> dict[str, tuple]:
+    """``{module name: (lora_A, lora_B, r, alpha, dropout)}`` of the single adapter, or of the named one."""
+    if adapter_name is None:
+        layers = dict(lora_layers(model))
+        if not layers:
+            hint = " (it has named adapters: pass adapter_name)" if list_adapters(model) else ""
+            raise ValueError(f"the model has no LoRA layers to save{hint}; call apply_lora() first")
+        return {n: (m.lora_A, m.lora_B, m.r, m.alpha, m.dropout) for n, m in layers.items()}
+    if adapter_name not in list_adapters(model):
+        raise ValueError(f"no adapter named {adapter_name!r}; the model has {list_adapters(model)}")
+    return {
+        n: (m.lora_A[adapter_name], m.lora_B[adapter_name], m.ranks()[adapter_name], m.alphas[adapter_name],
+            m.dropouts[adapter_name])
+        for n, m in multi_lora_layers(model)
+    }  # fmt: skip
 
 
 def _target_modules(model: nn.Module, names: set[str]) -> list[str] | str:
@@ -165,12 +184,16 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> nn.Module:
     """Load a PEFT LoRA adapter (saved by PEFT or by :func:`save_adapter`) into ``model``.
 
-    A model without LoRA layers gets them first, on exactly the modules the adapter covers
-    (with its r, alpha and dropout); a model with LoRA layers must have them on those same
-    modules. The adapter's alpha and dropout replace the layers' own. Returns ``model``.
+    Without ``adapter_name``: a model without LoRA layers gets them first, on exactly the
+    modules the adapter covers (with its r, alpha and dropout); a model with LoRA layers must
+    have them on those same modules. The adapter's alpha and dropout replace the layers' own.
+
+    With ``adapter_name``: the adapter is added as a new named adapter
+    (:func:`lorafast.add_adapter`), beside any the model has (which must cover the same modules).
+    Returns ``model``.
 
     Raises:
         FileNotFoundError, ValueError: see :func:`read_adapter`; also ValueError when the
@@ -178,11 +201,19 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """
     config, factors = read_adapter(directory)
     r, alpha, dropout = int(config["r"]), config["lora_alpha"], float(config.get("lora_dropout") or 0.0)
+    modules = dict(model.named_modules())
+    absent = sorted(name for name in factors if name not in modules)
+    if absent:
+        raise ValueError(f"the adapter targets modules that {type(model).__name__} does not have: {absent[:5]}")
+    if adapter_name is not None:
+        linears = {n: m for n, m in modules.items() if n in factors and hasattr(m, "in_features")}
+        _check_shapes(factors, {n: (r, m.in_features, m.out_features) for n, m in linears.items()})
+        add_adapter(model, adapter_name, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
+        for name, layer in multi_lora_layers(model):
+            layer.lora_A[adapter_name].copy_(factors[name]["A"])
+            layer.lora_B[adapter_name].copy_(factors[name]["B"])
+        return model
     if next(lora_layers(model), None) is None:
-        modules = dict(model.named_modules())
-        absent = sorted(name for name in factors if name not in modules)
-        if absent:
-            raise ValueError(f"the adapter targets modules that {type(model).__name__} does not have: {absent[:5]}")
         apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
     layers = dict(lora_layers(model))
     merged = sorted(name for name, layer in layers.items() if layer.merged)
@@ -194,15 +225,20 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             f"only in the adapter {sorted(set(factors) - set(layers))[:5]}, "
             f"only in the model {sorted(set(layers) - set(factors))[:5]}"
         )
-    for name, layer in layers.items():
-        for factor, param in (("A", layer.lora_A), ("B", layer.lora_B)):
-            if tuple(factors[name][factor].shape) != tuple(param.shape):
-                raise ValueError(
-                    f"lora_{factor} of {name} has shape {tuple(factors[name][factor].shape)} in the adapter but "
-                    f"{tuple(param.shape)} in the model"
-                )
+    _check_shapes(factors, {name: (layer.r, layer.in_features, layer.out_features) for name, layer in layers.items()})
     for name, layer in layers.items():
         layer.lora_A.copy_(factors[name]["A"])
         layer.lora_B.copy_(factors[name]["B"])
         layer.alpha, layer.dropout = alpha, dropout
     return model
+
+
+def _check_shapes(factors: dict[str, dict[str, torch.Tensor]], shapes: dict[str, tuple[int, int, int]]) -> None:
+    """Raise ValueError unless every module's A is ``(r, in)`` and B ``(out, r)`` for its ``(r, in, out)``."""
+    for name, (r, in_features, out_features) in shapes.items():
+        for factor, shape in (("A", (r, in_features)), ("B", (out_features, r))):
+            if tuple(factors[name][factor].shape) != shape:
+                raise ValueError(
+                    f"lora_{factor} of {name} has shape {tuple(factors[name][factor].shape)} in the adapter but "
+                    f"{shape} in the model"
+                )

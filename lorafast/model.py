@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .layer import FusedLoRALinear
+from .multi_layer import MultiLoRALinear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
 
@@ -32,6 +33,39 @@ def _linear_names(model: nn.Module) -> list[str]:
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def select_targets(
+    model: nn.Module, target_modules: str | Sequence[str], allowed: tuple[type, ...] = (nn.Linear,)
+) -> dict[str, nn.Module]:
+    """``{module name: module}`` of the modules ``target_modules`` selects (see :func:`apply_lora`).
+
+    Raises:
+        ValueError: if a target matches no module (the message lists the model's linear
+            layers) or a matched module is not one of ``allowed``.
+    """
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ValueError(f"target_modules must be a regular expression or non-empty names, got {target_modules!r}")
+    matched = {name: module for name, module in model.named_modules() if name and _matches(name, target_modules)}
+    if isinstance(target_modules, str):
+        unmatched = [] if matched else [target_modules]
+    else:
+        unmatched = [t for t in target_modules if not any(_matches(name, [t]) for name in matched)]
+    if unmatched:
+        suffixes = sorted({name.rpartition(".")[2] for name in _linear_names(model)})
+        raise ValueError(
+            f"target_modules {unmatched} match no module of {type(model).__name__}; its nn.Linear modules "
+            f"are named {suffixes} (e.g. {_linear_names(model)[:3]})"
+        )
+    for name, module in matched.items():
+        if not isinstance(module, allowed):
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}, not an nn.Linear; "
+                "lorafast adds LoRA to linear layers only"
+            )
+    return matched
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoRALinear]]:
@@ -65,30 +99,15 @@ def apply_lora(
     """
     if next(lora_layers(model), None) is not None:
         raise ValueError("the model already has LoRA layers; call merge_lora() or remove_lora() before applying again")
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
-            raise ValueError(f"target_modules must be a regular expression or non-empty names, got {target_modules!r}")
-    matched = [(name, module) for name, module in model.named_modules() if name and _matches(name, target_modules)]
-    if isinstance(target_modules, str):
-        unmatched = [] if matched else [target_modules]
-    else:
-        unmatched = [t for t in target_modules if not any(_matches(name, [t]) for name, _ in matched)]
-    if unmatched:
-        suffixes = sorted({name.rpartition(".")[2] for name in _linear_names(model)})
+    if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
         raise ValueError(
-            f"target_modules {unmatched} match no module of {type(model).__name__}; its nn.Linear modules "
-            f"are named {suffixes} (e.g. {_linear_names(model)[:3]})"
+            "the model has named adapters (add_adapter); use add_adapter() for another one, or remove_adapter() "
+            "them all before apply_lora()"
         )
-    for name, module in matched:
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"target module {name!r} is a {type(module).__name__}, not an nn.Linear; "
-                "lorafast adds LoRA to linear layers only"
-            )
+    matched = select_targets(model, target_modules)
     for param in model.parameters():
         param.requires_grad_(False)
-    for name, module in matched:
+    for name, module in matched.items():
         _replace(model, name, FusedLoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout))
     return model
 
@@ -115,7 +134,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _as_linear(layer: FusedLoRALinear) -> nn.Linear:
+def _as_linear(layer: FusedLoRALinear | MultiLoRALinear) -> nn.Linear:
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     linear.weight = layer.weight
     if layer.bias is not None:

@@ -1,0 +1,132 @@
+"""The rows of a mixed-adapter batch grouped by adapter, for the segment kernels (SGMV style).
+
+Built on the device from ``row_adapter`` ``(n,)`` (ids in [-1, K), any order) without a host
+synchronisation, so that every size below follows from n, K and BLOCK_M alone:
+
+- ``order`` ``(n,)``: the row numbers sorted by adapter (stable), the rows without adapter
+  (−1) first; ``bounds`` ``(K + 1,)``: adapter k's rows are ``order[bounds[k]:bounds[k + 1]]``.
+  The weight-gradient reductions walk these segments.
+- the block table of the GEMM-shaped kernels: each segment (the −1 rows included) padded to a
+  multiple of BLOCK_M rows and cut into blocks of one adapter each. ``block_adapter``
+  ``(num_blocks,)`` is the adapter of each block (−1: base only, ``UNUSED_BLOCK``: past the
+  last segment) and ``block_rows`` ``(num_blocks · BLOCK_M,)`` the row of each slot (−1:
+  padding). ``num_blocks = cdiv(n, BLOCK_M) + K + 1`` is an upper bound of the blocks used
+  (each of the K + 1 segments adds less than one block of padding); the kernels launch that
+  many row blocks and the surplus ones exit at once.
+
+Ids outside [-1, K) are not checked here (that would synchronise) and count as −1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+from .launch import check_device
+
+UNUSED_BLOCK = -2
+
+
+class AdapterSegments(NamedTuple):
+    """Rows sorted by adapter and the block table over them (see the module docstring)."""
+
+    order: torch.Tensor  # (n,) int64
+    bounds: torch.Tensor  # (K + 1,) int64
+    block_adapter: torch.Tensor  # (num_blocks,) int32
+    block_rows: torch.Tensor  # (num_blocks * block_m,) int32
+    block_m: int
+
+    @property
+    def num_blocks(self) -> int:
+        """Row blocks of the table (an upper bound of the blocks in use)."""
+        return self.block_adapter.shape[0]
+
+
+def num_row_blocks(n: int, num_adapters: int, block_m: int) -> int:
+    """Blocks of ``block_m`` rows that hold n rows of K adapters and the base, each segment padded."""
+    return triton.cdiv(n, block_m) + num_adapters + 1
+
+
+def adapter_segments(row_adapter: torch.Tensor, num_adapters: int, block_m: int) -> AdapterSegments:
+    """Sort the rows of ``row_adapter`` ``(n,)`` by adapter and build the block table for ``block_m``.
+
+    Args:
+        row_adapter: ``(n,)`` integer ids in [-1, num_adapters) (others count as −1), any order.
+        num_adapters: K, the number of stacked adapters.
+        block_m: rows per block of the GEMM-shaped kernels.
+
+    Returns:
+        :class:`AdapterSegments` on row_adapter's device, for this n, K and block_m.
+    """
+    if row_adapter.dim() != 1 or row_adapter.dtype.is_floating_point or row_adapter.dtype == torch.bool:
+        raise ValueError(
+            f"row_adapter must be a 1-D integer tensor, got {row_adapter.dtype} of shape {tuple(row_adapter.shape)}"
+        )
+    if num_adapters < 1 or block_m < 1:
+        raise ValueError(f"need at least one adapter and one row per block, got K={num_adapters}, block_m={block_m}")
+    device = row_adapter.device
+    n = row_adapter.shape[0]
+    # Segment g holds the rows of adapter g - 1: segment 0 is the base-only rows.
+    valid = (row_adapter >= 0) & (row_adapter < num_adapters)
+    segment = torch.where(valid, row_adapter.long() + 1, 0)
+    sorted_segment, order = torch.sort(segment, stable=True)
+    edges = torch.searchsorted(sorted_segment, torch.arange(num_adapters + 2, device=device))  # (K + 2,)
+
+    blocks = (edges[1:] - edges[:-1] + block_m - 1) // block_m  # (K + 1,) blocks per segment
+    blocks_end = torch.cumsum(blocks, 0)
+    num_blocks = num_row_blocks(n, num_adapters, block_m)
+    block = torch.arange(num_blocks, device=device)
+    block_segment = torch.searchsorted(blocks_end, block, right=True)  # K + 1 past the last segment
+    used = block_segment <= num_adapters
+    seg = block_segment.clamp(max=num_adapters)
+    first = edges[seg] + (block - (blocks_end[seg] - blocks[seg])) * block_m  # position in order of its first row
+    position = first[:, None] + torch.arange(block_m, device=device)
+    in_segment = used[:, None] & (position < edges[seg + 1][:, None])
+    order_padded = torch.cat([order, order.new_full((1,), -1)])  # index n reads the padding sentinel
+    block_rows = torch.where(in_segment, order_padded[position.clamp(max=n)], -1)
+    block_adapter = torch.where(used, block_segment - 1, UNUSED_BLOCK)
+    return AdapterSegments(
+        order=order,
+        bounds=edges[1:].contiguous(),
+        block_adapter=block_adapter.to(torch.int32),
+        block_rows=block_rows.reshape(-1).to(torch.int32),
+        block_m=block_m,
+    )
+
+
+def check_segments(segments: AdapterSegments, n: int, num_adapters: int, device: torch.device) -> None:
+    """Raise ValueError unless ``segments`` were built for n rows and K adapters on ``device``."""
+    num_blocks = num_row_blocks(n, num_adapters, segments.block_m)
+    expected = {
+        "order": (segments.order, (n,)),
+        "bounds": (segments.bounds, (num_adapters + 1,)),
+        "block_adapter": (segments.block_adapter, (num_blocks,)),
+        "block_rows": (segments.block_rows, (num_blocks * segments.block_m,)),
+    }
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(
+                f"segments.{name} has shape {tuple(t.shape)}, expected a contiguous {shape}: segments built for "
+                f"another batch (n={n}, K={num_adapters})?"
+            )
+        if t.device != device:
+            raise ValueError(f"segments.{name} is on {t.device} but the input is on {device}")
+
+
+def check_row_ids(row_adapter: torch.Tensor, scalings: torch.Tensor, n: int, like: torch.Tensor) -> int:
+    """Raise ValueError unless row_adapter is ``(n,)`` integer and scalings ``(K,)`` float32; returns K."""
+    if row_adapter.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"row_adapter is {row_adapter.dtype}; the ids must be torch.int64 or torch.int32")
+    if tuple(row_adapter.shape) != (n,):
+        raise ValueError(f"row_adapter has shape {tuple(row_adapter.shape)}, expected one id per row: ({n},)")
+    if scalings.dim() != 1 or scalings.shape[0] < 1:
+        raise ValueError(f"scalings must be a (K,) tensor with K >= 1, got shape {tuple(scalings.shape)}")
+    if scalings.dtype != torch.float32:
+        raise ValueError(f"scalings is {scalings.dtype}; the kernels read torch.float32 scalings")
+    for name, t in (("row_adapter", row_adapter), ("scalings", scalings)):
+        check_device(name, t.device)
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
+    return scalings.shape[0]

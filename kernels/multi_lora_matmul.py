@@ -1,0 +1,274 @@
+"""Mixed-adapter fused LoRA matmul: ``C_i = U_i·V + b + s_k·(U_i·P_k)·Q_k`` with ``k = adapter[i]``.
+
+Shapes: U ``(M, K)``, V ``(K, N)``, stacked P ``(A, K, R)`` and Q ``(A, R, N)`` for A adapters,
+scalings s ``(A,)`` float32 (runtime values), b ``(N,)``, C ``(M, N)``, UP ``(M, R)`` with
+``UP_i = U_i·P_k`` (zeros where k = −1: those rows get ``U_i·V + b`` only).
+
+Both big products of the mixed-adapter LoRA linear have this form:
+- forward ``y = x·W0ᵀ + b + s_k·(x·A_kᵀ)·B_kᵀ``: U = x, V = W0ᵀ, P = Aᵀ, Q = Bᵀ, UP = xa;
+- input gradient ``dX = dY·W0 + s_k·(dY·B_k)·A_k``: U = dY, V = W0, P = B, Q = A, UP = g.
+
+The rows are gathered through the block table of ``adapter_segments`` (built for the kernel's
+fixed ``BLOCK_M``): program row block j owns the rows ``block_rows[j·BLOCK_M:(j+1)·BLOCK_M]``
+(−1: padding), all of adapter ``block_adapter[j]``, and one ``BLOCK_N`` column tile of C. As in
+``fused_lora_matmul``, each U tile it loads feeds both U·V and U·P_k; after the K loop the
+rank-R product with the tile's columns of Q_k, scaled by s_k, is added with the bias and the
+tile is scattered back to its rows. The programs of column tile 0 also write UP. Blocks of
+the base rows (k = −1) skip the LoRA products; blocks past the last segment exit at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .adapter_segments import UNUSED_BLOCK, AdapterSegments, adapter_segments, check_row_ids, check_segments
+from .launch import (
+    check_input,
+    check_tensor,
+    dot,
+    dot_precision,
+    gemm_configs,
+    grouped_tile,
+    launch,
+    prune_for_rank,
+    rank_block,
+)
+
+# Rows per program: the block table is built for it, so every config keeps it.
+BLOCK_M = 64
+_UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
+
+
+def _configs() -> list[triton.Config]:
+    """``gemm_configs()`` with BLOCK_M pinned to the block table's, duplicates dropped.
+
+    The first, run when not autotuning, is the ``(BLOCK_M, 128, 32)`` tile: its fp32 pipeline
+    fits the 227 KiB of shared memory of an H100/H200 up to rank 256 (the wider tiles' do not).
+    """
+    configs = {}
+    for c in gemm_configs():
+        kwargs = {**c.kwargs, "BLOCK_M": BLOCK_M}
+        key = (tuple(sorted(kwargs.items())), c.num_warps, c.num_stages)
+        configs.setdefault(key, triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+    return sorted(configs.values(), key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) != (128, 32))
+
+
+@triton.jit
+def _k_loop(
+    u_ptrs, v_ptrs, p_ptrs, m_mask, n_mask, r_mask, K, stride_uk, stride_vk, stride_pk,
+    BASE: tl.constexpr, LORA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+):  # fmt: skip
+    """``(U·V, U·P)`` of one row block in fp32, each computed only if BASE / LORA, in one pass over U."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        u = tl.load(u_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if BASE:
+            v = tl.load(v_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = dot(u, v, acc, DOT_PRECISION)
+            v_ptrs += BLOCK_K * stride_vk
+        if LORA:
+            pk = tl.load(p_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            up_acc = dot(u, pk, up_acc, DOT_PRECISION)
+            p_ptrs += BLOCK_K * stride_pk
+        u_ptrs += BLOCK_K * stride_uk
+    return acc, up_acc
+
+
+@triton.jit
+def multi_lora_matmul_kernel(
+    u_ptr, v_ptr, p_ptr, q_ptr, bias_ptr, scale_ptr, block_adapter_ptr, block_rows_ptr, up_ptr, c_ptr,
+    num_blocks, N, K, R,
+    stride_um, stride_uk, stride_vk, stride_vn, stride_pa, stride_pk, stride_pr, stride_qa, stride_qr, stride_qn,
+    stride_upm, stride_upr, stride_cm, stride_cn, stride_bias, stride_scale,
+    HAS_BIAS: tl.constexpr, WRITE_C: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    if WRITE_C:
+        pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    else:  # UP only: one program per row block
+        pid_m = tl.program_id(0)
+        pid_n = 0
+    adapter = tl.load(block_adapter_ptr + pid_m)
+    if adapter == _UNUSED_BLOCK:
+        return
+    rows = tl.load(block_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    m_mask = rows >= 0
+    n_mask = offs_n < N
+    r_mask = offs_r < R
+    lora = tl.maximum(adapter, 0).to(tl.int64)
+
+    u_ptrs = u_ptr + rows[:, None] * stride_um + offs_k[None, :] * stride_uk
+    v_ptrs = v_ptr + offs_k[:, None] * stride_vk + offs_n[None, :] * stride_vn
+    p_ptrs = p_ptr + lora * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
+    if adapter >= 0:
+        acc, up_acc = _k_loop(
+            u_ptrs, v_ptrs, p_ptrs, m_mask, n_mask, r_mask, K, stride_uk, stride_vk, stride_pk,
+            WRITE_C, True, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD,
+        )  # fmt: skip
+    elif WRITE_C:
+        acc, up_acc = _k_loop(
+            u_ptrs, v_ptrs, p_ptrs, m_mask, n_mask, r_mask, K, stride_uk, stride_vk, stride_pk,
+            True, False, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD,
+        )  # fmt: skip
+    else:  # base rows, UP only: zeros
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+
+    up = up_acc.to(up_ptr.dtype.element_ty)
+    if pid_n == 0:
+        up_ptrs = up_ptr + rows[:, None] * stride_upm + offs_r[None, :] * stride_upr
+        tl.store(up_ptrs, up, mask=m_mask[:, None] & r_mask[None, :])
+    if WRITE_C:
+        if adapter >= 0:
+            q = tl.load(
+                q_ptr + lora * stride_qa + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
+                mask=r_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            scale = tl.load(scale_ptr + lora * stride_scale)
+            acc += scale * dot(up, q, None, DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+multi_lora_matmul_tuned = triton.autotune(
+    configs=_configs(),
+    key=["N", "K", "R_PAD", "HAS_BIAS", "WRITE_C"],
+    prune_configs_by={"early_config_prune": prune_for_rank},
+)(multi_lora_matmul_kernel)
+
+
+def _check_adapters(lora_A, lora_B, scalings, row_adapter, x, in_features, out_features) -> tuple[int, int]:
+    """Check the stacked adapters ``(A, R, in)``, ``(A, out, R)``, scalings and ids against x; returns (A, R)."""
+    if lora_A.dim() != 3:
+        raise ValueError(f"lora_A must be 3-D stacked adapters (K, R, in), got shape {tuple(lora_A.shape)}")
+    num_adapters, R = lora_A.shape[:2]
+    rank_block(R)
+    check_tensor("lora_A", lora_A, (num_adapters, R, in_features), x)
+    check_tensor("lora_B", lora_B, (num_adapters, out_features, R), x)
+    if check_row_ids(row_adapter, scalings, x.shape[0], x) != num_adapters:
+        raise ValueError(f"scalings has {scalings.shape[0]} values but there are {num_adapters} stacked adapters")
+    return num_adapters, R
+
+
+def _segments(segments, row_adapter, num_adapters, n, device, config) -> AdapterSegments:
+    """The block table for BLOCK_M (given, checked, or built)."""
+    if config is not None and config.kwargs.get("BLOCK_M") != BLOCK_M:
+        raise ValueError(f"config has BLOCK_M={config.kwargs.get('BLOCK_M')}; the block table needs {BLOCK_M}")
+    if segments is None:
+        return adapter_segments(row_adapter, num_adapters, BLOCK_M)
+    if segments.block_m != BLOCK_M:
+        raise ValueError(f"segments were built for block_m={segments.block_m}; this kernel needs {BLOCK_M}")
+    check_segments(segments, n, num_adapters, device)
+    return segments
+
+
+def _multi_lora_matmul(u, v, pk, q, bias, scalings, segments, write_c, config):
+    """Launch the kernel for U ``(M, K)``, V ``(K, N)``, P ``(A, K, R)``, Q ``(A, R, N)`` (any strides).
+
+    Returns ``(C, UP)``; C is None unless ``write_c``.
+    """
+    M, K = u.shape
+    N, R = v.shape[1], pk.shape[2]
+    up = torch.empty(M, R, dtype=u.dtype, device=u.device)
+    c = torch.empty(M, N, dtype=u.dtype, device=u.device) if write_c else None
+    if M == 0:
+        return c, up
+    num_blocks = segments.num_blocks
+
+    def grid(meta):
+        return (num_blocks * (triton.cdiv(N, meta["BLOCK_N"]) if write_c else 1),)
+
+    out = c if write_c else up
+    args = (
+        u, v, pk, q, bias if bias is not None else v, scalings, segments.block_adapter, segments.block_rows, up, out,
+        num_blocks, N, K, R,
+        *u.stride(), *v.stride(), *pk.stride(), *q.stride(), *up.stride(), *out.stride(),
+        bias.stride(0) if bias is not None else 0, scalings.stride(0),
+        bias is not None, write_c, rank_block(R), dot_precision(u.dtype),
+    )  # fmt: skip
+    launch(multi_lora_matmul_kernel, multi_lora_matmul_tuned, grid, args, config)
+    return c, up
+
+
+def fused_multi_lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: torch.Tensor,
+    row_adapter: torch.Tensor,
+    segments: AdapterSegments | None = None,
+    config: triton.Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y_i = x_i·W0ᵀ + b + s_k·(x_i·A_kᵀ)·B_kᵀ`` (k = row_adapter[i]) in one pass over x.
+
+    Args:
+        x: ``(n, in)``, any strides.
+        weight: W0 ``(out, in)``; bias: ``(out,)`` or None.
+        lora_A: ``(K, R, in)``; lora_B: ``(K, out, R)`` (adapters of lower rank zero-padded).
+        scalings: ``(K,)`` float32, s_k = alpha_k / r_k.
+        row_adapter: ``(n,)`` int64 (or int32) ids in [-1, K), −1 = no adapter; any order.
+        segments: ``adapter_segments(row_adapter, K, BLOCK_M)`` if already built, else built here.
+        config: pin one of the kernel's configs (tests); None autotunes on CUDA.
+
+    Returns:
+        ``(y, xa)``: y ``(n, out)`` and ``xa_i = x_i·A_kᵀ`` ``(n, R)`` (zeros where k = −1), in x's dtype.
+    """
+    check_input("x", x)
+    n, in_features = x.shape
+    out_features = weight.shape[0]
+    check_tensor("weight", weight, (out_features, in_features), x)
+    if bias is not None:
+        check_tensor("bias", bias, (out_features,), x)
+    num_adapters, _ = _check_adapters(lora_A, lora_B, scalings, row_adapter, x, in_features, out_features)
+    segments = _segments(segments, row_adapter, num_adapters, n, x.device, config)
+    return _multi_lora_matmul(
+        x, weight.t(), lora_A.transpose(1, 2), lora_B.transpose(1, 2), bias, scalings, segments, True, config
+    )
+
+
+def fused_multi_lora_dx(
+    grad_y: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: torch.Tensor,
+    row_adapter: torch.Tensor,
+    with_dx: bool = True,
+    segments: AdapterSegments | None = None,
+    config: triton.Config | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``dX_i = dY_i·W0 + s_k·(dY_i·B_k)·A_k`` (k = row_adapter[i]) in one pass over dY.
+
+    Args:
+        grad_y: dY ``(n, out)``, any strides.
+        weight: W0 ``(out, in)``; lora_A: ``(K, R, in)``; lora_B: ``(K, out, R)``.
+        scalings: ``(K,)`` float32; row_adapter: ``(n,)`` ids in [-1, K), any order.
+        with_dx: False computes only g (for dA when x needs no gradient), skipping dY·W0.
+        segments: ``adapter_segments(row_adapter, K, BLOCK_M)`` if already built, else built here.
+        config: pin one of the kernel's configs (tests); None autotunes on CUDA.
+
+    Returns:
+        ``(dx, g)``: dX ``(n, in)`` (None unless ``with_dx``) and ``g_i = dY_i·B_k`` ``(n, R)``
+        (zeros where k = −1), in dY's dtype.
+    """
+    check_input("grad_y", grad_y)
+    n, out_features = grad_y.shape
+    in_features = weight.shape[1] if weight.dim() == 2 else -1
+    check_tensor("weight", weight, (out_features, in_features), grad_y)
+    num_adapters, _ = _check_adapters(lora_A, lora_B, scalings, row_adapter, grad_y, in_features, out_features)
+    segments = _segments(segments, row_adapter, num_adapters, n, grad_y.device, config)
+    return _multi_lora_matmul(grad_y, weight, lora_B, lora_A, None, scalings, segments, with_dx, config)

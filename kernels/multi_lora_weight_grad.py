@@ -1,0 +1,127 @@
+"""Per-adapter LoRA weight gradients of a mixed-adapter batch: ``C_k = s_k·Σ_{i: k_i = k} U_iᵀ·V_i``.
+
+Shapes: U ``(n, P)``, V ``(n, R)``, scalings s ``(K,)`` float32, C ``(K, P, R)`` (or, transposed,
+``(K, R, P)``), with n the (long) token dimension and k_i the adapter of row i:
+- ``dA_k = s_k·Σ g_iᵀ·x_i``: U = x ``(n, in)``, V = g = dY·B_k, C = dA ``(K, R, in)`` (transposed);
+- ``dB_k = s_k·Σ dY_iᵀ·xa_i``: U = dY ``(n, out)``, V = xa, C = dB ``(K, out, R)``.
+
+The grid is ``(P / BLOCK_P, K, SPLIT)``: each program walks one slice (of ``SPLIT`` equal ones)
+of adapter k's segment of the rows sorted by adapter (``adapter_segments``), gathers
+``BLOCK_M`` rows of U and V at a time, reduces them into fp32 for ``BLOCK_P`` columns of U, and
+writes its partial sum, scaled by s_k. The partials are added in a fixed order afterwards, so
+the result is deterministic (no atomics). Adapters without rows get zeros; rows with k = −1
+count for none.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .adapter_segments import AdapterSegments, adapter_segments, check_row_ids, check_segments
+from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block
+from .lora_weight_grad import _split_count, lora_weight_grad_tuned
+from .multi_lora_matmul import BLOCK_M
+
+
+@triton.jit
+def multi_lora_weight_grad_kernel(
+    u_ptr, v_ptr, scale_ptr, order_ptr, bounds_ptr, partial_ptr,
+    P, R,
+    stride_um, stride_up, stride_vm, stride_vr, stride_scale, stride_cs, stride_ca, stride_cp, stride_cr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    pid_p = tl.program_id(0)
+    adapter = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = tl.arange(0, R_PAD)
+    p_mask = offs_p < P
+    r_mask = offs_r < R
+    seg_start = tl.load(bounds_ptr + adapter)
+    seg_end = tl.load(bounds_ptr + adapter + 1)
+    per_split = tl.cdiv(seg_end - seg_start, tl.num_programs(2))
+    start = seg_start + split * per_split
+    end = tl.minimum(start + per_split, seg_end)
+    acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        offs = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs < end
+        rows = tl.load(order_ptr + offs, mask=m_mask, other=0).to(tl.int64)
+        u = tl.load(
+            u_ptr + rows[:, None] * stride_um + offs_p[None, :] * stride_up,
+            mask=m_mask[:, None] & p_mask[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
+            mask=m_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        acc = dot(tl.trans(u), v, acc, DOT_PRECISION)
+    acc *= tl.load(scale_ptr + adapter * stride_scale)
+    c_ptrs = partial_ptr + split * stride_cs + adapter * stride_ca
+    c_ptrs += offs_p[:, None] * stride_cp + offs_r[None, :] * stride_cr
+    tl.store(c_ptrs, acc, mask=p_mask[:, None] & r_mask[None, :])
+
+
+multi_lora_weight_grad_tuned = triton.autotune(configs=list(lora_weight_grad_tuned.configs), key=["P", "R_PAD"])(
+    multi_lora_weight_grad_kernel
+)
+
+
+def multi_lora_weight_grad(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    scalings: torch.Tensor,
+    row_adapter: torch.Tensor,
+    transpose: bool = False,
+    segments: AdapterSegments | None = None,
+    split: int | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """``C_k = s_k·Σ_{i: row_adapter[i] = k} u_iᵀ·v_i`` for every adapter k, in u's dtype.
+
+    Args:
+        u: ``(n, P)``, any strides; v: ``(n, R)``, any strides.
+        scalings: ``(K,)`` float32; row_adapter: ``(n,)`` int64 (or int32) ids in [-1, K), any order.
+        transpose: return ``(K, R, P)`` (dA from u = x, v = g) instead of ``(K, P, R)`` (dB).
+        segments: ``adapter_segments(row_adapter, K, ...)`` if already built (any block_m).
+        split: pin the number of slices of each adapter's rows; config: one of the kernel's
+            configs (tests). None chooses / autotunes.
+
+    Returns:
+        ``(K, P, R)``, or ``(K, R, P)`` with ``transpose``; zeros for adapters without rows.
+    """
+    check_input("u", u)
+    n, P = u.shape
+    R = v.shape[1] if v.dim() == 2 else -1
+    check_tensor("v", v, (n, R), u)
+    num_adapters = check_row_ids(row_adapter, scalings, n, u)
+    rank_pad = rank_block(R)
+    shape = (num_adapters, R, P) if transpose else (num_adapters, P, R)
+    if n == 0:
+        return torch.zeros(shape, dtype=u.dtype, device=u.device)
+    if segments is None:
+        segments = adapter_segments(row_adapter, num_adapters, BLOCK_M)
+    else:
+        check_segments(segments, n, num_adapters, u.device)
+    if split is None:
+        split = _split_count(n, num_adapters * triton.cdiv(P, 64), u.device)
+    if split < 1:
+        raise ValueError(f"split={split} must be at least 1")
+    partial = torch.empty(split, *shape, dtype=torch.float32, device=u.device)
+    # The kernel writes (P, R) tiles: a transposed view of the partials puts them as (R, P).
+    partial_pr = partial.transpose(2, 3) if transpose else partial
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]), num_adapters, split)
+
+    args = (
+        u, v, scalings, segments.order, segments.bounds, partial_pr, P, R,
+        *u.stride(), *v.stride(), scalings.stride(0), *partial_pr.stride(),
+        rank_pad, dot_precision(u.dtype),
+    )  # fmt: skip
+    launch(multi_lora_weight_grad_kernel, multi_lora_weight_grad_tuned, grid, args, config)
+    return partial.sum(0).to(u.dtype) if split > 1 else partial[0].to(u.dtype)

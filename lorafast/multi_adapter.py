@@ -1,0 +1,170 @@
+"""Several named adapters in one model, and batches that mix them (one adapter per sequence).
+
+    lorafast.add_adapter(model, "medical", r=8)            # nn.Linear -> MultiLoRALinear, + adapter
+    lorafast.load_adapter(model, "peft_dir", adapter_name="legal")
+    with lorafast.adapter_ids(model, ["medical", None, "legal"]):   # one per sequence
+        model.generate(**batch)
+
+Every adapter of a model covers the same modules (its target set). Integer adapter ids refer
+to :func:`list_adapters`'s order; −1 or None means the base model for that sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .model import DEFAULT_TARGETS, _as_linear, _replace, lora_layers, select_targets
+from .multi_layer import MultiLoRALinear
+
+
+def multi_lora_layers(model: nn.Module) -> Iterator[tuple[str, MultiLoRALinear]]:
+    """``(module name, layer)`` for every MultiLoRALinear in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, MultiLoRALinear):
+            yield name, module
+
+
+def _layers_or_error(model: nn.Module) -> dict[str, MultiLoRALinear]:
+    layers = dict(multi_lora_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no named adapters; call lorafast.add_adapter() first")
+    return layers
+
+
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    target_modules: str | Sequence[str] = DEFAULT_TARGETS,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Add a named LoRA adapter to ``model`` (in place); returns ``model``.
+
+    The first adapter turns the targeted ``nn.Linear`` modules into :class:`MultiLoRALinear`
+    (sharing their weights) and freezes every other parameter; it becomes the active adapter.
+    Later adapters must target the same modules. Every adapter's factors are trainable, so
+    several adapters can train in one mixed batch.
+
+    Args:
+        target_modules: as in :func:`lorafast.apply_lora` (suffixes, or one regular expression).
+        r, alpha, dropout: this adapter's rank, alpha and dropout.
+
+    Raises:
+        ValueError: the model has single-adapter LoRA layers (``apply_lora``), the name exists,
+            the targets match nothing, are not linear layers, or differ from the other adapters'.
+    """
+    if next(lora_layers(model), None) is not None:
+        raise ValueError(
+            "the model has single-adapter LoRA layers (apply_lora); named adapters need a model without them: "
+            "call remove_lora() or merge_lora() first"
+        )
+    layers = dict(multi_lora_layers(model))
+    matched = select_targets(model, target_modules, allowed=(nn.Linear, MultiLoRALinear))
+    if layers and set(matched) != set(layers):
+        raise ValueError(
+            f"adapter {name!r} targets different modules than the model's other adapters "
+            f"{list_adapters(model)}: only in {name!r} {sorted(set(matched) - set(layers))[:5]}, "
+            f"only in the others {sorted(set(layers) - set(matched))[:5]}; every adapter must cover the same modules"
+        )
+    if not layers:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for module_name, module in matched.items():
+            layers[module_name] = MultiLoRALinear.from_linear(module)
+    first = next(iter(layers.values()))
+    if name in first.adapter_names:
+        raise ValueError(f"the model already has an adapter named {name!r}; remove_adapter() it first")
+    for layer in layers.values():
+        layer.add_adapter(name, r=r, alpha=alpha, dropout=dropout)
+    for module_name, layer in layers.items():
+        if matched[module_name] is not layer:
+            _replace(model, module_name, layer)
+        if layer.active_adapter is None and len(layer.adapter_names) == 1:
+            layer.set_adapter(name)
+    return model
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """The model's adapter names, in the order integer adapter ids refer to (empty if none)."""
+    first = next(multi_lora_layers(model), None)
+    return first[1].adapter_names if first else []
+
+
+def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
+    """Make ``name`` the adapter the whole batch uses (None: the base model). Returns ``model``."""
+    layers = _layers_or_error(model)
+    if name is not None and name not in list_adapters(model):
+        raise ValueError(f"no adapter named {name!r}; the model has {list_adapters(model)}")
+    for layer in layers.values():
+        layer.set_adapter(name)
+    return model
+
+
+def remove_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Delete adapter ``name`` from every layer; the last one removed puts plain ``nn.Linear`` back."""
+    layers = _layers_or_error(model)
+    if name not in list_adapters(model):
+        raise ValueError(f"no adapter named {name!r}; the model has {list_adapters(model)}")
+    for module_name, layer in layers.items():
+        layer.remove_adapter(name)
+        if not layer.adapter_names:
+            _replace(model, module_name, _as_linear(layer))
+    return model
+
+
+def adapter_index(model: nn.Module, ids: torch.Tensor | Sequence[str | int | None]) -> torch.Tensor:
+    """Adapter ids as a ``(b,)`` int64 tensor: names become their index, None becomes −1.
+
+    Raises:
+        ValueError: an unknown name, an id out of [-1, K), or ids that are not 1-D.
+    """
+    names = list_adapters(model)
+    if isinstance(ids, torch.Tensor):
+        index = ids
+    else:
+        index = []
+        for item in ids:
+            if item is None:
+                index.append(-1)
+            elif isinstance(item, str):
+                if item not in names:
+                    raise ValueError(f"no adapter named {item!r}; the model has {names}")
+                index.append(names.index(item))
+            elif isinstance(item, int) and not isinstance(item, bool):
+                index.append(item)
+            else:
+                raise ValueError(f"an adapter id must be a name, an int or None, got {item!r}")
+        index = torch.tensor(index, dtype=torch.int64)
+    if index.dim() != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise ValueError(f"adapter ids must be one integer per sequence (1-D), got {tuple(index.shape)} {index.dtype}")
+    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= len(names)):
+        raise ValueError(f"adapter ids must be in [-1, {len(names)}) for adapters {names}, got {index.tolist()}")
+    return index.to(torch.int64)
+
+
+@contextlib.contextmanager
+def adapter_ids(model: nn.Module, ids: torch.Tensor | Sequence[str | int | None]):
+    """Within the block, sequence i of every batch uses adapter ``ids[i]`` (a name, an index, or None).
+
+    Carries the ids past forward signatures that know nothing of them (``model(...)``,
+    ``model.generate(...)``): each layer reads them from itself. A batch of b sequences needs
+    b ids; inputs with a multiple of b rows (beam search's repeated sequences) repeat each id.
+    Gradients of a mixed batch reach each adapter from its own sequences only. With gradient
+    checkpointing, call ``backward()`` inside the block too: recomputation runs the layers again
+    and reads the ids then.
+    """
+    layers = _layers_or_error(model)
+    index = adapter_index(model, ids)
+    previous = {name: layer.row_adapters for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.set_row_adapters(index)
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.row_adapters = previous[name]

@@ -1,0 +1,206 @@
+"""The mixed-adapter LoRA linear as an autograd Function, and its entry point ``multi_lora_linear``.
+
+Each row of a batch uses its own adapter out of K stacked ones (−1: the base layer only), so
+requests for different tasks share one batch, in inference and in training: backward gives
+every adapter exactly the gradient its own rows would give it alone. Kept for backward: x
+itself, ``xa`` ``(n, R)``, the row ids and the (parameter) weights — as in the one-adapter case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import multi_torch_backend
+from .backend import resolve_backend
+from .validation import FLOAT_DTYPES, check_scaling
+
+MAX_STACKED_RANK = 256
+
+
+def _implementation(backend: str):
+    """The module with ``multi_lora_forward``/``multi_lora_backward`` for ``backend``."""
+    if backend == "triton":
+        from . import kernels
+
+        return kernels
+    return multi_torch_backend
+
+
+class MultiLoRALinearFunction(torch.autograd.Function):
+    """Mixed-adapter LoRA linear with gradients for x and the stacked A and B only.
+
+    Inputs: x ``(..., in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(K, R, in)``,
+    lora_B ``(K, out, R)``, scalings ``(K,)`` float32, row_adapter ``(n,)`` int64 with n the rows of
+    x, backend. Not checked here; :func:`multi_lora_linear` checks them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, row_adapter, backend):
+        impl = _implementation(backend)
+        y, xa = impl.multi_lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scalings, row_adapter)
+        ctx.save_for_backward(x, xa, weight, lora_A, lora_B, scalings, row_adapter)
+        ctx.backend = backend
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, weight, lora_A, lora_B, scalings, row_adapter = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = _implementation(ctx.backend).multi_lora_backward(
+            grad_y.reshape(-1, grad_y.shape[-1]),
+            x.reshape(-1, x.shape[-1]),
+            xa,
+            weight,
+            lora_A,
+            lora_B,
+            scalings,
+            row_adapter,
+            (needs[0], needs[3], needs[4]),
+        )
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def row_adapter_ids(adapter_ids: torch.Tensor, x_shape: Sequence[int], num_adapters: int | None = None) -> torch.Tensor:
+    """One adapter id per row of x: ``(n,)`` int64, n = the product of ``x_shape[:-1]``.
+
+    ``adapter_ids`` holds one id per row (shape ``x_shape[:-1]``) or one per sequence (shape
+    ``(x_shape[0],)``, repeated over the other leading dimensions). With ``num_adapters`` the ids
+    are checked to lie in [-1, num_adapters).
+
+    Raises:
+        ValueError: ids that are not an integer tensor, of a shape that fits neither, or out of range.
+    """
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype.is_floating_point or adapter_ids.is_complex():
+        raise ValueError(f"adapter ids must be an integer tensor, got {adapter_ids!r:.80}")
+    if adapter_ids.dtype == torch.bool:
+        raise ValueError("adapter ids must be an integer tensor, got a bool tensor")
+    leading = tuple(x_shape[:-1])
+    if tuple(adapter_ids.shape) == leading:
+        rows = adapter_ids.reshape(-1)
+    elif adapter_ids.dim() == 1 and len(leading) >= 1 and adapter_ids.shape[0] == leading[0]:
+        rows = adapter_ids.view(-1, *([1] * (len(leading) - 1))).expand(leading).reshape(-1)
+    else:
+        raise ValueError(
+            f"adapter ids of shape {tuple(adapter_ids.shape)} fit neither the rows of x {leading} nor its "
+            f"first dimension ({leading[0] if leading else 'none'}): give one id per row or per sequence"
+        )
+    if num_adapters is not None and rows.numel():
+        low, high = int(rows.min()), int(rows.max())
+        if low < -1 or high >= num_adapters:
+            bad = low if low < -1 else high
+            raise ValueError(f"adapter id {bad} is out of range: ids must be in [-1, {num_adapters}) (−1: no adapter)")
+    return rows.to(torch.int64)
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: Sequence[float] | torch.Tensor,
+    adapter_ids: torch.Tensor,
+) -> torch.Tensor:
+    """LoRA linear where each row picks its adapter: ``y_i = x_i·W0ᵀ + b + s_k·(x_i·A_kᵀ)·B_kᵀ``.
+
+    Args:
+        x: ``(..., in_features)``, any strides.
+        weight: frozen W0 ``(out_features, in_features)``; bias: frozen ``(out_features,)`` or None.
+        lora_A: K adapters stacked ``(K, R, in_features)``; an adapter of rank r < R has zero rows
+            r..R-1. lora_B: ``(K, out_features, R)``, zero columns r..R-1.
+        scalings: each adapter's ``alpha / r``, K numbers (runtime values: no recompile).
+        adapter_ids: integer ids in [-1, K), one per row of x (shape ``x.shape[:-1]``) or one
+            per sequence (shape ``(x.shape[0],)``); −1 means no adapter (the base layer). Any order.
+
+    Returns:
+        ``(..., out_features)`` in x's dtype. Gradients flow to x, lora_A and lora_B; each
+        adapter's is the one its own rows would give it alone.
+
+    CUDA tensors run the Triton kernels (one launch per kernel for all adapters), others the
+    PyTorch path; ``LORAFAST_BACKEND`` overrides as for :func:`lorafast.lora_linear`.
+
+    Raises:
+        ValueError: on a shape, dtype or device mismatch, ids out of range or of the wrong
+            length, a stacked rank above 256, or a backend that cannot run these tensors.
+    """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, lora_A, lora_B = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (x, weight, bias, lora_A, lora_B)
+        )
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids)
+    scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
+    rows = row_adapter_ids(adapter_ids, x.shape, lora_A.shape[0]).to(x.device)
+    return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows)
+
+
+def apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings: torch.Tensor, row_adapter: torch.Tensor):
+    """:func:`multi_lora_linear` on checked inputs: scalings ``(K,)`` tensor, row_adapter ``(n,)`` int64."""
+    if torch.is_grad_enabled():
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, but lorafast trains only the adapters and computes no gradient for "
+                    f"the base layer; freeze it with {name}.requires_grad_(False)"
+                )
+    backend = resolve_backend(x.device, x.dtype)
+    return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scalings, row_adapter, backend)
+
+
+def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.Tensor:
+    """Check a mixed-adapter call's shapes, dtypes and devices; returns the scalings as a ``(K,)`` tensor.
+
+    The scalings tensor is float32 (float64 for float64 x), on x's device.
+    """
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {in_features}")
+    if lora_A.dim() != 3 or lora_A.shape[2] != in_features or lora_A.shape[0] < 1:
+        raise ValueError(
+            f"lora_A must be K >= 1 stacked adapters of shape (K, R, in_features={in_features}), "
+            f"got {tuple(lora_A.shape)}"
+        )
+    num_adapters, rank = lora_A.shape[:2]
+    if not 1 <= rank <= MAX_STACKED_RANK:
+        raise ValueError(f"the stacked rank R={rank} must be between 1 and {MAX_STACKED_RANK}")
+    if tuple(lora_B.shape) != (num_adapters, out_features, rank):
+        raise ValueError(
+            f"lora_B must have shape (K, out_features, R) = ({num_adapters}, {out_features}, {rank}), "
+            f"got {tuple(lora_B.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise ValueError(
+                f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; cast them to one dtype "
+                "(or run under torch.autocast)"
+            )
+        if t.device != x.device:
+            raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
+    if isinstance(scalings, torch.Tensor):
+        values = scalings.detach().reshape(-1).tolist() if scalings.dim() <= 1 else None
+    else:
+        values = list(scalings)
+    if values is None or len(values) != num_adapters:
+        raise ValueError(f"scalings must hold one number per adapter (K={num_adapters}), got {scalings!r:.80}")
+    for value in values:
+        check_scaling(value)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.tensor(values, dtype=dtype, device=x.device)

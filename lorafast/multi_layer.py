@@ -1,0 +1,195 @@
+"""``MultiLoRALinear``: an ``nn.Linear`` with several named LoRA adapters, one per row if asked.
+
+The layer holds the frozen ``weight``/``bias`` (``nn.Linear``'s names) and, per adapter name,
+``lora_A[name]`` ``(r, in_features)`` and ``lora_B[name]`` ``(out_features, r)`` with their own
+r, alpha and dropout. It runs in one of three ways:
+
+- rows with adapter ids set (:meth:`set_row_adapters`, or the model-level context manager
+  ``lorafast.adapter_ids``): every row uses its own adapter, all in one mixed batch
+  (:func:`lorafast.multi_lora_linear`); the adapters are stacked, zero-padded to the largest
+  rank, for the one launch;
+- otherwise the active adapter (:meth:`set_adapter`) runs as :class:`FusedLoRALinear` would;
+- no active adapter: the plain base layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .function import lora_linear
+from .multi_function import apply_multi_lora, check_multi_lora_inputs, row_adapter_ids
+from .validation import check_dropout, check_rank, check_scaling
+
+
+class MultiLoRALinear(nn.Module):
+    """``y = x·Wᵀ + b + (alpha_k/r_k)·(drop(x)·A_kᵀ)·B_kᵀ`` with adapter k chosen per layer or per row.
+
+    Build it with :meth:`from_linear` (reuses the linear's weight and bias, no copy) and add
+    adapters with :meth:`add_adapter`; ``adapter_names`` gives their order, which is what
+    integer adapter ids refer to.
+
+    Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None):
+        super().__init__()
+        linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_from(linear)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> MultiLoRALinear:
+        """Wrap ``linear`` with no adapter yet: its weight and bias Parameters are reused and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_from(linear)
+        return layer
+
+    def _init_from(self, linear: nn.Linear) -> None:
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            self.bias = linear.bias.requires_grad_(False)
+        else:
+            self.register_parameter("bias", None)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.alphas: dict[str, float] = {}
+        self.dropouts: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.row_adapters: torch.Tensor | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters' names in the order integer adapter ids refer to."""
+        return list(self.lora_A.keys())
+
+    def ranks(self) -> dict[str, int]:
+        """``{name: r}``."""
+        return {name: a.shape[0] for name, a in self.lora_A.items()}
+
+    def scaling(self, name: str) -> float:
+        """``alpha / r`` of adapter ``name``."""
+        self._check_name(name)
+        return self.alphas[name] / self.lora_A[name].shape[0]
+
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> None:
+        """Add adapter ``name``: A Kaiming-uniform, B zeros (so it starts as the base layer)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists; remove_adapter({name!r}) first")
+        check_rank(r, self.in_features, self.out_features)
+        check_scaling(alpha)
+        check_dropout(dropout)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        self.lora_A[name] = lora_A
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, **factory))
+        self.alphas[name], self.dropouts[name] = alpha, float(dropout)
+
+    def remove_adapter(self, name: str) -> None:
+        """Delete adapter ``name`` (the active adapter becomes None if it was this one)."""
+        self._check_name(name)
+        del self.lora_A[name], self.lora_B[name], self.alphas[name], self.dropouts[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the adapter every row uses when no row ids are set (None: the base layer)."""
+        if name is not None:
+            self._check_name(name)
+        self.active_adapter = name
+
+    def set_row_adapters(self, ids: torch.Tensor | None) -> None:
+        """Per-row adapters for the next calls: int ids into ``adapter_names`` (−1: none), or None to stop.
+
+        ``ids`` ``(b,)`` gives one id per sequence: for x ``(m·b, ...)`` (e.g. beam search, which
+        repeats each sequence m times in a row) each id is repeated m times. Ids are checked here,
+        once, not on every call.
+        """
+        if ids is not None:
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+                raise ValueError(f"row adapter ids must be a 1-D integer tensor, got {ids!r:.80}")
+            row_adapter_ids(ids, (ids.shape[0], 1), len(self.lora_A))
+            ids = ids.to(device=self.weight.device, dtype=torch.int64)
+        self.row_adapters = ids
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise ValueError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
+
+    def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """``(A (K, R, in), B (K, out, R), scalings)``: the adapters stacked, zero-padded to the largest rank R.
+
+        Built under autograd from the adapters' own Parameters, so gradients reach them.
+        """
+        rank = max(a.shape[0] for a in self.lora_A.values())
+        names = self.adapter_names
+        lora_A = torch.stack([F.pad(self.lora_A[n], (0, 0, 0, rank - self.lora_A[n].shape[0])) for n in names])
+        lora_B = torch.stack([F.pad(self.lora_B[n], (0, rank - self.lora_B[n].shape[1])) for n in names])
+        return lora_A, lora_B, [self.scaling(n) for n in names]
+
+    @torch.no_grad()
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling·B·A`` of adapter ``name``, ``(out_features, in_features)``, in the weight's dtype."""
+        delta = self.lora_B[name].float() @ self.lora_A[name].float()
+        return delta.mul_(self.scaling(name)).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``(..., in_features)`` -> ``(..., out_features)``."""
+        if self.row_adapters is not None:
+            return self._mixed_forward(x)
+        name = self.active_adapter
+        if name is None:
+            return F.linear(x, self.weight, self.bias)
+        return lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A[name],
+            self.lora_B[name],
+            self.scaling(name),
+            self.dropouts[name],
+            self.training,
+        )
+
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.row_adapters
+        if x.dim() < 2 or x.shape[0] % ids.shape[0] != 0:
+            raise ValueError(
+                f"{ids.shape[0]} adapter ids do not fit an input of shape {tuple(x.shape)}: its first dimension "
+                "must be the number of ids (or a multiple of it, e.g. beams)"
+            )
+        if self.training and torch.is_grad_enabled() and any(self.dropouts.values()):
+            raise ValueError(
+                "dropout is not supported in a mixed-adapter batch (adapters with dropout: "
+                f"{[n for n, p in self.dropouts.items() if p]}); train with dropout=0, or one adapter at a time"
+            )
+        if x.shape[0] != ids.shape[0]:
+            ids = ids.repeat_interleave(x.shape[0] // ids.shape[0])
+        if not self.lora_A:
+            return F.linear(x, self.weight, self.bias)
+        lora_A, lora_B, scalings = self.stacked_adapters()
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight, bias, lora_A, lora_B = (
+                t.to(dtype) if t is not None else None for t in (x, weight, bias, lora_A, lora_B)
+            )
+        scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, row_adapter_ids(ids, x.shape))
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={a.shape[0]}, alpha={self.alphas[n]})" for n, a in self.lora_A.items())
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"adapters=[{adapters}], active={self.active_adapter!r}"
+        )

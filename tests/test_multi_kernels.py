@@ -1,0 +1,296 @@
+"""The mixed-adapter (one adapter per row) Triton kernels, through Triton's interpreter, against a
+naive row-by-row float64 reference, for every config their autotuners can pick."""
+
+import pytest
+import torch
+
+from conftest import TOLERANCES
+from lorafast import kernels
+from lorafast.kernels.adapter_segments import UNUSED_BLOCK, adapter_segments, num_row_blocks
+from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
+from lorafast.kernels.multi_lora_matmul import BLOCK_M, multi_lora_matmul_tuned
+from lorafast.kernels.multi_lora_weight_grad import multi_lora_weight_grad_tuned
+
+pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests run in Triton's interpreter")
+
+GEMM_CONFIGS = multi_lora_matmul_tuned.configs
+GRAD_CONFIGS = multi_lora_weight_grad_tuned.configs
+ids = lambda c: "-".join(f"{k}{v}" for k, v in c.kwargs.items()) + f"-w{c.num_warps}-s{c.num_stages}"
+ALL_GRADS = (True, True, True)
+
+
+def make_adapters(num_adapters, ranks, in_f, out_f, dtype=torch.float32, bias=True, seed=0):
+    """W0, b and K stacked adapters zero-padded to R = max(ranks), with scalings ``(K,)`` float32."""
+    g = torch.Generator().manual_seed(seed)
+    R = max(ranks)
+    weight = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    b = torch.randn(out_f, generator=g) if bias else None
+    lora_A = torch.zeros(num_adapters, R, in_f)
+    lora_B = torch.zeros(num_adapters, out_f, R)
+    for k, r in enumerate(ranks):
+        lora_A[k, :r] = torch.randn(r, in_f, generator=g) / in_f**0.5
+        lora_B[k, :, :r] = torch.randn(out_f, r, generator=g) / r**0.5
+    scalings = torch.linspace(0.5, 2.0, num_adapters) * torch.tensor([1.0, -1.0]).repeat(num_adapters)[:num_adapters]
+    to = lambda t: None if t is None else t.to(dtype)
+    return to(weight), to(b), to(lora_A), to(lora_B), scalings
+
+
+def make_ids(n, num_adapters, kind, seed=0):
+    """``(n,)`` int64 unsorted ids: "mixed" (−1 and every adapter but the last), "all_base", "one"."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "all_base":
+        return torch.full((n,), -1, dtype=torch.int64)
+    if kind == "one":  # a single adapter in the middle of the stack, no base rows
+        return torch.full((n,), num_adapters // 2, dtype=torch.int64)
+    high = max(num_adapters - 1, 1)  # the last adapter (K > 1) gets no rows
+    ids = torch.randint(-1, high, (n,), generator=g)
+    ids[: high + 1] = torch.arange(-1, high)[torch.randperm(high + 1, generator=g)]
+    return ids
+
+
+def reference(x, weight, bias, lora_A, lora_B, scalings, row_adapter, grad_y):
+    """Naive mixed-adapter LoRA, row by row in float64 under autograd: ``(y, xa, dX, dA, dB)``."""
+    x, lora_A, lora_B = (t.detach().double().requires_grad_() for t in (x, lora_A, lora_B))
+    weight = weight.double()
+    ys, xas = [], []
+    for i, k in enumerate(row_adapter.tolist()):
+        y_i = x[i] @ weight.T + (0.0 if bias is None else bias.double())
+        xa_i = lora_A[k] @ x[i] if k >= 0 else x.new_zeros(lora_A.shape[1])
+        if k >= 0:
+            y_i = y_i + scalings[k].item() * (lora_B[k] @ xa_i)
+        ys.append(y_i)
+        xas.append(xa_i)
+    y = torch.stack(ys)
+    y.backward(grad_y.double())
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in (x, lora_A, lora_B)]  # all rows k = −1
+    return y.detach(), torch.stack(xas).detach(), *grads
+
+
+def _close(actual, expected, dtype=torch.float32):
+    atol, rtol = TOLERANCES[dtype]
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol)
+
+
+def _case(num_adapters, ranks, kind="mixed", n=37, in_f=70, out_f=50, dtype=torch.float32, bias=True, seed=0):
+    weight, b, lora_A, lora_B, scalings = make_adapters(num_adapters, ranks, in_f, out_f, dtype, bias, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, in_f, generator=g).to(dtype)
+    grad_y = torch.randn(n, out_f, generator=g).to(dtype)
+    return x, weight, b, lora_A, lora_B, scalings, make_ids(n, num_adapters, kind, seed), grad_y
+
+
+# --- the block table ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 64])
+@pytest.mark.parametrize(
+    "row_adapter",
+    [
+        torch.tensor([2, -1, 0, 2, 2, 1, -1, 0, 2]),
+        torch.full((10,), -1),
+        torch.tensor([1] * 9),  # adapters 0 and 2 without rows
+        make_ids(37, 8, "mixed"),
+        torch.zeros(0, dtype=torch.int64),
+    ],
+    ids=["small", "all_base", "one_adapter", "mixed", "empty"],
+)
+def test_block_table_covers_every_row_once(row_adapter, block_m):
+    K = 3 if row_adapter.numel() < 20 else 8
+    seg = adapter_segments(row_adapter, K, block_m)
+    n = row_adapter.shape[0]
+    assert seg.num_blocks == num_row_blocks(n, K, block_m) == -(-n // block_m) + K + 1
+    # order: stable sort by adapter, base rows first; bounds: each adapter's slice of it.
+    assert torch.equal(seg.order, torch.sort(row_adapter, stable=True).indices)
+    counts = torch.bincount(row_adapter + 1, minlength=K + 1)
+    assert torch.equal(seg.bounds, torch.cumsum(counts, 0))
+    # block table: every row in exactly one slot, of a block of its adapter, in sorted order.
+    slots = seg.block_rows.view(-1, block_m).long()
+    real = slots >= 0
+    assert torch.equal(torch.sort(slots[real]).values, torch.arange(n))
+    assert torch.equal(slots[real], seg.order)
+    block_of_slot = seg.block_adapter.long()[:, None].expand_as(slots)
+    assert torch.equal(block_of_slot[real], row_adapter[slots[real]])
+    # padding only at a segment's end; no row in unused blocks, which all come last.
+    assert all(torch.equal(r, r.sort(descending=True).values) for r in real.int())
+    unused = seg.block_adapter == UNUSED_BLOCK
+    assert not real[unused].any()
+    assert torch.equal(unused, unused.sort().values)
+    assert int((~unused).sum()) == sum(-(-int(c) // block_m) for c in counts)
+
+
+def test_ids_out_of_range_count_as_base():
+    seg = adapter_segments(torch.tensor([0, 5, -3, 1]), 2, 4)
+    assert seg.bounds.tolist() == [2, 3, 4]
+    assert seg.block_adapter.tolist()[:3] == [-1, 0, 1]
+
+
+# --- every config of each kernel ------------------------------------------------------------------
+
+# (K, ranks zero-padded to R = max, kind of ids, bias)
+CONFIG_CASES = [(3, (3, 8, 5), "mixed", True), (8, (4, 1, 6, 2, 5, 3, 7, 5), "mixed", False)]
+
+
+def test_every_config_keeps_the_block_tables_rows():
+    assert GEMM_CONFIGS and all(c.kwargs["BLOCK_M"] == BLOCK_M for c in GEMM_CONFIGS)
+
+
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=lambda c: f"K{c[0]}")
+def test_forward_every_config(config, case):
+    x, w, b, a, bb, s, row_adapter, gy = _case(*case[:3], bias=case[3])
+    y, xa = kernels.fused_multi_lora_forward(x, w, b, a, bb, s, row_adapter, config=config)
+    y_ref, xa_ref, *_ = reference(x, w, b, a, bb, s, row_adapter, gy)
+    _close(xa, xa_ref)
+    _close(y, y_ref)
+    assert not xa[row_adapter < 0].any()
+
+
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=lambda c: f"K{c[0]}")
+def test_dx_every_config(config, case):
+    x, w, b, a, bb, s, row_adapter, gy = _case(*case[:3], bias=case[3])
+    dx, g = kernels.fused_multi_lora_dx(gy, w, a, bb, s, row_adapter, config=config)
+    _, _, dx_ref, _, _ = reference(x, w, b, a, bb, s, row_adapter, gy)
+    k = row_adapter.clamp(min=0)
+    g_ref = torch.einsum("no,nor->nr", gy.double(), bb.double()[k]) * (row_adapter >= 0)[:, None]
+    _close(g, g_ref)
+    _close(dx, dx_ref)
+
+
+@pytest.mark.parametrize("config", GRAD_CONFIGS, ids=ids)
+@pytest.mark.parametrize("split", [1, 3])
+def test_weight_grads_every_config(config, split):
+    x, w, b, a, bb, s, row_adapter, gy = _case(8, (4, 1, 6, 2, 5, 3, 7, 5), n=131)
+    _, xa, _, da_ref, db_ref = reference(x, w, b, a, bb, s, row_adapter, gy)
+    k = row_adapter.clamp(min=0)
+    g = (torch.einsum("no,nor->nr", gy.double(), bb.double()[k]) * (row_adapter >= 0)[:, None]).float()
+    da = kernels.multi_lora_weight_grad(x, g, s, row_adapter, transpose=True, split=split, config=config)
+    db = kernels.multi_lora_weight_grad(gy, xa.float(), s, row_adapter, split=split, config=config)
+    assert da.shape == a.shape and db.shape == bb.shape
+    _close(da, da_ref)
+    _close(db, db_ref)
+    assert not da[-1].any() and not db[-1].any()  # the last adapter has no rows
+
+
+# --- the composed forward and backward ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (1, (3,), "mixed", True),
+        (3, (3, 8, 5), "mixed", False),
+        (8, (4, 1, 6, 2, 5, 3, 7, 5), "mixed", True),
+        (3, (20, 7, 13), "all_base", True),
+        (8, (1,) * 8, "one", False),
+    ],
+    ids=["K1", "K3", "K8", "all_base", "one_adapter_of_8"],
+)
+def test_multi_lora_matches_reference(case):
+    x, w, b, a, bb, s, row_adapter, gy = _case(*case[:3], bias=case[3])
+    y, xa = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter)
+    dx, da, db = kernels.multi_lora_backward(gy, x, xa, w, a, bb, s, row_adapter, ALL_GRADS)
+    for actual, expected in zip((y, xa, dx, da, db), reference(x, w, b, a, bb, s, row_adapter, gy)):
+        assert actual.dtype == x.dtype and actual.shape == expected.shape
+        _close(actual, expected)
+    # Adapters without rows get exactly zero gradients.
+    empty = torch.bincount(row_adapter + 1, minlength=len(case[1]) + 1)[1:] == 0
+    assert not da[empty].any() and not db[empty].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    x, w, b, a, bb, s, row_adapter, gy = _case(3, (3, 8, 5), dtype=dtype)
+    y, xa = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter)
+    dx, da, db = kernels.multi_lora_backward(gy, x, xa, w, a, bb, s, row_adapter, ALL_GRADS)
+    for actual, expected in zip((y, xa, dx, da, db), reference(x, w, b, a, bb, s, row_adapter, gy)):
+        assert actual.dtype == dtype
+        _close(actual, expected, dtype)
+
+
+def test_strided_inputs():
+    """A column slice of x, a transposed dY, W0 and the stacks in other layouts: strides, never copies."""
+    x_c, w_c, b, a_c, bb_c, s, row_adapter, gy_c = _case(3, (3, 8, 5))
+    x = torch.zeros(37, 80)
+    x[:, 5:75] = x_c
+    x = x[:, 5:75]
+    gy = gy_c.T.contiguous().T
+    w = w_c.T.contiguous().T
+    a = a_c.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    bb = bb_c.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    assert not any(t.is_contiguous() for t in (x, gy, w, a, bb))
+    y, xa = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter)
+    dx, da, db = kernels.multi_lora_backward(gy, x, xa, w, a, bb, s, row_adapter, ALL_GRADS)
+    for actual, expected in zip((y, xa, dx, da, db), reference(x_c, w_c, b, a_c, bb_c, s, row_adapter, gy_c)):
+        _close(actual, expected)
+
+
+@pytest.mark.parametrize("needs_grad", [(True, False, False), (False, True, False), (False, False, True)])
+def test_only_the_gradients_asked_for(needs_grad):
+    x, w, b, a, bb, s, row_adapter, gy = _case(3, (3, 8, 5))
+    _, xa = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter)
+    grads = kernels.multi_lora_backward(gy, x, xa, w, a, bb, s, row_adapter, needs_grad)
+    for wanted, actual, expected in zip(needs_grad, grads, reference(x, w, b, a, bb, s, row_adapter, gy)[2:]):
+        if wanted:
+            _close(actual, expected)
+        else:
+            assert actual is None
+    assert kernels.multi_lora_backward(gy, x, xa, w, a, bb, s, row_adapter, (False,) * 3) == (None, None, None)
+
+
+@pytest.mark.parametrize("R", [1, 256])
+def test_rank_extremes(R):
+    x, w, b, a, bb, s, row_adapter, gy = _case(2, (R, max(1, R // 3)), n=20, in_f=40, out_f=30)
+    y, xa = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter)
+    y_ref, xa_ref, *_ = reference(x, w, b, a, bb, s, row_adapter, gy)
+    _close(xa, xa_ref)
+    _close(y, y_ref)
+
+
+def test_empty_batch():
+    x, w, b, a, bb, s, row_adapter, _ = _case(3, (3, 8, 5), "all_base", n=0)
+    y, xa = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter)
+    assert y.shape == (0, 50) and xa.shape == (0, 8)
+    dx, da, db = kernels.multi_lora_backward(y, x, xa, w, a, bb, s, row_adapter, ALL_GRADS)
+    assert dx.shape == (0, 70) and not da.any() and not db.any()
+
+
+# --- launcher errors ----------------------------------------------------------------------------------
+
+
+def test_launcher_errors():
+    x, w, b, a, bb, s, row_adapter, gy = _case(3, (3, 8, 5))
+    fwd = kernels.fused_multi_lora_forward
+    with pytest.raises(ValueError, match=r"weight has shape \(50, 69\), expected \(50, 70\)"):
+        fwd(x, w[:, :69], b, a, bb, s, row_adapter)
+    with pytest.raises(ValueError, match=r"lora_B is torch\.float16 but the input is torch\.float32"):
+        fwd(x, w, b, a, bb.half(), s, row_adapter)
+    with pytest.raises(ValueError, match=r"lora_B has shape \(3, 50, 7\), expected \(3, 50, 8\)"):
+        fwd(x, w, b, a, bb[..., :7], s, row_adapter)
+    with pytest.raises(ValueError, match="lora_A must be 3-D"):
+        fwd(x, w, b, a[0], bb, s, row_adapter)
+    with pytest.raises(ValueError, match=r"row_adapter has shape \(36,\), expected one id per row: \(37,\)"):
+        fwd(x, w, b, a, bb, s, row_adapter[:36])
+    with pytest.raises(ValueError, match=r"row_adapter is torch\.float32"):
+        fwd(x, w, b, a, bb, s, row_adapter.float())
+    with pytest.raises(ValueError, match="scalings has 2 values but there are 3 stacked adapters"):
+        fwd(x, w, b, a, bb, s[:2], row_adapter)
+    with pytest.raises(ValueError, match=r"scalings is torch\.float64"):
+        fwd(x, w, b, a, bb, s.double(), row_adapter)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        fwd(x[None], w, b, a, bb, s, row_adapter)
+    with pytest.raises(ValueError, match="rank r=257"):
+        fwd(x, w, b, torch.zeros(3, 257, 70), torch.zeros(3, 50, 257), s, row_adapter)
+    with pytest.raises(ValueError, match="config has BLOCK_M=128"):
+        fwd(x, w, b, a, bb, s, row_adapter, config=fused_lora_matmul_tuned.configs[0])
+    with pytest.raises(ValueError, match=r"segments\.order has shape \(36,\)"):
+        fwd(x, w, b, a, bb, s, row_adapter, segments=adapter_segments(row_adapter[:36], 3, BLOCK_M))
+    with pytest.raises(ValueError, match="segments were built for block_m=16"):
+        fwd(x, w, b, a, bb, s, row_adapter, segments=adapter_segments(row_adapter, 3, 16))
+    with pytest.raises(ValueError, match=r"weight has shape \(50, 70\), expected \(49, 70\)"):
+        kernels.fused_multi_lora_dx(gy[:, :49], w, a, bb, s, row_adapter)
+    with pytest.raises(ValueError, match=r"v has shape \(36, 8\), expected \(37, 8\)"):
+        kernels.multi_lora_weight_grad(x, torch.zeros(36, 8), s, row_adapter)
+    with pytest.raises(ValueError, match="split=0 must be at least 1"):
+        kernels.multi_lora_weight_grad(x, torch.zeros(37, 8), s, row_adapter, split=0)
