@@ -12,7 +12,7 @@ import torch
 from . import torch_backend
 from .backend import resolve_backend
 from .dropout import draw_seed
-from .validation import check_lora_inputs
+from .validation import autocast_inputs, check_lora_inputs
 
 
 def _implementation(backend: str):
@@ -95,14 +95,10 @@ def lora_linear(
             dropout_p outside [0, 1), a weight or bias that requires grad (lorafast computes
             no gradient for them), or a backend that cannot run these tensors.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias, lora_A, lora_B = (
-            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in (x, weight, bias, lora_A, lora_B)
-        )
+    cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
+    if cast is not None:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+            return lora_linear(*cast, scaling, dropout_p, training)
 
     check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if torch.is_grad_enabled():

@@ -14,7 +14,7 @@ import torch
 
 from . import multi_torch_backend
 from .backend import resolve_backend
-from .validation import FLOAT_DTYPES, check_scaling
+from .validation import autocast_inputs, check_base_inputs, check_same_dtype_and_device, check_scaling
 
 MAX_STACKED_RANK = 256
 
@@ -127,14 +127,10 @@ def multi_lora_linear(
         ValueError: on a shape, dtype or device mismatch, ids out of range or of the wrong
             length, a stacked rank above 256, or a backend that cannot run these tensors.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias, lora_A, lora_B = (
-            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in (x, weight, bias, lora_A, lora_B)
-        )
+    cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
+    if cast is not None:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, adapter_ids)
+            return multi_lora_linear(*cast, scalings, adapter_ids)
     scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
     rows = row_adapter_ids(adapter_ids, x.shape, lora_A.shape[0]).to(x.device)
     return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows)
@@ -159,16 +155,7 @@ def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.
     The scalings tensor is float32 (float64 for float64 x), on x's device.
     """
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {in_features}")
+    out_features, in_features = check_base_inputs(named, x, weight, bias)
     if lora_A.dim() != 3 or lora_A.shape[2] != in_features or lora_A.shape[0] < 1:
         raise ValueError(
             f"lora_A must be K >= 1 stacked adapters of shape (K, R, in_features={in_features}), "
@@ -182,18 +169,7 @@ def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.
             f"lora_B must have shape (K, out_features, R) = ({num_adapters}, {out_features}, {rank}), "
             f"got {tuple(lora_B.shape)}"
         )
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
-    for name, t in named.items():
-        if t.dtype != x.dtype:
-            raise ValueError(
-                f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; cast them to one dtype "
-                "(or run under torch.autocast)"
-            )
-        if t.device != x.device:
-            raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
+    check_same_dtype_and_device(named, x)
     if isinstance(scalings, torch.Tensor):
         values = scalings.detach().reshape(-1).tolist() if scalings.dim() <= 1 else None
     else:

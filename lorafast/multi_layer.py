@@ -22,7 +22,7 @@ from torch import nn
 
 from .function import lora_linear
 from .multi_function import apply_multi_lora, check_multi_lora_inputs, row_adapter_ids
-from .validation import check_dropout, check_rank, check_scaling
+from .validation import autocast_inputs, check_dropout, check_rank, check_scaling
 
 
 class MultiLoRALinear(nn.Module):
@@ -178,11 +178,9 @@ class MultiLoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         lora_A, lora_B, scalings = self.stacked_adapters()
         weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight, bias, lora_A, lora_B = (
-                t.to(dtype) if t is not None else None for t in (x, weight, bias, lora_A, lora_B)
-            )
+        cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
+        if cast is not None:
+            x, weight, bias, lora_A, lora_B = cast
         scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, row_adapter_ids(ids, x.shape))

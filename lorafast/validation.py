@@ -47,6 +47,25 @@ def check_lora_inputs(
     lora_B ``(out, r)``, all of one floating dtype and on one device.
     """
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    out_features, in_features = check_base_inputs(named, x, weight, bias)
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must have shape (r, in_features={in_features}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    check_rank(r, in_features, out_features)
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B must have shape (out_features, r) = ({out_features}, {r}), got {tuple(lora_B.shape)}")
+    check_scaling(scaling)
+    check_dropout(dropout_p)
+    check_same_dtype_and_device(named, x)
+
+
+def check_base_inputs(
+    named: dict[str, torch.Tensor], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[int, int]:
+    """Check that ``named`` holds tensors, and x ``(..., in)``, weight ``(out, in)``, bias ``(out,)`` or None.
+
+    Adds ``bias`` to ``named`` when given; returns ``(out_features, in_features)``.
+    """
     if bias is not None:
         named["bias"] = bias
     for name, t in named.items():
@@ -57,17 +76,13 @@ def check_lora_inputs(
     out_features, in_features = weight.shape
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {in_features}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
-        raise ValueError(f"lora_A must have shape (r, in_features={in_features}), got {tuple(lora_A.shape)}")
-    r = lora_A.shape[0]
-    check_rank(r, in_features, out_features)
-    if tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"lora_B must have shape (out_features, r) = ({out_features}, {r}), got {tuple(lora_B.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    check_scaling(scaling)
-    check_dropout(dropout_p)
+    return out_features, in_features
 
+
+def check_same_dtype_and_device(named: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    """Raise ValueError unless x is floating and every tensor in ``named`` has x's dtype and device."""
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {x.dtype}")
     for name, t in named.items():
@@ -78,3 +93,12 @@ def check_lora_inputs(
             )
         if t.device != x.device:
             raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
+
+
+def autocast_inputs(x, *tensors):
+    """Under ``torch.autocast`` for x's device: x and ``tensors`` cast to the autocast dtype (non-floating
+    and None left alone), as ``torch.nn.functional.linear`` would see them; otherwise None."""
+    if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)):
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, *tensors))
