@@ -12,6 +12,7 @@ from .fused_lora_matmul import fused_lora_dx, fused_lora_forward
 from .launch import INTERPRETED, MAX_RANK, SUPPORTED_DTYPES
 from .lora_linear import lora_backward, lora_forward
 from .lora_weight_grad import lora_weight_grad
+from .multi_dropout_xa import multi_dropout_xa
 from .multi_lora_linear import multi_lora_backward, multi_lora_forward
 from .multi_lora_matmul import fused_multi_lora_dx, fused_multi_lora_forward
 from .multi_lora_weight_grad import multi_lora_weight_grad
@@ -31,6 +32,7 @@ __all__ = [
     "lora_backward",
     "lora_forward",
     "lora_weight_grad",
+    "multi_dropout_xa",
     "multi_lora_backward",
     "multi_lora_forward",
     "multi_lora_weight_grad",

@@ -15,10 +15,15 @@ synchronisation, so that every size below follows from n, K and BLOCK_M alone:
   many row blocks and the surplus ones exit at once.
 
 Ids outside [-1, K) are not checked here (that would synchronise) and count as −1.
+
+The kernels' optional per-adapter dropout ``dropout`` ``(K,)`` float32 (p_k in [0, 1)) is
+checked by :func:`check_dropout`: its shape, dtype and device only, as its values stay on the
+device (no synchronisation); each kernel loads ``dropout[k]`` for its block's adapter k.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -27,6 +32,8 @@ import triton
 from .launch import check_device
 
 UNUSED_BLOCK = -2
+# Rows per block of the GEMM-shaped kernels (multi_lora_matmul, multi_dropout_xa): their tables' block_m.
+BLOCK_M = 64
 
 
 class AdapterSegments(NamedTuple):
@@ -115,18 +122,67 @@ def check_segments(segments: AdapterSegments, n: int, num_adapters: int, device:
             raise ValueError(f"segments.{name} is on {t.device} but the input is on {device}")
 
 
+def resolve_segments(
+    segments: AdapterSegments | None,
+    row_adapter: torch.Tensor,
+    num_adapters: int,
+    n: int,
+    device: torch.device,
+    config: triton.Config | None,
+) -> AdapterSegments:
+    """The block table of the GEMM-shaped kernels (``BLOCK_M`` rows a block): ``segments`` checked, or built."""
+    if config is not None and config.kwargs.get("BLOCK_M") != BLOCK_M:
+        raise ValueError(f"config has BLOCK_M={config.kwargs.get('BLOCK_M')}; the block table needs {BLOCK_M}")
+    if segments is None:
+        return adapter_segments(row_adapter, num_adapters, BLOCK_M)
+    if segments.block_m != BLOCK_M:
+        raise ValueError(f"segments were built for block_m={segments.block_m}; this kernel needs {BLOCK_M}")
+    check_segments(segments, n, num_adapters, device)
+    return segments
+
+
 def check_row_ids(row_adapter: torch.Tensor, scalings: torch.Tensor, n: int, like: torch.Tensor) -> int:
     """Raise ValueError unless row_adapter is ``(n,)`` integer and scalings ``(K,)`` float32; returns K."""
-    if row_adapter.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"row_adapter is {row_adapter.dtype}; the ids must be torch.int64 or torch.int32")
-    if tuple(row_adapter.shape) != (n,):
-        raise ValueError(f"row_adapter has shape {tuple(row_adapter.shape)}, expected one id per row: ({n},)")
+    check_ids(row_adapter, n, like)
     if scalings.dim() != 1 or scalings.shape[0] < 1:
         raise ValueError(f"scalings must be a (K,) tensor with K >= 1, got shape {tuple(scalings.shape)}")
     if scalings.dtype != torch.float32:
         raise ValueError(f"scalings is {scalings.dtype}; the kernels read torch.float32 scalings")
-    for name, t in (("row_adapter", row_adapter), ("scalings", scalings)):
-        check_device(name, t.device)
-        if t.device != like.device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
+    check_device("scalings", scalings.device)
+    if scalings.device != like.device:
+        raise ValueError(f"scalings is on {scalings.device} but the input is on {like.device}")
     return scalings.shape[0]
+
+
+def check_ids(row_adapter: torch.Tensor, n: int, like: torch.Tensor) -> None:
+    """Raise ValueError unless row_adapter is an ``(n,)`` int64 / int32 tensor on like's device."""
+    if row_adapter.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"row_adapter is {row_adapter.dtype}; the ids must be torch.int64 or torch.int32")
+    if tuple(row_adapter.shape) != (n,):
+        raise ValueError(f"row_adapter has shape {tuple(row_adapter.shape)}, expected one id per row: ({n},)")
+    check_device("row_adapter", row_adapter.device)
+    if row_adapter.device != like.device:
+        raise ValueError(f"row_adapter is on {row_adapter.device} but the input is on {like.device}")
+
+
+def check_dropout(dropout: torch.Tensor | None, seed: int, num_adapters: int, like: torch.Tensor) -> None:
+    """Raise ValueError unless ``dropout`` is None or a ``(K,)`` float32 tensor on like's device, and seed an int.
+
+    The values (each p_k in [0, 1)) are not checked: that would synchronise with the device.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be a non-negative Python int (lorafast.dropout.draw_seed()), got {seed!r}")
+    if dropout is None:
+        return
+    if not isinstance(dropout, torch.Tensor):
+        raise ValueError(
+            f"dropout must be None or a ({num_adapters},) torch.float32 tensor, got {type(dropout).__name__}"
+        )
+    if tuple(dropout.shape) != (num_adapters,):
+        raise ValueError(
+            f"dropout has shape {tuple(dropout.shape)}, expected one drop probability per adapter: ({num_adapters},)"
+        )
+    if dropout.dtype != torch.float32:
+        raise ValueError(f"dropout is {dropout.dtype}; the kernels read torch.float32 drop probabilities")
+    if dropout.device != like.device:
+        raise ValueError(f"dropout is on {dropout.device} but the input is on {like.device}")

@@ -1,22 +1,34 @@
 """The mixed-adapter LoRA linear's forward and backward composed from the Triton kernels.
 
 Same contract as ``lorafast.multi_torch_backend`` (x ``(n, in)``, lora_A ``(K, R, in)``, lora_B
-``(K, out, R)``, scalings ``(K,)`` float32, row_adapter ``(n,)`` ids in [-1, K); see there), so
-the autograd Function can call either. One launch per kernel for all adapters:
+``(K, out, R)``, scalings ``(K,)`` float32, row_adapter ``(n,)`` ids in [-1, K), dropout None or
+``(K,)`` float32 p_k in [0, 1), seed an int; see there), so the autograd Function can call
+either. With k = row_adapter[i] and keep_i adapter k's dropout mask of x's row i (the
+single-adapter kernels' ``dropout_keep_mask(seed, (n, in), p_k)[i]``, regenerated from the
+seed in every kernel, never stored):
 
-- forward: ``fused_multi_lora_forward`` (one pass over x computes ``x·W0ᵀ``, each row's
-  ``x_i·A_kᵀ`` and the rank-R update);
+    drop(x)_i = x_i ⊙ keep_i / (1 − p_k)
+    y_i = x_i·W0ᵀ + b + s_k·(drop(x)_i·A_kᵀ)·B_kᵀ,   xa_i = drop(x)_i·A_kᵀ (zeros where k = −1)
+    dX_i = dY_i·W0 + s_k/(1 − p_k)·keep_i ⊙ ((dY_i·B_k)·A_k)
+    dA_k = s_k/(1 − p_k)·Σ_{i: k_i = k} (dY_i·B_k)ᵀ·(x_i ⊙ keep_i),   dB_k = s_k·Σ_{i: k_i = k} dY_iᵀ·xa_i
+
+One launch per kernel for all adapters:
+
+- forward: under dropout, ``multi_dropout_xa`` first projects the masked rows of the adapters
+  with p_k > 0; then ``fused_multi_lora_forward`` (one pass over x computes ``x·W0ᵀ``, the other
+  rows' ``x_i·A_kᵀ`` and the rank-R update);
 - backward: ``fused_multi_lora_dx`` (one pass over dY computes ``dY·W0``, ``g_i = dY_i·B_k``
-  and the rank-R update of dX), then the per-adapter ``multi_lora_weight_grad`` reductions
-  for dA and dB. The rows are sorted by adapter once per call and the table shared.
+  and the masked rank-R update of dX), then the per-adapter ``multi_lora_weight_grad``
+  reductions for dA (masked x) and dB. The rows are sorted by adapter once per call and the
+  table shared.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .adapter_segments import adapter_segments
-from .multi_lora_matmul import BLOCK_M, fused_multi_lora_dx, fused_multi_lora_forward
+from .adapter_segments import BLOCK_M, adapter_segments
+from .multi_lora_matmul import fused_multi_lora_dx, fused_multi_lora_forward
 from .multi_lora_weight_grad import multi_lora_weight_grad
 
 
@@ -30,9 +42,15 @@ def multi_lora_forward(
     lora_B: torch.Tensor,
     scalings: torch.Tensor,
     row_adapter: torch.Tensor,
+    dropout: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, xa)`` for x ``(n, in)``: y ``(n, out)``, ``xa_i = x_i·A_kᵀ`` ``(n, R)`` (zeros where k = −1)."""
-    return fused_multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter)
+    """``(y, xa)`` for x ``(n, in)``: y ``(n, out)``, ``xa_i = drop(x)_i·A_kᵀ`` ``(n, R)`` (zeros where k = −1).
+
+    ``dropout``: None, or ``(K,)`` float32 drop probabilities on x's device (p_k = 0: exactly
+    no dropout for adapter k); ``seed``: ``lorafast.dropout.draw_seed()``.
+    """
+    return fused_multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=dropout, seed=seed)
 
 
 @torch.compiler.disable
@@ -46,10 +64,13 @@ def multi_lora_backward(
     scalings: torch.Tensor,
     row_adapter: torch.Tensor,
     needs_grad: tuple[bool, bool, bool],
+    dropout: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dX (n, in), dA (K, R, in), dB (K, out, R))``, each None where ``needs_grad`` says not wanted.
 
     Each adapter's dA and dB sum over its own rows only (zeros for an adapter without rows).
+    ``dropout`` and ``seed`` are the forward's; xa is the forward's (it holds the dropout).
     """
     need_dx, need_da, need_db = needs_grad
     grad_x = grad_a = grad_b = None
@@ -58,10 +79,13 @@ def multi_lora_backward(
     segments = adapter_segments(row_adapter, lora_A.shape[0], BLOCK_M)
     if need_dx or need_da:
         grad_x, g = fused_multi_lora_dx(
-            grad_y, weight, lora_A, lora_B, scalings, row_adapter, with_dx=need_dx, segments=segments
-        )
+            grad_y, weight, lora_A, lora_B, scalings, row_adapter, with_dx=need_dx, segments=segments,
+            dropout=dropout, seed=seed,
+        )  # fmt: skip
         if need_da:
-            grad_a = multi_lora_weight_grad(x, g, scalings, row_adapter, transpose=True, segments=segments)
+            grad_a = multi_lora_weight_grad(
+                x, g, scalings, row_adapter, transpose=True, segments=segments, dropout=dropout, seed=seed
+            )
     if need_db:
         grad_b = multi_lora_weight_grad(grad_y, xa, scalings, row_adapter, segments=segments)
     return grad_x, grad_a, grad_b

@@ -1,12 +1,19 @@
-"""Mixed-adapter fused LoRA matmul: ``C_i = U_i·V + b + s_k·(U_i·P_k)·Q_k`` with ``k = adapter[i]``.
+"""Mixed-adapter fused LoRA matmul: ``C_i = U_i·V + b + s_k·keep_i ⊙ ((U_i·P_k)·Q_k)`` with ``k = adapter[i]``.
 
 Shapes: U ``(M, K)``, V ``(K, N)``, stacked P ``(A, K, R)`` and Q ``(A, R, N)`` for A adapters,
-scalings s ``(A,)`` float32 (runtime values), b ``(N,)``, C ``(M, N)``, UP ``(M, R)`` with
-``UP_i = U_i·P_k`` (zeros where k = −1: those rows get ``U_i·V + b`` only).
+scalings s ``(A,)`` float32 and dropout p ``(A,)`` float32 (runtime values, p_k in [0, 1)),
+b ``(N,)``, C ``(M, N)``, UP ``(M, R)`` with ``UP_i = U_i·P_k`` (zeros where k = −1: those rows
+get ``U_i·V + b`` only). keep is adapter k's dropout mask of C's positions
+(``dropout_mask.keep_mask`` with p_k, row i's index in U), or all ones.
 
-Both big products of the mixed-adapter LoRA linear have this form:
-- forward ``y = x·W0ᵀ + b + s_k·(x·A_kᵀ)·B_kᵀ``: U = x, V = W0ᵀ, P = Aᵀ, Q = Bᵀ, UP = xa;
-- input gradient ``dX = dY·W0 + s_k·(dY·B_k)·A_k``: U = dY, V = W0, P = B, Q = A, UP = g.
+Both big products of the mixed-adapter LoRA linear have this form, with per-adapter dropout
+``drop(x)_i = x_i ⊙ keep_i / (1 − p_k)`` (keep_i: adapter k's mask of x's row i, the
+single-adapter kernels' ``dropout_keep_mask(seed, (n, in), p_k)[i]``):
+- forward ``y = x·W0ᵀ + b + s_k·(drop(x)_i·A_kᵀ)·B_kᵀ``: U = x, V = W0ᵀ, P = Aᵀ, Q = Bᵀ,
+  UP = xa, no mask on C. Under dropout the rows of adapters with p_k > 0 read their UP =
+  ``drop(x)_i·A_kᵀ``, written before by ``multi_dropout_xa``; the others compute it here;
+- input gradient ``dX_i = dY_i·W0 + s_k/(1 − p_k)·keep_i ⊙ ((dY_i·B_k)·A_k)``: U = dY, V = W0,
+  P = B, Q = A, UP = g, keep over C = dX (regenerated from the seed, never stored).
 
 The rows are gathered through the block table of ``adapter_segments`` (built for the kernel's
 fixed ``BLOCK_M``): program row block j owns the rows ``block_rows[j·BLOCK_M:(j+1)·BLOCK_M]``
@@ -15,6 +22,8 @@ fixed ``BLOCK_M``): program row block j owns the rows ``block_rows[j·BLOCK_M:(j
 rank-R product with the tile's columns of Q_k, scaled by s_k, is added with the bias and the
 tile is scattered back to its rows. The programs of column tile 0 also write UP. Blocks of
 the base rows (k = −1) skip the LoRA products; blocks past the last segment exit at once.
+p_k and s_k are per-program scalars loaded for the block's adapter; an adapter with p_k = 0
+gets exactly the result without dropout.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .adapter_segments import UNUSED_BLOCK, AdapterSegments, adapter_segments, check_row_ids, check_segments
+from .adapter_segments import BLOCK_M, UNUSED_BLOCK, AdapterSegments, check_dropout, check_row_ids, resolve_segments
+from .dropout_mask import keep_mask
 from .launch import (
     check_input,
     check_tensor,
@@ -35,9 +45,9 @@ from .launch import (
     prune_for_rank,
     rank_block,
 )
+from .multi_dropout_xa import launch_multi_dropout_xa
 
-# Rows per program: the block table is built for it, so every config keeps it.
-BLOCK_M = 64
+# Rows per program: BLOCK_M (from adapter_segments); the block table is built for it, so every config keeps it.
 _UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
 
 
@@ -80,13 +90,14 @@ def _k_loop(
     return acc, up_acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def multi_lora_matmul_kernel(
-    u_ptr, v_ptr, p_ptr, q_ptr, bias_ptr, scale_ptr, block_adapter_ptr, block_rows_ptr, up_ptr, c_ptr,
-    num_blocks, N, K, R,
+    u_ptr, v_ptr, p_ptr, q_ptr, bias_ptr, scale_ptr, dropout_ptr, block_adapter_ptr, block_rows_ptr, up_ptr, c_ptr,
+    num_blocks, N, K, R, seed,
     stride_um, stride_uk, stride_vk, stride_vn, stride_pa, stride_pk, stride_pr, stride_qa, stride_qr, stride_qn,
-    stride_upm, stride_upr, stride_cm, stride_cn, stride_bias, stride_scale,
-    HAS_BIAS: tl.constexpr, WRITE_C: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_upm, stride_upr, stride_cm, stride_cn, stride_bias, stride_scale, stride_dropout,
+    HAS_BIAS: tl.constexpr, WRITE_C: tl.constexpr, DROPOUT_UP: tl.constexpr, DROPOUT_C: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     if WRITE_C:
@@ -109,7 +120,11 @@ def multi_lora_matmul_kernel(
     u_ptrs = u_ptr + rows[:, None] * stride_um + offs_k[None, :] * stride_uk
     v_ptrs = v_ptr + offs_k[:, None] * stride_vk + offs_n[None, :] * stride_vn
     p_ptrs = p_ptr + lora * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
-    if adapter >= 0:
+    # U·P_k is computed here, except under DROPOUT_UP for adapters with p_k > 0: their UP is given.
+    lora_here = adapter >= 0
+    if DROPOUT_UP:
+        lora_here = lora_here & (tl.load(dropout_ptr + lora * stride_dropout) == 0.0)
+    if lora_here:
         acc, up_acc = _k_loop(
             u_ptrs, v_ptrs, p_ptrs, m_mask, n_mask, r_mask, K, stride_uk, stride_vk, stride_pk,
             WRITE_C, True, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD,
@@ -124,9 +139,16 @@ def multi_lora_matmul_kernel(
         up_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
 
     up = up_acc.to(up_ptr.dtype.element_ty)
-    if pid_n == 0:
-        up_ptrs = up_ptr + rows[:, None] * stride_upm + offs_r[None, :] * stride_upr
-        tl.store(up_ptrs, up, mask=m_mask[:, None] & r_mask[None, :])
+    up_ptrs = up_ptr + rows[:, None] * stride_upm + offs_r[None, :] * stride_upr
+    up_mask = m_mask[:, None] & r_mask[None, :]
+    if DROPOUT_UP:
+        if lora_here | (adapter < 0):
+            if pid_n == 0:
+                tl.store(up_ptrs, up, mask=up_mask)
+        else:  # drop(U)·P_k, from multi_dropout_xa
+            up = tl.load(up_ptrs, mask=up_mask, other=0.0)
+    elif pid_n == 0:
+        tl.store(up_ptrs, up, mask=up_mask)
     if WRITE_C:
         if adapter >= 0:
             q = tl.load(
@@ -135,7 +157,13 @@ def multi_lora_matmul_kernel(
                 other=0.0,
             )
             scale = tl.load(scale_ptr + lora * stride_scale)
-            acc += scale * dot(up, q, None, DOT_PRECISION)
+            if DROPOUT_C:
+                p = tl.load(dropout_ptr + lora * stride_dropout)
+                scale = scale / (1.0 - p)  # exactly s_k where p_k = 0
+            low_rank = scale * dot(up, q, None, DOT_PRECISION)
+            if DROPOUT_C:  # padding slots (row −1) draw for row 0, never stored
+                low_rank = tl.where(keep_mask(seed, tl.maximum(rows, 0), offs_n, N, p), low_rank, 0.0)
+            acc += low_rank
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -144,7 +172,7 @@ def multi_lora_matmul_kernel(
 
 multi_lora_matmul_tuned = triton.autotune(
     configs=_configs(),
-    key=["N", "K", "R_PAD", "HAS_BIAS", "WRITE_C"],
+    key=["N", "K", "R_PAD", "HAS_BIAS", "WRITE_C", "DROPOUT_UP", "DROPOUT_C"],
     prune_configs_by={"early_config_prune": prune_for_rank},
 )(multi_lora_matmul_kernel)
 
@@ -162,26 +190,19 @@ def _check_adapters(lora_A, lora_B, scalings, row_adapter, x, in_features, out_f
     return num_adapters, R
 
 
-def _segments(segments, row_adapter, num_adapters, n, device, config) -> AdapterSegments:
-    """The block table for BLOCK_M (given, checked, or built)."""
-    if config is not None and config.kwargs.get("BLOCK_M") != BLOCK_M:
-        raise ValueError(f"config has BLOCK_M={config.kwargs.get('BLOCK_M')}; the block table needs {BLOCK_M}")
-    if segments is None:
-        return adapter_segments(row_adapter, num_adapters, BLOCK_M)
-    if segments.block_m != BLOCK_M:
-        raise ValueError(f"segments were built for block_m={segments.block_m}; this kernel needs {BLOCK_M}")
-    check_segments(segments, n, num_adapters, device)
-    return segments
-
-
-def _multi_lora_matmul(u, v, pk, q, bias, scalings, segments, write_c, config):
+def _multi_lora_matmul(
+    u, v, pk, q, bias, scalings, segments, write_c, config, dropout=None, seed=0, dropout_up=False, up=None
+):
     """Launch the kernel for U ``(M, K)``, V ``(K, N)``, P ``(A, K, R)``, Q ``(A, R, N)`` (any strides).
 
+    ``dropout_up``: ``up`` holds the UP rows of the adapters with p_k > 0 (forward); otherwise,
+    with ``dropout`` and ``write_c``, C's low-rank term is masked and scaled (dX).
     Returns ``(C, UP)``; C is None unless ``write_c``.
     """
     M, K = u.shape
     N, R = v.shape[1], pk.shape[2]
-    up = torch.empty(M, R, dtype=u.dtype, device=u.device)
+    if up is None:
+        up = torch.empty(M, R, dtype=u.dtype, device=u.device)
     c = torch.empty(M, N, dtype=u.dtype, device=u.device) if write_c else None
     if M == 0:
         return c, up
@@ -191,12 +212,15 @@ def _multi_lora_matmul(u, v, pk, q, bias, scalings, segments, write_c, config):
         return (num_blocks * (triton.cdiv(N, meta["BLOCK_N"]) if write_c else 1),)
 
     out = c if write_c else up
+    has_dropout = dropout is not None
     args = (
-        u, v, pk, q, bias if bias is not None else v, scalings, segments.block_adapter, segments.block_rows, up, out,
-        num_blocks, N, K, R,
+        u, v, pk, q, bias if bias is not None else v, scalings, dropout if has_dropout else scalings,
+        segments.block_adapter, segments.block_rows, up, out,
+        num_blocks, N, K, R, int(seed),
         *u.stride(), *v.stride(), *pk.stride(), *q.stride(), *up.stride(), *out.stride(),
-        bias.stride(0) if bias is not None else 0, scalings.stride(0),
-        bias is not None, write_c, rank_block(R), dot_precision(u.dtype),
+        bias.stride(0) if bias is not None else 0, scalings.stride(0), dropout.stride(0) if has_dropout else 0,
+        bias is not None, write_c, has_dropout and dropout_up, has_dropout and write_c and not dropout_up,
+        rank_block(R), dot_precision(u.dtype),
     )  # fmt: skip
     launch(multi_lora_matmul_kernel, multi_lora_matmul_tuned, grid, args, config)
     return c, up
@@ -212,8 +236,13 @@ def fused_multi_lora_forward(
     row_adapter: torch.Tensor,
     segments: AdapterSegments | None = None,
     config: triton.Config | None = None,
+    dropout: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y_i = x_i·W0ᵀ + b + s_k·(x_i·A_kᵀ)·B_kᵀ`` (k = row_adapter[i]) in one pass over x.
+    """``y_i = x_i·W0ᵀ + b + s_k·(drop(x)_i·A_kᵀ)·B_kᵀ`` (k = row_adapter[i]) in one pass over x.
+
+    Under dropout, ``multi_dropout_xa`` first computes ``drop(x)_i·A_kᵀ`` for the rows of
+    adapters with p_k > 0 (a second, memory-bound pass over those rows of x).
 
     Args:
         x: ``(n, in)``, any strides.
@@ -223,9 +252,13 @@ def fused_multi_lora_forward(
         row_adapter: ``(n,)`` int64 (or int32) ids in [-1, K), −1 = no adapter; any order.
         segments: ``adapter_segments(row_adapter, K, BLOCK_M)`` if already built, else built here.
         config: pin one of the kernel's configs (tests); None autotunes on CUDA.
+        dropout: None, or ``(K,)`` float32 drop probabilities p_k in [0, 1) on x's device
+            (``drop(x)_i = x_i ⊙ keep_i / (1 − p_k)``; p_k = 0: exactly no dropout).
+        seed: the dropout seed (``lorafast.dropout.draw_seed()``), of the masks of every adapter.
 
     Returns:
-        ``(y, xa)``: y ``(n, out)`` and ``xa_i = x_i·A_kᵀ`` ``(n, R)`` (zeros where k = −1), in x's dtype.
+        ``(y, xa)``: y ``(n, out)`` and ``xa_i = drop(x)_i·A_kᵀ`` ``(n, R)`` (zeros where k = −1),
+        in x's dtype.
     """
     check_input("x", x)
     n, in_features = x.shape
@@ -233,11 +266,17 @@ def fused_multi_lora_forward(
     check_tensor("weight", weight, (out_features, in_features), x)
     if bias is not None:
         check_tensor("bias", bias, (out_features,), x)
-    num_adapters, _ = _check_adapters(lora_A, lora_B, scalings, row_adapter, x, in_features, out_features)
-    segments = _segments(segments, row_adapter, num_adapters, n, x.device, config)
+    num_adapters, R = _check_adapters(lora_A, lora_B, scalings, row_adapter, x, in_features, out_features)
+    check_dropout(dropout, seed, num_adapters, x)
+    segments = resolve_segments(segments, row_adapter, num_adapters, n, x.device, config)
+    xa = None
+    if dropout is not None:
+        xa = torch.empty(n, R, dtype=x.dtype, device=x.device)
+        launch_multi_dropout_xa(x, lora_A, dropout, seed, segments, xa, True, None)
     return _multi_lora_matmul(
-        x, weight.t(), lora_A.transpose(1, 2), lora_B.transpose(1, 2), bias, scalings, segments, True, config
-    )
+        x, weight.t(), lora_A.transpose(1, 2), lora_B.transpose(1, 2), bias, scalings, segments, True, config,
+        dropout, seed, dropout_up=True, up=xa,
+    )  # fmt: skip
 
 
 def fused_multi_lora_dx(
@@ -250,8 +289,10 @@ def fused_multi_lora_dx(
     with_dx: bool = True,
     segments: AdapterSegments | None = None,
     config: triton.Config | None = None,
+    dropout: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``dX_i = dY_i·W0 + s_k·(dY_i·B_k)·A_k`` (k = row_adapter[i]) in one pass over dY.
+    """``dX_i = dY_i·W0 + s_k/(1 − p_k)·keep_i ⊙ ((dY_i·B_k)·A_k)`` (k = row_adapter[i]) in one pass over dY.
 
     Args:
         grad_y: dY ``(n, out)``, any strides.
@@ -260,6 +301,8 @@ def fused_multi_lora_dx(
         with_dx: False computes only g (for dA when x needs no gradient), skipping dY·W0.
         segments: ``adapter_segments(row_adapter, K, BLOCK_M)`` if already built, else built here.
         config: pin one of the kernel's configs (tests); None autotunes on CUDA.
+        dropout, seed: the forward's per-adapter dropout (None: none); keep_i is adapter k's
+            mask of x's row i, regenerated from the seed. g does not depend on it.
 
     Returns:
         ``(dx, g)``: dX ``(n, in)`` (None unless ``with_dx``) and ``g_i = dY_i·B_k`` ``(n, R)``
@@ -270,5 +313,6 @@ def fused_multi_lora_dx(
     in_features = weight.shape[1] if weight.dim() == 2 else -1
     check_tensor("weight", weight, (out_features, in_features), grad_y)
     num_adapters, _ = _check_adapters(lora_A, lora_B, scalings, row_adapter, grad_y, in_features, out_features)
-    segments = _segments(segments, row_adapter, num_adapters, n, grad_y.device, config)
-    return _multi_lora_matmul(grad_y, weight, lora_B, lora_A, None, scalings, segments, with_dx, config)
+    check_dropout(dropout, seed, num_adapters, grad_y)
+    segments = resolve_segments(segments, row_adapter, num_adapters, n, grad_y.device, config)
+    return _multi_lora_matmul(grad_y, weight, lora_B, lora_A, None, scalings, segments, with_dx, config, dropout, seed)

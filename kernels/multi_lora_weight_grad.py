@@ -1,16 +1,20 @@
-"""Per-adapter LoRA weight gradients of a mixed-adapter batch: ``C_k = s_k·Σ_{i: k_i = k} U_iᵀ·V_i``.
+"""Per-adapter LoRA weight gradients of a mixed-adapter batch: ``C_k = s_k/(1−p_k)·Σ_{i: k_i = k} (U_i ⊙ keep_i)ᵀ·V_i``.
 
 Shapes: U ``(n, P)``, V ``(n, R)``, scalings s ``(K,)`` float32, C ``(K, P, R)`` (or, transposed,
-``(K, R, P)``), with n the (long) token dimension and k_i the adapter of row i:
-- ``dA_k = s_k·Σ g_iᵀ·x_i``: U = x ``(n, in)``, V = g = dY·B_k, C = dA ``(K, R, in)`` (transposed);
-- ``dB_k = s_k·Σ dY_iᵀ·xa_i``: U = dY ``(n, out)``, V = xa, C = dB ``(K, out, R)``.
+``(K, R, P)``), with n the (long) token dimension and k_i the adapter of row i; optional
+dropout p ``(K,)`` float32 (runtime values in [0, 1)) with keep_i adapter k's dropout mask of
+U's row i (``dropout_mask.keep_mask`` with p_k, i the row's index in U), else p = 0, keep = 1:
+- ``dA_k = s_k/(1 − p_k)·Σ g_iᵀ·(x_i ⊙ keep_i)``: U = x ``(n, in)``, V = g = dY·B_k, C = dA
+  ``(K, R, in)`` (transposed), keep = the forward's mask (regenerated from the seed);
+- ``dB_k = s_k·Σ dY_iᵀ·xa_i``: U = dY ``(n, out)``, V = xa (already ``drop(x)_i·A_kᵀ``),
+  C = dB ``(K, out, R)``, no mask.
 
 The grid is ``(P / BLOCK_P, K, SPLIT)``: each program walks one slice (of ``SPLIT`` equal ones)
 of adapter k's segment of the rows sorted by adapter (``adapter_segments``), gathers
 ``BLOCK_M`` rows of U and V at a time, reduces them into fp32 for ``BLOCK_P`` columns of U, and
-writes its partial sum, scaled by s_k. The partials are added in a fixed order afterwards, so
-the result is deterministic (no atomics). Adapters without rows get zeros; rows with k = −1
-count for none.
+writes its partial sum, scaled by s_k / (1 − p_k) (exactly s_k where p_k = 0). The partials
+are added in a fixed order afterwards, so the result is deterministic (no atomics). Adapters
+without rows get zeros; rows with k = −1 count for none.
 """
 
 from __future__ import annotations
@@ -19,18 +23,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .adapter_segments import AdapterSegments, adapter_segments, check_row_ids, check_segments
+from .adapter_segments import AdapterSegments, adapter_segments, check_dropout, check_row_ids, check_segments
+from .dropout_mask import keep_mask
 from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block
 from .lora_weight_grad import _split_count, lora_weight_grad_tuned
 from .multi_lora_matmul import BLOCK_M
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def multi_lora_weight_grad_kernel(
-    u_ptr, v_ptr, scale_ptr, order_ptr, bounds_ptr, partial_ptr,
-    P, R,
-    stride_um, stride_up, stride_vm, stride_vr, stride_scale, stride_cs, stride_ca, stride_cp, stride_cr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    u_ptr, v_ptr, scale_ptr, dropout_ptr, order_ptr, bounds_ptr, partial_ptr,
+    P, R, seed,
+    stride_um, stride_up, stride_vm, stride_vr, stride_scale, stride_dropout,
+    stride_cs, stride_ca, stride_cp, stride_cr,
+    DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     pid_p = tl.program_id(0)
     adapter = tl.program_id(1)
@@ -44,6 +51,10 @@ def multi_lora_weight_grad_kernel(
     per_split = tl.cdiv(seg_end - seg_start, tl.num_programs(2))
     start = seg_start + split * per_split
     end = tl.minimum(start + per_split, seg_end)
+    scale = tl.load(scale_ptr + adapter * stride_scale)
+    if DROPOUT:
+        p = tl.load(dropout_ptr + adapter * stride_dropout)
+        scale = scale / (1.0 - p)  # exactly s_k where p_k = 0
     acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
         offs = m0 + tl.arange(0, BLOCK_M)
@@ -54,21 +65,23 @@ def multi_lora_weight_grad_kernel(
             mask=m_mask[:, None] & p_mask[None, :],
             other=0.0,
         )
+        if DROPOUT:
+            u = tl.where(keep_mask(seed, rows, offs_p, P, p), u, 0.0)
         v = tl.load(
             v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
             mask=m_mask[:, None] & r_mask[None, :],
             other=0.0,
         )
         acc = dot(tl.trans(u), v, acc, DOT_PRECISION)
-    acc *= tl.load(scale_ptr + adapter * stride_scale)
+    acc *= scale
     c_ptrs = partial_ptr + split * stride_cs + adapter * stride_ca
     c_ptrs += offs_p[:, None] * stride_cp + offs_r[None, :] * stride_cr
     tl.store(c_ptrs, acc, mask=p_mask[:, None] & r_mask[None, :])
 
 
-multi_lora_weight_grad_tuned = triton.autotune(configs=list(lora_weight_grad_tuned.configs), key=["P", "R_PAD"])(
-    multi_lora_weight_grad_kernel
-)
+multi_lora_weight_grad_tuned = triton.autotune(
+    configs=list(lora_weight_grad_tuned.configs), key=["P", "R_PAD", "DROPOUT"]
+)(multi_lora_weight_grad_kernel)
 
 
 def multi_lora_weight_grad(
@@ -80,8 +93,10 @@ def multi_lora_weight_grad(
     segments: AdapterSegments | None = None,
     split: int | None = None,
     config: triton.Config | None = None,
+    dropout: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """``C_k = s_k·Σ_{i: row_adapter[i] = k} u_iᵀ·v_i`` for every adapter k, in u's dtype.
+    """``C_k = s_k/(1 − p_k)·Σ_{i: row_adapter[i] = k} (u_i ⊙ keep_i)ᵀ·v_i`` for every adapter k, in u's dtype.
 
     Args:
         u: ``(n, P)``, any strides; v: ``(n, R)``, any strides.
@@ -90,6 +105,8 @@ def multi_lora_weight_grad(
         segments: ``adapter_segments(row_adapter, K, ...)`` if already built (any block_m).
         split: pin the number of slices of each adapter's rows; config: one of the kernel's
             configs (tests). None chooses / autotunes.
+        dropout, seed: None (p = 0, keep = 1: dB), or the forward's ``(K,)`` float32 drop
+            probabilities and seed (dA from u = x): keep_i is adapter k's mask of u's row i.
 
     Returns:
         ``(K, P, R)``, or ``(K, R, P)`` with ``transpose``; zeros for adapters without rows.
@@ -99,6 +116,7 @@ def multi_lora_weight_grad(
     R = v.shape[1] if v.dim() == 2 else -1
     check_tensor("v", v, (n, R), u)
     num_adapters = check_row_ids(row_adapter, scalings, n, u)
+    check_dropout(dropout, seed, num_adapters, u)
     rank_pad = rank_block(R)
     shape = (num_adapters, R, P) if transpose else (num_adapters, P, R)
     if n == 0:
@@ -118,10 +136,12 @@ def multi_lora_weight_grad(
     def grid(meta):
         return (triton.cdiv(P, meta["BLOCK_P"]), num_adapters, split)
 
+    has_dropout = dropout is not None
     args = (
-        u, v, scalings, segments.order, segments.bounds, partial_pr, P, R,
-        *u.stride(), *v.stride(), scalings.stride(0), *partial_pr.stride(),
-        rank_pad, dot_precision(u.dtype),
+        u, v, scalings, dropout if has_dropout else scalings, segments.order, segments.bounds, partial_pr,
+        P, R, int(seed),
+        *u.stride(), *v.stride(), scalings.stride(0), dropout.stride(0) if has_dropout else 0, *partial_pr.stride(),
+        has_dropout, rank_pad, dot_precision(u.dtype),
     )  # fmt: skip
     launch(multi_lora_weight_grad_kernel, multi_lora_weight_grad_tuned, grid, args, config)
     return partial.sum(0).to(u.dtype) if split > 1 else partial[0].to(u.dtype)

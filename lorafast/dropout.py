@@ -71,14 +71,18 @@ class MaskStream:
             lanes.random_(-(2**15), 2**15, generator=self._gen)
         return lanes[:, : self.cols]
 
-    def next_rows(self, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def next_rows(
+        self, rows: int, out: torch.Tensor | None = None, threshold: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Keep mask of the next ``rows`` rows, ``(rows, cols)``: 1 where kept, 0 where dropped.
 
         Bool, or written into ``out`` (any dtype; a float mask in x's dtype multiplies fastest).
+        ``threshold`` ``(rows, 1)`` replaces the stream's own per row (rows with different p).
         """
+        threshold = self.threshold if threshold is None else threshold
         if out is None:
-            return self._lanes(rows) >= self.threshold
-        return torch.ge(self._lanes(rows), self.threshold, out=out)
+            return self._lanes(rows) >= threshold
+        return torch.ge(self._lanes(rows), threshold, out=out)
 
 
 def row_blocks(rows: int, cols: int, elements_per_block: int = 1 << 20, multiple: int = 8) -> Iterator[slice]:
@@ -94,18 +98,25 @@ def row_blocks(rows: int, cols: int, elements_per_block: int = 1 << 20, multiple
 
 
 def keep_blocks(
-    seed: int, p: float, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+    seed: int, p: float | torch.Tensor, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """``(rows, keep)`` for each row block of a ``(n, cols)`` input: keep is its 0/1 mask in
-    ``dtype``, written into one reused buffer (valid until the next block is drawn)."""
+    ``dtype``, written into one reused buffer (valid until the next block is drawn).
+
+    ``p`` is one drop probability, or one per row ``(n,)`` (float32): row i is then masked as
+    ``keep_mask(seed, shape, p[i])`` masks it.
+    """
     n, cols = shape
-    stream = MaskStream(seed, cols, p, device)
+    per_row = isinstance(p, torch.Tensor)
+    stream = MaskStream(seed, cols, 0.5 if per_row else p, device)
+    if per_row:  # the same 16-bit threshold _drop_threshold gives each row's p
+        thresholds = (p.float() * _LANE_LEVELS).round_().sub_(_LANE_LEVELS // 2).to(torch.int16).unsqueeze(1)
     buffer = None
     for rows in row_blocks(n, cols):
         count = rows.stop - rows.start
         if buffer is None:
             buffer = torch.empty(count, cols, dtype=dtype, device=device)
-        yield rows, stream.next_rows(count, out=buffer[:count])
+        yield rows, stream.next_rows(count, out=buffer[:count], threshold=thresholds[rows] if per_row else None)
 
 
 def keep_mask(seed: int, shape: tuple[int, int], p: float, device="cpu") -> torch.Tensor:

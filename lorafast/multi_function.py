@@ -14,7 +14,8 @@ import torch
 
 from . import multi_torch_backend
 from .backend import resolve_backend
-from .validation import autocast_inputs, check_base_inputs, check_same_dtype_and_device, check_scaling
+from .dropout import draw_seed
+from .validation import autocast_inputs, check_base_inputs, check_dropout, check_same_dtype_and_device, check_scaling
 
 MAX_STACKED_RANK = 256
 
@@ -33,20 +34,23 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 
     Inputs: x ``(..., in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(K, R, in)``,
     lora_B ``(K, out, R)``, scalings ``(K,)`` float32, row_adapter ``(n,)`` int64 with n the rows of
-    x, backend. Not checked here; :func:`multi_lora_linear` checks them.
+    x, dropout ``(K,)`` float32 drop probabilities or None, seed, backend. Not checked here;
+    :func:`multi_lora_linear` checks them.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, row_adapter, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend):
         impl = _implementation(backend)
-        y, xa = impl.multi_lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scalings, row_adapter)
-        ctx.save_for_backward(x, xa, weight, lora_A, lora_B, scalings, row_adapter)
-        ctx.backend = backend
+        y, xa = impl.multi_lora_forward(
+            x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=dropout, seed=seed
+        )
+        ctx.save_for_backward(x, xa, weight, lora_A, lora_B, scalings, row_adapter, dropout)
+        ctx.backend, ctx.seed = backend, seed
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, xa, weight, lora_A, lora_B, scalings, row_adapter = ctx.saved_tensors
+        x, xa, weight, lora_A, lora_B, scalings, row_adapter, dropout = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_x, grad_a, grad_b = _implementation(ctx.backend).multi_lora_backward(
             grad_y.reshape(-1, grad_y.shape[-1]),
@@ -58,10 +62,12 @@ class MultiLoRALinearFunction(torch.autograd.Function):
             scalings,
             row_adapter,
             (needs[0], needs[3], needs[4]),
+            dropout=dropout,
+            seed=ctx.seed,
         )
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
 
 
 def row_adapter_ids(adapter_ids: torch.Tensor, x_shape: Sequence[int], num_adapters: int | None = None) -> torch.Tensor:
@@ -104,8 +110,10 @@ def multi_lora_linear(
     lora_B: torch.Tensor,
     scalings: Sequence[float] | torch.Tensor,
     adapter_ids: torch.Tensor,
+    dropout_p: Sequence[float] | None = None,
+    training: bool = False,
 ) -> torch.Tensor:
-    """LoRA linear where each row picks its adapter: ``y_i = x_i·W0ᵀ + b + s_k·(x_i·A_kᵀ)·B_kᵀ``.
+    """LoRA linear where each row picks its adapter: ``y_i = x_i·W0ᵀ + b + s_k·(drop_k(x_i)·A_kᵀ)·B_kᵀ``.
 
     Args:
         x: ``(..., in_features)``, any strides.
@@ -115,6 +123,10 @@ def multi_lora_linear(
         scalings: each adapter's ``alpha / r``, K numbers (runtime values: no recompile).
         adapter_ids: integer ids in [-1, K), one per row of x (shape ``x.shape[:-1]``) or one
             per sequence (shape ``(x.shape[0],)``); −1 means no adapter (the base layer). Any order.
+        dropout_p: each adapter's dropout probability on its rows' LoRA input, K numbers in
+            [0, 1) (None: no dropout); applied when ``training``, with a seed drawn from torch's
+            default generator (``torch.manual_seed`` makes it reproducible).
+        training: apply dropout.
 
     Returns:
         ``(..., out_features)`` in x's dtype. Gradients flow to x, lora_A and lora_B; each
@@ -130,14 +142,34 @@ def multi_lora_linear(
     cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
     if cast is not None:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return multi_lora_linear(*cast, scalings, adapter_ids)
+            return multi_lora_linear(*cast, scalings, adapter_ids, dropout_p, training)
     scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
     rows = row_adapter_ids(adapter_ids, x.shape, lora_A.shape[0]).to(x.device)
-    return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows)
+    dropout = dropout_tensor(dropout_p, lora_A.shape[0], x.device) if training else None
+    return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout)
 
 
-def apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings: torch.Tensor, row_adapter: torch.Tensor):
-    """:func:`multi_lora_linear` on checked inputs: scalings ``(K,)`` tensor, row_adapter ``(n,)`` int64."""
+def dropout_tensor(dropout_p: Sequence[float] | None, num_adapters: int, device) -> torch.Tensor | None:
+    """Per-adapter drop probabilities as a ``(K,)`` float32 tensor, or None when none drops.
+
+    Raises:
+        ValueError: not K numbers, or one outside [0, 1).
+    """
+    if dropout_p is None:
+        return None
+    values = list(dropout_p)
+    if len(values) != num_adapters:
+        raise ValueError(f"dropout_p must hold one probability per adapter (K={num_adapters}), got {values!r:.80}")
+    for p in values:
+        check_dropout(p)
+    if not any(values):
+        return None
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=None):
+    """:func:`multi_lora_linear` on checked inputs: scalings ``(K,)`` tensor, row_adapter ``(n,)`` int64,
+    dropout ``(K,)`` float32 or None (a seed is drawn when it is given)."""
     if torch.is_grad_enabled():
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.requires_grad:
@@ -146,7 +178,8 @@ def apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings: torch.Tensor, ro
                     f"the base layer; freeze it with {name}.requires_grad_(False)"
                 )
     backend = resolve_backend(x.device, x.dtype)
-    return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scalings, row_adapter, backend)
+    seed = draw_seed() if dropout is not None else 0
+    return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend)
 
 
 def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.Tensor:

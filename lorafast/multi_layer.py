@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .function import lora_linear
-from .multi_function import apply_multi_lora, check_multi_lora_inputs, row_adapter_ids
+from .multi_function import apply_multi_lora, check_multi_lora_inputs, dropout_tensor, row_adapter_ids
 from .validation import autocast_inputs, check_dropout, check_rank, check_scaling
 
 
@@ -167,11 +167,6 @@ class MultiLoRALinear(nn.Module):
                 f"{ids.shape[0]} adapter ids do not fit an input of shape {tuple(x.shape)}: its first dimension "
                 "must be the number of ids (or a multiple of it, e.g. beams)"
             )
-        if self.training and torch.is_grad_enabled() and any(self.dropouts.values()):
-            raise ValueError(
-                "dropout is not supported in a mixed-adapter batch (adapters with dropout: "
-                f"{[n for n, p in self.dropouts.items() if p]}); train with dropout=0, or one adapter at a time"
-            )
         if x.shape[0] != ids.shape[0]:
             ids = ids.repeat_interleave(x.shape[0] // ids.shape[0])
         if not self.lora_A:
@@ -183,7 +178,9 @@ class MultiLoRALinear(nn.Module):
             x, weight, bias, lora_A, lora_B = cast
         scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, row_adapter_ids(ids, x.shape))
+            rows = row_adapter_ids(ids, x.shape)
+            dropout = dropout_tensor([self.dropouts[n] for n in self.adapter_names], len(self.lora_A), x.device)
+            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout if self.training else None)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={a.shape[0]}, alpha={self.alphas[n]})" for n, a in self.lora_A.items())

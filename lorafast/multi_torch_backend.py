@@ -1,21 +1,25 @@
 """PyTorch implementation of the mixed-adapter LoRA linear: every row of x has its own adapter.
 
-``y_i = x_i·W0ᵀ + b + s_k·(x_i·A_kᵀ)·B_kᵀ`` with ``k = row_adapter[i]`` (−1: base only), for K
-adapters stacked and zero-padded to one rank R. No loop over adapters and no gather of x: the
+``y_i = x_i·W0ᵀ + b + s_k·(drop_k(x_i)·A_kᵀ)·B_kᵀ`` with ``k = row_adapter[i]`` (−1: base only),
+for K adapters stacked and zero-padded to one rank R, each with its own dropout probability p_k
+(``drop_k(x_i) = x_i ⊙ keep_i / (1 − p_k)``, the mask regenerated from a seed in backward, row
+by row as :func:`lorafast.dropout.keep_mask` draws it for p_k). No loop over adapters and no gather of x: the
 K adapters act as one adapter of rank K·R whose rank-R block k is kept, for row i, only where
 ``k = row_adapter[i]`` (a block-one-hot mask on the skinny ``(n, K·R)`` products). That costs
 K times the skinny LoRA products of one adapter, a small share of the frozen ``x·W0ᵀ`` for the
 few adapters a batch mixes; every product stays one large GEMM.
 
 Shapes: x ``(n, in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(K, R, in)``,
-lora_B ``(K, out, R)``, scalings ``(K,)``, row_adapter ``(n,)`` integers in [-1, K), y
-``(n, out)``, xa ``(n, R)`` (``x_i·A_kᵀ``, zero for rows without adapter).
+lora_B ``(K, out, R)``, scalings ``(K,)``, row_adapter ``(n,)`` integers in [-1, K), dropout
+``(K,)`` float32 or None, y ``(n, out)``, xa ``(n, R)`` (``drop_k(x_i)·A_kᵀ``, zero for rows
+without adapter).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .dropout import keep_blocks
 from .torch_backend import matmul_wt, rows_transposed_matmul
 
 
@@ -39,6 +43,13 @@ def _row_scalings(scalings: torch.Tensor, adapter, present, dtype) -> torch.Tens
     return torch.where(present, scalings[adapter], 0.0).to(dtype).unsqueeze(1)
 
 
+def _row_dropout(dropout: torch.Tensor | None, adapter, present) -> torch.Tensor | None:
+    """``(n,)`` each row's drop probability (0 without adapter), or None when nothing is dropped."""
+    if dropout is None or not bool((dropout > 0).any()):
+        return None
+    return torch.where(present, dropout[adapter], 0.0).float()
+
+
 def _stacked_b(lora_B: torch.Tensor) -> torch.Tensor:
     """lora_B ``(K, out, R)`` as ``(out, K·R)``, the column order of the wide products."""
     num_adapters, out_features, rank = lora_B.shape
@@ -53,12 +64,22 @@ def multi_lora_forward(
     lora_B: torch.Tensor,
     scalings: torch.Tensor,
     row_adapter: torch.Tensor,
+    dropout: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, xa)`` of the mixed-adapter LoRA linear for x ``(n, in)``; shapes in the module docstring."""
     num_adapters, rank, in_features = lora_A.shape
     rows, adapter, present = _row_blocks(row_adapter, num_adapters)
-    xa_all = matmul_wt(x, lora_A.reshape(num_adapters * rank, in_features)).view(-1, num_adapters, rank)
-    xa = xa_all[rows, adapter].mul_(present.unsqueeze(1))
+    a_stacked = lora_A.reshape(num_adapters * rank, in_features)
+    row_p = _row_dropout(dropout, adapter, present)
+    if row_p is None:
+        xa_all = matmul_wt(x, a_stacked)
+    else:  # drop(x)·Aᵀ block by block: the masked copy of x never exceeds one cache-sized block
+        xa_all = torch.empty(x.shape[0], num_adapters * rank, dtype=x.dtype, device=x.device)
+        for block, keep in keep_blocks(seed, row_p, x.shape, x.dtype, x.device):
+            torch.mm(keep.mul_(x[block]), a_stacked.t(), out=xa_all[block])
+        xa_all.div_((1.0 - row_p).to(x.dtype).unsqueeze(1))
+    xa = xa_all.view(-1, num_adapters, rank)[rows, adapter].mul_(present.unsqueeze(1))
     wide = _scatter_blocks(xa * _row_scalings(scalings, adapter, present, x.dtype), rows, adapter, num_adapters)
     b_stacked = _stacked_b(lora_B)
     y = torch.mm(wide, b_stacked.t()) if bias is None else torch.addmm(bias, wide, b_stacked.t())
@@ -76,11 +97,13 @@ def multi_lora_backward(
     scalings: torch.Tensor,
     row_adapter: torch.Tensor,
     needs_grad: tuple[bool, bool, bool],
+    dropout: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dX (n, in), dA (K, R, in), dB (K, out, R))``, None where ``needs_grad`` says not wanted.
 
     Each adapter's dA and dB sum over its own rows only: exactly the gradient it would get if
-    its rows were run alone. ``dW0`` and ``db`` are never formed.
+    its rows were run alone (with the same dropout mask). ``dW0`` and ``db`` are never formed.
     """
     need_dx, need_da, need_db = needs_grad
     num_adapters, rank, in_features = lora_A.shape
@@ -93,12 +116,31 @@ def multi_lora_backward(
     if not (need_dx or need_da):
         return grad_x, grad_a, grad_b
 
+    row_p = _row_dropout(dropout, adapter, present)
+    if row_p is not None:
+        row_scale = row_scale / (1.0 - row_p).to(grad_y.dtype).unsqueeze(1)
     g_all = matmul_wt(grad_y, _stacked_b(lora_B).t()).view(-1, num_adapters, rank)
     g_wide = _scatter_blocks(g_all[rows, adapter].mul_(row_scale), rows, adapter, num_adapters)
     a_stacked = lora_A.reshape(num_adapters * rank, in_features)
-    if need_da:
-        grad_a = rows_transposed_matmul(g_wide, x).view(num_adapters, rank, in_features)
+    if row_p is None:
+        if need_da:
+            grad_a = rows_transposed_matmul(g_wide, x).view(num_adapters, rank, in_features)
+        if need_dx:
+            grad_x = torch.mm(g_wide, a_stacked)
+            grad_x.addmm_(grad_y, weight)
+        return grad_x, grad_a, grad_b
+
+    if need_da:  # the row blocks' contributions summed in at least fp32
+        grad_a = torch.zeros(a_stacked.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
     if need_dx:
-        grad_x = torch.mm(g_wide, a_stacked)
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for block, keep in keep_blocks(seed, row_p, x.shape, x.dtype, x.device):
+        if need_dx:
+            torch.mm(g_wide[block], a_stacked, out=grad_x[block]).mul_(keep)
+        if need_da:
+            grad_a += rows_transposed_matmul(g_wide[block], keep.mul_(x[block]))
+    if need_dx:
         grad_x.addmm_(grad_y, weight)
+    if need_da:
+        grad_a = grad_a.to(x.dtype).view(num_adapters, rank, in_features)
     return grad_x, grad_a, grad_b

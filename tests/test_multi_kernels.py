@@ -1,5 +1,6 @@
 """The mixed-adapter (one adapter per row) Triton kernels, through Triton's interpreter, against a
-naive row-by-row float64 reference, for every config their autotuners can pick."""
+naive row-by-row float64 reference, for every config their autotuners can pick, with and without
+per-adapter LoRA dropout."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from conftest import TOLERANCES
 from lorafast import kernels
 from lorafast.kernels.adapter_segments import UNUSED_BLOCK, adapter_segments, num_row_blocks
 from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
+from lorafast.kernels.multi_dropout_xa import multi_dropout_xa_tuned
 from lorafast.kernels.multi_lora_matmul import BLOCK_M, multi_lora_matmul_tuned
 from lorafast.kernels.multi_lora_weight_grad import multi_lora_weight_grad_tuned
 
@@ -15,6 +17,7 @@ pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests ru
 
 GEMM_CONFIGS = multi_lora_matmul_tuned.configs
 GRAD_CONFIGS = multi_lora_weight_grad_tuned.configs
+XA_CONFIGS = multi_dropout_xa_tuned.configs
 ids = lambda c: "-".join(f"{k}{v}" for k, v in c.kwargs.items()) + f"-w{c.num_warps}-s{c.num_stages}"
 ALL_GRADS = (True, True, True)
 
@@ -48,14 +51,32 @@ def make_ids(n, num_adapters, kind, seed=0):
     return ids
 
 
-def reference(x, weight, bias, lora_A, lora_B, scalings, row_adapter, grad_y):
-    """Naive mixed-adapter LoRA, row by row in float64 under autograd: ``(y, xa, dX, dA, dB)``."""
+def dropout_scale(row_adapter, dropout, seed, shape):
+    """``(n, in)`` float64 ``keep_i / (1 − p_k)`` of each row i (k = row_adapter[i]; ones where k = −1).
+
+    keep_i is row i of the single-adapter Triton mask for adapter k's p: ``dropout_keep_mask(seed, shape, p_k)``.
+    """
+    scale = torch.ones(shape, dtype=torch.float64)
+    for k, p in enumerate(dropout.tolist()):
+        rows = row_adapter == k
+        keep = kernels.dropout_keep_mask(seed, shape, p, device="cpu")
+        scale[rows] = keep[rows].double() / (1.0 - p)
+    return scale
+
+
+def reference(x, weight, bias, lora_A, lora_B, scalings, row_adapter, grad_y, dropout=None, seed=0):
+    """Naive mixed-adapter LoRA, row by row in float64 under autograd: ``(y, xa, dX, dA, dB)``.
+
+    With ``dropout`` ``(K,)``, row i of adapter k sees ``drop(x)_i = x_i ⊙ keep_i / (1 − p_k)``.
+    """
     x, lora_A, lora_B = (t.detach().double().requires_grad_() for t in (x, lora_A, lora_B))
     weight = weight.double()
+    drop = None if dropout is None else dropout_scale(row_adapter, dropout, seed, tuple(x.shape))
     ys, xas = [], []
     for i, k in enumerate(row_adapter.tolist()):
         y_i = x[i] @ weight.T + (0.0 if bias is None else bias.double())
-        xa_i = lora_A[k] @ x[i] if k >= 0 else x.new_zeros(lora_A.shape[1])
+        x_i = x[i] if drop is None else x[i] * drop[i]
+        xa_i = lora_A[k] @ x_i if k >= 0 else x.new_zeros(lora_A.shape[1])
         if k >= 0:
             y_i = y_i + scalings[k].item() * (lora_B[k] @ xa_i)
         ys.append(y_i)
@@ -294,3 +315,169 @@ def test_launcher_errors():
         kernels.multi_lora_weight_grad(x, torch.zeros(36, 8), s, row_adapter)
     with pytest.raises(ValueError, match="split=0 must be at least 1"):
         kernels.multi_lora_weight_grad(x, torch.zeros(37, 8), s, row_adapter, split=0)
+
+
+# --- per-adapter dropout -------------------------------------------------------------------------------
+
+DROPOUT = torch.tensor([0.1, 0.0, 0.3])  # adapter 1 without dropout
+SEED = 1_234_567_891
+DROP_RANKS = (3, 8, 5)
+
+
+def _dropout_case(dtype=torch.float32, bias=True, n=37, in_f=70, out_f=50):
+    """K = 3 adapters of ranks 3, 8, 5 with DROPOUT; unsorted ids covering −1 and all three adapters."""
+    case = list(_case(3, DROP_RANKS, n=n, in_f=in_f, out_f=out_f, dtype=dtype, bias=bias))
+    case[6] = make_ids(n, 4, "mixed")  # ids in [-1, 3): every adapter of the 3 has rows
+    assert set(case[6].tolist()) == {-1, 0, 1, 2}
+    return case
+
+
+def _g_ref(gy, bb, row_adapter):
+    k = row_adapter.clamp(min=0)
+    return torch.einsum("no,nor->nr", gy.double(), bb.double()[k]) * (row_adapter >= 0)[:, None]
+
+
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_dropout_forward_every_config(config, bias):
+    x, w, b, a, bb, s, row_adapter, gy = _dropout_case(bias=bias)
+    y, xa = kernels.fused_multi_lora_forward(x, w, b, a, bb, s, row_adapter, config=config, dropout=DROPOUT, seed=SEED)
+    y_ref, xa_ref, *_ = reference(x, w, b, a, bb, s, row_adapter, gy, DROPOUT, SEED)
+    _close(xa, xa_ref)
+    _close(y, y_ref)
+    assert not xa[row_adapter < 0].any()
+
+
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
+def test_dropout_dx_every_config(config):
+    x, w, b, a, bb, s, row_adapter, gy = _dropout_case()
+    dx, g = kernels.fused_multi_lora_dx(gy, w, a, bb, s, row_adapter, config=config, dropout=DROPOUT, seed=SEED)
+    _, _, dx_ref, _, _ = reference(x, w, b, a, bb, s, row_adapter, gy, DROPOUT, SEED)
+    _close(g, _g_ref(gy, bb, row_adapter))
+    _close(dx, dx_ref)
+    # g alone does not depend on the dropout.
+    none, g_only = kernels.fused_multi_lora_dx(
+        gy, w, a, bb, s, row_adapter, with_dx=False, config=config, dropout=DROPOUT, seed=SEED
+    )
+    assert none is None and torch.equal(g_only, g)
+
+
+@pytest.mark.parametrize("config", XA_CONFIGS, ids=ids)
+def test_dropout_xa_every_config(config):
+    x, w, b, a, bb, s, row_adapter, gy = _dropout_case()
+    xa = kernels.multi_dropout_xa(x, a, row_adapter, DROPOUT, SEED, config=config)
+    _, xa_ref, *_ = reference(x, w, b, a, bb, s, row_adapter, gy, DROPOUT, SEED)
+    _close(xa, xa_ref)
+    assert not xa[row_adapter < 0].any()
+
+
+@pytest.mark.parametrize("config", GRAD_CONFIGS, ids=ids)
+@pytest.mark.parametrize("split", [1, 3])
+def test_dropout_weight_grads_every_config(config, split):
+    x, w, b, a, bb, s, row_adapter, gy = _dropout_case(n=131)
+    _, xa, _, da_ref, db_ref = reference(x, w, b, a, bb, s, row_adapter, gy, DROPOUT, SEED)
+    g = _g_ref(gy, bb, row_adapter).float()
+    da = kernels.multi_lora_weight_grad(
+        x, g, s, row_adapter, transpose=True, split=split, config=config, dropout=DROPOUT, seed=SEED
+    )
+    db = kernels.multi_lora_weight_grad(gy, xa.float(), s, row_adapter, split=split, config=config)
+    _close(da, da_ref)
+    _close(db, db_ref)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_multi_lora_dropout_matches_reference(dtype, bias):
+    x, w, b, a, bb, s, row_adapter, gy = _dropout_case(dtype, bias)
+    y, xa = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter, dropout=DROPOUT, seed=SEED)
+    grads = kernels.multi_lora_backward(gy, x, xa, w, a, bb, s, row_adapter, ALL_GRADS, dropout=DROPOUT, seed=SEED)
+    expected = reference(x, w, b, a, bb, s, row_adapter, gy, DROPOUT, SEED)
+    for actual, ref in zip((y, xa, *grads), expected):
+        assert actual.dtype == dtype and actual.shape == ref.shape
+        _close(actual, ref, dtype)
+    # Another seed, other masks.
+    y_other, _ = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter, dropout=DROPOUT, seed=SEED + 1)
+    assert not torch.equal(y_other, y)
+
+
+@pytest.mark.parametrize("seed", [7, 2**31 - 2, 2**40 + 3])
+def test_dropout_mask_is_the_single_adapter_mask(seed):
+    """With A_k = I (in = R = 16) and x = 1, xa is the mask itself: ``xa_i = keep_i / (1 − p_k)``."""
+    n, in_f = 37, 16
+    row_adapter = make_ids(n, 4, "mixed")
+    a = torch.eye(in_f).repeat(3, 1, 1)
+    xa = kernels.multi_dropout_xa(torch.ones(n, in_f), a, row_adapter, DROPOUT, seed)
+    expected = dropout_scale(row_adapter, DROPOUT, seed, (n, in_f)) * (row_adapter >= 0)[:, None]
+    torch.testing.assert_close(xa.double(), expected, atol=1e-6, rtol=1e-6)
+    assert (xa[row_adapter == 1] == 1).all()  # p = 0: every element kept, unscaled
+    for k in (0, 2):  # some dropped, some kept
+        assert (xa[row_adapter == k] == 0).any() and (xa[row_adapter == k] > 1).any()
+
+
+def test_zero_dropout_is_exactly_no_dropout():
+    x, w, b, a, bb, s, row_adapter, gy = _dropout_case()
+    outputs = []
+    for dropout in (None, torch.zeros(3)):
+        y, xa = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter, dropout=dropout, seed=SEED)
+        grads = kernels.multi_lora_backward(gy, x, xa, w, a, bb, s, row_adapter, ALL_GRADS, dropout=dropout, seed=SEED)
+        outputs.append((y, xa, *grads))
+    for without, zero in zip(*outputs):
+        assert torch.equal(without, zero)
+
+
+def test_adapter_without_dropout_is_exact():
+    """Rows of an adapter with p = 0 in a dropout launch get exactly the result without dropout."""
+    x, w, b, a, bb, s, row_adapter, gy = _dropout_case()
+    y, xa = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter, dropout=DROPOUT, seed=SEED)
+    dx, da, db = kernels.multi_lora_backward(gy, x, xa, w, a, bb, s, row_adapter, ALL_GRADS, dropout=DROPOUT, seed=SEED)
+    y0, xa0 = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter)
+    dx0, da0, db0 = kernels.multi_lora_backward(gy, x, xa0, w, a, bb, s, row_adapter, ALL_GRADS)
+    exact = (row_adapter == 1) | (row_adapter < 0)
+    for with_dropout, without in ((y, y0), (xa, xa0), (dx, dx0)):
+        assert torch.equal(with_dropout[exact], without[exact])
+        assert not torch.equal(with_dropout, without)
+    assert torch.equal(da[1], da0[1]) and torch.equal(db[1], db0[1])
+
+
+def test_dropout_empty_batch():
+    x, w, b, a, bb, s, row_adapter, _ = _case(3, DROP_RANKS, "all_base", n=0)
+    y, xa = kernels.multi_lora_forward(x, w, b, a, bb, s, row_adapter, dropout=DROPOUT, seed=SEED)
+    assert y.shape == (0, 50) and xa.shape == (0, 8)
+    dx, da, db = kernels.multi_lora_backward(y, x, xa, w, a, bb, s, row_adapter, ALL_GRADS, dropout=DROPOUT, seed=SEED)
+    assert dx.shape == (0, 70) and not da.any() and not db.any()
+
+
+def test_dropout_errors():
+    x, w, b, a, bb, s, row_adapter, gy = _dropout_case()
+    calls = {
+        "forward": lambda d, seed=SEED: kernels.fused_multi_lora_forward(
+            x, w, b, a, bb, s, row_adapter, dropout=d, seed=seed
+        ),
+        "dx": lambda d, seed=SEED: kernels.fused_multi_lora_dx(gy, w, a, bb, s, row_adapter, dropout=d, seed=seed),
+        "weight_grad": lambda d, seed=SEED: kernels.multi_lora_weight_grad(
+            x, torch.zeros(37, 8), s, row_adapter, transpose=True, dropout=d, seed=seed
+        ),
+        "xa": lambda d, seed=SEED: kernels.multi_dropout_xa(x, a, row_adapter, d, seed),
+        "multi_lora_forward": lambda d, seed=SEED: kernels.multi_lora_forward(
+            x, w, b, a, bb, s, row_adapter, dropout=d, seed=seed
+        ),
+    }
+    for call in calls.values():
+        with pytest.raises(
+            ValueError, match=r"dropout has shape \(2,\), expected one drop probability per adapter: \(3,\)"
+        ):
+            call(DROPOUT[:2])
+        with pytest.raises(ValueError, match=r"dropout has shape \(1, 3\)"):
+            call(DROPOUT[None])
+        with pytest.raises(ValueError, match=r"dropout is torch\.float64; the kernels read torch\.float32"):
+            call(DROPOUT.double())
+        with pytest.raises(ValueError, match=r"dropout must be None or a \(3,\) torch\.float32 tensor, got list"):
+            call([0.1, 0.0, 0.3])
+        with pytest.raises(ValueError, match="seed must be a non-negative Python int"):
+            call(DROPOUT, seed=-1)
+        with pytest.raises(ValueError, match="seed must be a non-negative Python int"):
+            call(DROPOUT, seed=torch.tensor(3))
+    with pytest.raises(ValueError, match=r"dropout must be a \(K,\) torch\.float32 tensor here, got None"):
+        kernels.multi_dropout_xa(x, a, row_adapter, None, SEED)
+    with pytest.raises(ValueError, match="config has BLOCK_M=128"):
+        kernels.multi_dropout_xa(x, a, row_adapter, DROPOUT, SEED, config=fused_lora_matmul_tuned.configs[0])

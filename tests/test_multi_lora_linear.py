@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCES, reference_lora
+from conftest import TOLERANCES, keep_mask, reference_lora
 from lorafast import MultiLoRALinear, multi_lora_linear
+from lorafast.dropout import draw_seed
 from lorafast.multi_torch_backend import multi_lora_backward, multi_lora_forward
 
 RANK_CYCLE = [3, 8, 5, 1, 6, 2, 7, 4]  # different ranks per adapter, padded to the largest
@@ -31,9 +32,10 @@ def stack(adapters):
     return lora_A, lora_B, [s for _, _, s in adapters]
 
 
-def rows_alone(x, weight, bias, adapters, ids, grad_y):
+def rows_alone(x, weight, bias, adapters, ids, grad_y, masks=None, dropout=None):
     """The reference: each adapter's rows (and the base-only rows) run alone through plain autograd.
 
+    ``masks[k]`` (the keep mask of the whole x for adapter k's p, ``dropout[k]``) masks its rows.
     Returns y and the gradients of x and every A_k, B_k, from separate leaf copies per adapter.
     """
     x = x.detach()
@@ -48,7 +50,9 @@ def rows_alone(x, weight, bias, adapters, ids, grad_y):
             leaves = []
         else:
             a, b, s = (t.detach().clone().requires_grad_() if torch.is_tensor(t) else t for t in adapters[k])
-            yk = reference_lora(xk, weight, bias, a, b, s)
+            p = dropout[k] if dropout else 0.0
+            keep = masks[k][rows] if p else None
+            yk = reference_lora(xk, weight, bias, a, b, s, keep=keep, p=p)
             leaves = [a, b]
         if rows.any():
             yk.backward(grad_y[rows])
@@ -65,13 +69,13 @@ def _close(actual, expected, dtype):
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol * scale, rtol=rtol)
 
 
-def run_mixed(x, weight, bias, adapters, ids, grad_y):
+def run_mixed(x, weight, bias, adapters, ids, grad_y, dropout=None):
     """y and gradients of x and every A_k, B_k from one mixed-batch call."""
     x = x.detach().clone().requires_grad_()
     for a, b, _ in adapters:
         a.grad = b.grad = None
     lora_A, lora_B, scalings = stack(adapters)
-    y = multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids)
+    y = multi_lora_linear(x, weight, bias, lora_A, lora_B, scalings, ids, dropout_p=dropout, training=True)
     y.backward(grad_y)
     return y.detach(), x.grad, [[a.grad, b.grad] for a, b, _ in adapters]
 
@@ -96,6 +100,36 @@ def test_mixed_batch_equals_each_adapters_rows_alone(backend, num_adapters, bias
     for got, want in zip(grads, grads_ref):
         for g_got, g_want in zip(got, want):
             _close(g_got, g_want, torch.float32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_mixed_batch_with_dropout_equals_rows_alone_under_the_same_masks(backend, bias):
+    """Each adapter's rows are masked as the one-adapter layer masks them for its p (same seed)."""
+    g = torch.Generator().manual_seed(21)
+    n, in_f, out_f = 37, 70, 50
+    x = torch.randn(n, in_f, generator=g)
+    weight = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    b = torch.randn(out_f, generator=g) if bias else None
+    adapters = make_adapters(3, in_f, out_f, seed=21)
+    ids = torch.randint(-1, 3, (n,), generator=g)
+    grad_y = torch.randn(n, out_f, generator=g)
+    dropout = [0.1, 0.0, 0.3]
+    torch.manual_seed(8)
+    y, grad_x, grads = run_mixed(x, weight, b, adapters, ids, grad_y, dropout=dropout)
+    torch.manual_seed(8)
+    seed = draw_seed()
+    masks = [keep_mask(backend, seed, (n, in_f), p) if p else None for p in dropout]
+    y_ref, grad_x_ref, grads_ref = rows_alone(x, weight, b, adapters, ids, grad_y, masks=masks, dropout=dropout)
+    _close(y, y_ref, torch.float32)
+    _close(grad_x, grad_x_ref, torch.float32)
+    for got, want in zip(grads, grads_ref):
+        for g_got, g_want in zip(got, want):
+            _close(g_got, g_want, torch.float32)
+    dropped = (~masks[2][ids == 2]).float().mean().item()
+    assert 0.2 < dropped < 0.4  # p = 0.3 on adapter 2's rows
+    no_dropout = run_mixed(x, weight, b, adapters, ids, grad_y, dropout=[0.0, 0.0, 0.0])
+    y_plain, _, _ = rows_alone(x, weight, b, adapters, ids, grad_y)
+    _close(no_dropout[0], y_plain, torch.float32)
 
 
 def test_adapter_without_rows_gets_zero_gradient(backend):
@@ -287,9 +321,7 @@ def test_errors():
     layer.set_row_adapters(torch.tensor([0, -1, 0]))
     with pytest.raises(ValueError, match="do not fit an input"):
         layer(torch.randn(4, 6))
-    layer.add_adapter("drop", r=2, dropout=0.1)
-    layer.set_row_adapters(torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match="dropout is not supported in a mixed-adapter batch"):
-        layer.train()(torch.randn(2, 6))
-    with torch.no_grad():
-        assert layer.eval()(torch.randn(2, 6)).shape == (2, 5)  # eval: no dropout, fine
+    with pytest.raises(ValueError, match="one probability per adapter"):
+        multi_lora_linear(x, w, None, lora_A, lora_B, [1.0, 1.0], ok, dropout_p=[0.1], training=True)
+    with pytest.raises(ValueError, match=r"dropout probability must be a number in \[0, 1\)"):
+        multi_lora_linear(x, w, None, lora_A, lora_B, [1.0, 1.0], ok, dropout_p=[0.1, 1.0], training=True)

@@ -1,0 +1,155 @@
+"""Mixed-adapter LoRA down-projection with per-adapter dropout: ``xa_i = (x_i ⊙ keep_i / (1 − p_k))·A_kᵀ``.
+
+Shapes: x ``(n, in)``, stacked A ``(K, R, in)``, dropout p ``(K,)`` float32 (runtime values in
+[0, 1)), xa ``(n, R)``; k = row_adapter[i], and ``xa_i = 0`` where k = −1. keep is the
+single-adapter mask of the same element for adapter k's p: ``keep_mask(seed, i, j, in, p_k)``
+with i the row's index in x, so ``keep_i == dropout_keep_mask(seed, (n, in), p_k)[i]``.
+
+One program per row block of the ``adapter_segments`` table (``BLOCK_M`` rows of one adapter)
+walks ``in`` once: each x tile is gathered once, masked in registers (the mask is generated
+once per element and never stored) and multiplied into an fp32 ``(BLOCK_M, R_PAD)``
+accumulator with A_k's tile. p_k is a per-program scalar loaded from ``dropout[k]``.
+Memory-bound: one read of x, one small write.
+
+The mixed-adapter forward under dropout runs it first with ``dropped_only`` (only the blocks of
+adapters with p_k > 0) and the fused forward computes the other rows' xa itself, so rows of an
+adapter with p_k = 0 get exactly the result without dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .adapter_segments import (
+    BLOCK_M,
+    UNUSED_BLOCK,
+    AdapterSegments,
+    check_dropout,
+    check_ids,
+    resolve_segments,
+)
+from .dropout_mask import keep_mask
+from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block
+
+_UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
+
+
+def _configs() -> list[triton.Config]:
+    # BLOCK_M is the block table's; the rest is free.
+    return [
+        triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+        for bk, s, w in [(128, 3, 4), (64, 4, 4), (64, 3, 8)]
+    ]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def multi_dropout_xa_kernel(
+    x_ptr, a_ptr, dropout_ptr, block_adapter_ptr, block_rows_ptr, xa_ptr,
+    K, R, seed,
+    stride_xm, stride_xk, stride_aa, stride_ar, stride_ak, stride_dropout, stride_xam, stride_xar,
+    DROPPED_ONLY: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    adapter = tl.load(block_adapter_ptr + pid)
+    if adapter == _UNUSED_BLOCK:
+        return
+    lora = tl.maximum(adapter, 0).to(tl.int64)
+    p = tl.load(dropout_ptr + lora * stride_dropout)
+    if DROPPED_ONLY:  # the other blocks' xa is written by the fused forward
+        if (adapter < 0) | (p == 0.0):
+            return
+    rows = tl.load(block_rows_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_mask = rows >= 0
+    mask_rows = tl.maximum(rows, 0)  # padding slots (−1) draw for row 0, never stored
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if adapter >= 0:
+        keep_scale = 1.0 / (1.0 - p)
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        at_ptrs = a_ptr + lora * stride_aa + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            keep = keep_mask(seed, mask_rows, k0 + offs_k, K, p)
+            dropped = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
+            at = tl.load(at_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            acc = dot(dropped, at, acc, DOT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            at_ptrs += BLOCK_K * stride_ak
+    xa_ptrs = xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
+    tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+
+
+multi_dropout_xa_tuned = triton.autotune(configs=_configs(), key=["K", "R_PAD", "DROPPED_ONLY"])(
+    multi_dropout_xa_kernel
+)
+
+
+def launch_multi_dropout_xa(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    dropout: torch.Tensor,
+    seed: int,
+    segments: AdapterSegments,
+    xa: torch.Tensor,
+    dropped_only: bool,
+    config: triton.Config | None,
+) -> None:
+    """Write ``drop(x)·A_kᵀ`` into ``xa`` ``(n, R)`` (checked arguments; all rows, or with
+    ``dropped_only`` only those of adapters with p_k > 0)."""
+    n, K = x.shape
+    R = lora_A.shape[1]
+    if n == 0:
+        return
+    num_blocks = segments.num_blocks
+    args = (
+        x, lora_A, dropout, segments.block_adapter, segments.block_rows, xa,
+        K, R, int(seed),
+        *x.stride(), *lora_A.stride(), dropout.stride(0), *xa.stride(),
+        dropped_only, rank_block(R), dot_precision(x.dtype),
+    )  # fmt: skip
+    launch(multi_dropout_xa_kernel, multi_dropout_xa_tuned, lambda meta: (num_blocks,), args, config)
+
+
+def multi_dropout_xa(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    row_adapter: torch.Tensor,
+    dropout: torch.Tensor,
+    seed: int,
+    segments: AdapterSegments | None = None,
+    config: triton.Config | None = None,
+) -> torch.Tensor:
+    """``xa_i = drop(x)_i·A_kᵀ`` (k = row_adapter[i]; zeros where k = −1) in one pass over x.
+
+    Args:
+        x: ``(n, in)``, any strides; lora_A: ``(K, R, in)``.
+        row_adapter: ``(n,)`` int64 (or int32) ids in [-1, K), any order.
+        dropout: ``(K,)`` float32 drop probabilities p_k in [0, 1) (p_k = 0: the row is not masked).
+        seed: the dropout seed (``lorafast.dropout.draw_seed()``).
+        segments: ``adapter_segments(row_adapter, K, BLOCK_M)`` if already built, else built here.
+        config: pin one of the kernel's configs (tests); None autotunes on CUDA.
+
+    Returns:
+        xa ``(n, R)`` in x's dtype.
+    """
+    check_input("x", x)
+    n, in_features = x.shape
+    if lora_A.dim() != 3:
+        raise ValueError(f"lora_A must be 3-D stacked adapters (K, R, in), got shape {tuple(lora_A.shape)}")
+    num_adapters, R = lora_A.shape[:2]
+    rank_block(R)
+    check_tensor("lora_A", lora_A, (num_adapters, R, in_features), x)
+    check_ids(row_adapter, n, x)
+    check_dropout(dropout, seed, num_adapters, x)
+    if dropout is None:
+        raise ValueError("dropout must be a (K,) torch.float32 tensor here, got None")
+    segments = resolve_segments(segments, row_adapter, num_adapters, n, x.device, config)
+    xa = torch.empty(n, R, dtype=x.dtype, device=x.device)
+    launch_multi_dropout_xa(x, lora_A, dropout, seed, segments, xa, False, config)
+    return xa
