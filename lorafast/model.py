@@ -113,10 +113,15 @@ def apply_lora(
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Put plain ``nn.Linear`` modules back, with the original (unmerged) weights. Returns ``model``."""
+    """Put plain ``nn.Linear`` modules back, with the original (unmerged) weights. Returns ``model``.
+
+    Named adapters (``lorafast.add_adapter``) are all dropped too.
+    """
     for name, layer in list(lora_layers(model)):
         if layer.merged:
             layer.unmerge()
+        _replace(model, name, _as_linear(layer))
+    for name, layer in list(_multi_layers(model)):
         _replace(model, name, _as_linear(layer))
     return model
 
@@ -126,12 +131,33 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     The result has no lorafast code in it: ``save_pretrained`` of a transformers model then
     loads in plain transformers and gives the same outputs, at the base model's inference cost.
+    A model with named adapters has its active adapter (``lorafast.set_adapter``) merged and
+    the others dropped.
+
+    Raises:
+        ValueError: named adapters with none active (which one to merge is ambiguous).
     """
+    multi = list(_multi_layers(model))
+    if multi:
+        active = {layer.active_adapter for _, layer in multi}
+        if None in active or len(active) > 1:
+            raise ValueError(
+                f"the model has named adapters {multi[0][1].adapter_names} but no single active one; "
+                "lorafast.set_adapter(model, name) picks the adapter to merge"
+            )
     for name, layer in list(lora_layers(model)):
         if not layer.merged:
             layer.merge()
         _replace(model, name, _as_linear(layer))
+    for name, layer in multi:
+        with torch.no_grad():
+            layer.weight.add_(layer.get_delta_weight(layer.active_adapter))
+        _replace(model, name, _as_linear(layer))
     return model
+
+
+def _multi_layers(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
 
 
 def _as_linear(layer: FusedLoRALinear | MultiLoRALinear) -> nn.Linear:
@@ -143,8 +169,9 @@ def _as_linear(layer: FusedLoRALinear | MultiLoRALinear) -> nn.Linear:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA factors of ``model``'s state_dict: ``{"<module>.lora_A": ..., "<module>.lora_B": ...}``."""
-    return {k: v for k, v in model.state_dict().items() if k.rpartition(".")[2] in ("lora_A", "lora_B")}
+    """Only the LoRA factors of ``model``'s state_dict: ``{"<module>.lora_A": ..., "<module>.lora_B": ...}``
+    (named adapters: ``"<module>.lora_A.<adapter>"``)."""
+    return {k: v for k, v in model.state_dict().items() if {"lora_A", "lora_B"} & set(k.split("."))}
 
 
 class ParameterCounts(NamedTuple):

@@ -203,3 +203,25 @@ def test_gradient_checkpointing_inside_the_block_gives_the_same_gradients(batch,
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_the_active_adapter_remove_all_and_state_dict(batch):
+    from lorafast import lora_state_dict, merge_lora, remove_lora
+
+    model = three_adapter_bart().eval()
+    keys = lora_state_dict(model)
+    assert len(keys) == 12 * 2 * 3 and all(k.rsplit(".", 1)[1] in NAMES for k in keys)
+    set_adapter(model, None)
+    with pytest.raises(ValueError, match="no single active one"):
+        merge_lora(model)
+    set_adapter(model, "legal")
+    with torch.no_grad():
+        want = model(**batch).logits
+        merged = merge_lora(model)
+        assert not any(isinstance(m, MultiLoRALinear) for m in merged.modules())
+        torch.testing.assert_close(merged(**batch).logits, want, atol=1e-5, rtol=1e-5)
+    model = three_adapter_bart().eval()
+    with torch.no_grad():
+        base = tiny_bart().eval()(**batch).logits
+        torch.testing.assert_close(remove_lora(model)(**batch).logits, base)
+    assert list_adapters(model) == []
