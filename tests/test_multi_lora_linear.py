@@ -325,3 +325,25 @@ def test_errors():
         multi_lora_linear(x, w, None, lora_A, lora_B, [1.0, 1.0], ok, dropout_p=[0.1], training=True)
     with pytest.raises(ValueError, match=r"dropout probability must be a number in \[0, 1\)"):
         multi_lora_linear(x, w, None, lora_A, lora_B, [1.0, 1.0], ok, dropout_p=[0.1, 1.0], training=True)
+
+
+def test_torch_compile_of_a_mixed_batch_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 8))
+    for i in (0, 2):
+        model[i] = MultiLoRALinear.from_linear(model[i])
+        for name, r in (("a", 2), ("b", 4)):
+            model[i].add_adapter(name, r=r)
+            with torch.no_grad():
+                model[i].lora_B[name].normal_()
+        model[i].set_row_adapters(torch.tensor([0, 1, -1]))
+    x = torch.randn(3, 5, 16)
+    results = []
+    for run in (model, torch.compile(model)):
+        model.zero_grad()
+        xs = x.clone().requires_grad_()
+        y = run(xs)
+        y.square().sum().backward()
+        results.append((y.detach(), xs.grad, model[0].lora_A["a"].grad.clone(), model[2].lora_B["b"].grad.clone()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
