@@ -1,6 +1,9 @@
 """Shared fixtures: Triton runs through its interpreter so the real kernels are tested on CPU."""
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 # Must be set before triton.jit decorates lorafast's kernels (when lorafast.kernels is imported).
@@ -113,3 +116,23 @@ def summarization_batches(tokenizer, count: int, batch_size: int = 4, source_len
         batch["labels"] = labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)
         batches.append(dict(batch))
     return batches
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> str:
+    """Run ``torchrun --standalone --nproc_per_node nproc *args`` on CPU (gloo); returns its output.
+
+    The launcher gets a session of its own, so that a hang kills it and every rank, not the launcher
+    alone. Fails the test (with the output's tail) unless every process exits with 0.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAFAST_BACKEND": "torch"}
+    launcher = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        output, _ = launcher.communicate()
+    assert launcher.returncode == 0, output[-3000:]
+    return output

@@ -1,9 +1,7 @@
 """train/: the SumPubMed loader and the fine-tuning script, end to end on a random tiny BART."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,7 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from conftest import SUMPUBMED
+from conftest import SUMPUBMED, run_torchrun
 
 TRAIN = Path(__file__).resolve().parents[1] / "train"
 sys.path.insert(0, str(TRAIN))
@@ -233,19 +231,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     """DDP over 2 processes (gloo), data sharded by rank: the loss curve of 1 process, same global batch."""
     common = ["--max-docs", "32", "--max-steps", "4", "--eval-docs", "0", "--model-dropout", "0", "--dropout", "0"]
     _run(tmp_path / "one", *common, "--batch-size", "4")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    script = [str(TRAIN / "finetune.py"), *SMOKE, *common, "--batch-size", "2", "--output-dir", str(tmp_path / "two")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAFAST_BACKEND": "torch"}
-    launcher = subprocess.Popen(
-        [*command, *script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        output, _ = launcher.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        output, _ = launcher.communicate()
-    assert launcher.returncode == 0, output[-3000:]
+    run_torchrun(
+        [str(TRAIN / "finetune.py"), *SMOKE, *common, "--batch-size", "2", "--output-dir", str(tmp_path / "two")]
+    )
     one, two = _step_losses(tmp_path / "one"), _step_losses(tmp_path / "two")
     assert list(two) == [1, 2, 3, 4]
     assert two == pytest.approx(one, rel=1e-5)
