@@ -63,12 +63,7 @@ class FusedLoRALinear(nn.Module):
         check_rank(r, linear.in_features, linear.out_features)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = linear.weight.requires_grad_(False)
-        if linear.bias is not None:
-            layer.bias = linear.bias.requires_grad_(False)
-        else:
-            layer.register_parameter("bias", None)
+        adopt_frozen_base(layer, linear)
         layer._init_lora(r, alpha, dropout)
         layer.reset_lora_parameters()
         return layer
@@ -145,6 +140,16 @@ class FusedLoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
         )
+
+
+def adopt_frozen_base(module: nn.Module, linear: nn.Linear) -> None:
+    """Give ``module`` the linear's sizes and its weight and bias Parameters (shared, not copied), frozen."""
+    module.in_features, module.out_features = linear.in_features, linear.out_features
+    module.weight = linear.weight.requires_grad_(False)
+    if linear.bias is not None:
+        module.bias = linear.bias.requires_grad_(False)
+    else:
+        module.register_parameter("bias", None)
 
 
 def _allow_missing_lora_keys(module: FusedLoRALinear, incompatible_keys) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .function import lora_linear
+from .layer import adopt_frozen_base
 from .multi_function import apply_multi_lora, check_multi_lora_inputs, dropout_tensor, row_adapter_ids
 from .validation import autocast_inputs, check_dropout, check_rank, check_scaling
 
@@ -51,12 +52,7 @@ class MultiLoRALinear(nn.Module):
         return layer
 
     def _init_from(self, linear: nn.Linear) -> None:
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight.requires_grad_(False)
-        if linear.bias is not None:
-            self.bias = linear.bias.requires_grad_(False)
-        else:
-            self.register_parameter("bias", None)
+        adopt_frozen_base(self, linear)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.alphas: dict[str, float] = {}
@@ -179,8 +175,10 @@ class MultiLoRALinear(nn.Module):
         scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
         with torch.autocast(device_type=x.device.type, enabled=False):
             rows = row_adapter_ids(ids, x.shape)
-            dropout = dropout_tensor([self.dropouts[n] for n in self.adapter_names], len(self.lora_A), x.device)
-            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout if self.training else None)
+            dropout = None
+            if self.training:
+                dropout = dropout_tensor([self.dropouts[n] for n in self.adapter_names], len(self.lora_A), x.device)
+            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={a.shape[0]}, alpha={self.alphas[n]})" for n, a in self.lora_A.items())
