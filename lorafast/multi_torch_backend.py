@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .dropout import keep_blocks
-from .torch_backend import matmul_wt, rows_transposed_matmul
+from .torch_backend import input_and_down_grads, matmul_wt, rows_transposed_matmul
 
 
 def _row_blocks(row_adapter: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,25 +122,8 @@ def multi_lora_backward(
     g_all = matmul_wt(grad_y, _stacked_b(lora_B).t()).view(-1, num_adapters, rank)
     g_wide = _scatter_blocks(g_all[rows, adapter].mul_(row_scale), rows, adapter, num_adapters)
     a_stacked = lora_A.reshape(num_adapters * rank, in_features)
-    if row_p is None:
-        if need_da:
-            grad_a = rows_transposed_matmul(g_wide, x).view(num_adapters, rank, in_features)
-        if need_dx:
-            grad_x = torch.mm(g_wide, a_stacked)
-            grad_x.addmm_(grad_y, weight)
-        return grad_x, grad_a, grad_b
-
-    if need_da:  # the row blocks' contributions summed in at least fp32
-        grad_a = torch.zeros(a_stacked.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    if need_dx:
-        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-    for block, keep in keep_blocks(seed, row_p, x.shape, x.dtype, x.device):
-        if need_dx:
-            torch.mm(g_wide[block], a_stacked, out=grad_x[block]).mul_(keep)
-        if need_da:
-            grad_a += rows_transposed_matmul(g_wide[block], keep.mul_(x[block]))
-    if need_dx:
-        grad_x.addmm_(grad_y, weight)
-    if need_da:
-        grad_a = grad_a.to(x.dtype).view(num_adapters, rank, in_features)
+    masks = keep_blocks(seed, row_p, x.shape, x.dtype, x.device) if row_p is not None else None
+    grad_x, grad_a = input_and_down_grads(grad_y, x, weight, g_wide, a_stacked, need_dx, need_da, masks)
+    if grad_a is not None:
+        grad_a = grad_a.view(num_adapters, rank, in_features)
     return grad_x, grad_a, grad_b

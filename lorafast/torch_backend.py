@@ -15,6 +15,8 @@ lora_B ``(out, r)``, y ``(n, out)``, xa ``(n, r)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from .dropout import keep_blocks
@@ -121,14 +123,36 @@ def lora_backward(
 
     # g = s/(1-p)·dY·B: the one (n, r) factor both dA and the LoRA part of dX need.
     g = matmul_wt(grad_y, lora_B.t()).mul_(scaling / (1.0 - dropout_p))
-    if dropout_p == 0.0:
+    masks = keep_blocks(seed, dropout_p, x.shape, x.dtype, x.device) if dropout_p > 0.0 else None
+    grad_x, grad_a = input_and_down_grads(grad_y, x, weight, g, lora_A, need_dx, need_da, masks)
+    return grad_x, grad_a, grad_b
+
+
+def input_and_down_grads(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    g: torch.Tensor,
+    lora_A: torch.Tensor,
+    need_dx: bool,
+    need_da: bool,
+    masks: Iterable[tuple[slice, torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dX, dA)`` given ``g`` ``(n, r)``, dY·B already scaled (by s/(1-p)): ``dX = dY·W0 + keep ⊙ (g·A)``,
+    ``dA = gᵀ·(x ⊙ keep)`` ``(r, in)``; each None unless needed.
+
+    ``masks``: None (no dropout), or the ``(rows, keep)`` blocks of :func:`lorafast.dropout.keep_blocks`
+    for x, applied block by block so that no whole mask or masked x is ever held.
+    """
+    grad_x = grad_a = None
+    if masks is None:
         if need_da:
             grad_a = rows_transposed_matmul(g, x)
         if need_dx:
             # g·A writes an (n, in) output: MKL's GEMM (A column-major) beats oneDNN's linear there
             grad_x = torch.mm(g, lora_A.t().contiguous().t())
             grad_x.addmm_(grad_y, weight)
-        return grad_x, grad_a, grad_b
+        return grad_x, grad_a
 
     if need_da:
         # Sum the row blocks' contributions in at least fp32.
@@ -136,7 +160,7 @@ def lora_backward(
     if need_dx:
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     a_t = lora_A.t().contiguous()
-    for rows, keep in keep_blocks(seed, dropout_p, x.shape, x.dtype, x.device):
+    for rows, keep in masks:
         if need_dx:
             torch.mm(g[rows], a_t.t(), out=grad_x[rows]).mul_(keep)
         if need_da:
@@ -145,4 +169,4 @@ def lora_backward(
         grad_x.addmm_(grad_y, weight)
     if need_da:
         grad_a = grad_a.to(x.dtype)
-    return grad_x, grad_a, grad_b
+    return grad_x, grad_a
