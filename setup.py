@@ -39,6 +39,6 @@ setup(
     extras_require={
         "train": TRAIN,
         "bench": ["pytest>=8", "pytest-benchmark>=4", *TRAIN],
-        "test": ["pytest>=8", "ruff", *TRAIN],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", *TRAIN],
     },
 )

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# On a machine with one CUDA GPU whose Python already has torch, triton, peft, transformers, tokenizers,
-# pytest, pytest-benchmark and matplotlib (the lent H200 has them all): install lorafast itself, run
-# the compiled kernels' tests, then the GPU benchmark suite. Results go to $OUT (the device tool's
-# output folder) or bench/results. Sized to end within 6 minutes.
+# GPU tests and benchmarks on a machine with one CUDA GPU.
 #
-# The model benchmarks read SumPubMed: where ../shared/sumpubmed is not beside the checkout, copy a
-# few hundred documents of it to a git-ignored folder that travels with the run and point
-# LORAFAST_SUMPUBMED at it.
+# Needs: a Python with torch (CUDA build), triton, peft, transformers, tokenizers, pytest, pytest-benchmark
+# and matplotlib; lorafast is installed from this checkout. Runs the compiled kernels' tests
+# (tests/test_cuda.py), then the benchmark suite (bench/), and writes logs, benchmark.json and the
+# report to $OUT (default bench/results). Sized to end within 6 minutes with a cold Triton cache.
+#
+# The model benchmarks read SumPubMed from ../shared/sumpubmed, or from LORAFAST_SUMPUBMED.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}

@@ -64,7 +64,8 @@ def make_inputs(n_shape, in_f, out_f, r, dtype=torch.float32, bias=True, seed=0)
 
 # --- small BART models and real SumPubMed text (integration tests) ---------------------------------
 
-SUMPUBMED = Path(__file__).resolve().parents[2] / "shared" / "sumpubmed"
+# The SumPubMed sample beside the checkout; LORAFAST_SUMPUBMED points elsewhere (as in bench/).
+SUMPUBMED = Path(os.environ.get("LORAFAST_SUMPUBMED", Path(__file__).resolve().parents[2] / "shared" / "sumpubmed"))
 
 
 def sumpubmed_documents(count: int) -> list[tuple[str, str]]:
