@@ -2,7 +2,8 @@
 
 Targets are chosen as in PEFT: a sequence of names matches every module whose name is one of
 them or ends with ``"." + name`` (``"q_proj"`` matches ``model.encoder.layers.0.self_attn.q_proj``);
-a single string is a regular expression that must match the whole module name.
+a single string is a regular expression that must match the whole module name; ``"all-linear"``
+selects every linear layer except the output head (``get_output_embeddings()``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .layer import FusedLoRALinear
 from .multi_layer import MultiLoRALinear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 
 
 def _matches(name: str, targets: str | Sequence[str]) -> bool:
@@ -48,6 +50,8 @@ def select_targets(
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
             raise ValueError(f"target_modules must be a regular expression or non-empty names, got {target_modules!r}")
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        return _all_linear(model, allowed)
     matched = {name: module for name, module in model.named_modules() if name and _matches(name, target_modules)}
     if isinstance(target_modules, str):
         unmatched = [] if matched else [target_modules]
@@ -65,6 +69,18 @@ def select_targets(
                 f"target module {name!r} is a {type(module).__name__}, not an nn.Linear; "
                 "lorafast adds LoRA to linear layers only"
             )
+    return matched
+
+
+def _all_linear(model: nn.Module, allowed: tuple[type, ...]) -> dict[str, nn.Module]:
+    """Every ``allowed`` module of ``model`` except its output head, as PEFT's ``"all-linear"`` selects."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    matched = {name: m for name, m in model.named_modules() if isinstance(m, allowed) and m is not head}
+    if not matched:
+        raise ValueError(
+            f"target_modules='all-linear' found no linear layer (besides the output head) in {type(model).__name__}"
+        )
     return matched
 
 
@@ -90,7 +106,8 @@ def apply_lora(
     Args:
         model: any module, e.g. a transformers model.
         target_modules: names matched by suffix (a sequence) or one regular expression that
-            must match the whole module name (a string), as in PEFT.
+            must match the whole module name (a string), as in PEFT; ``"all-linear"``: every
+            linear layer except the output head (PEFT's meaning).
         r, alpha, dropout: as in :class:`FusedLoRALinear`.
 
     Raises:
