@@ -27,6 +27,9 @@ class FusedLoRALinear(nn.Module):
         alpha: LoRA alpha; the update is scaled by ``scaling = alpha / r``.
         dropout: dropout probability on the LoRA branch's input in training, in [0, 1).
         device, dtype: as ``nn.Linear``.
+        adapter_dtype: dtype of lora_A and lora_B; None: fp32 on an fp16/bf16 weight (as PEFT,
+            so optimizer updates keep their precision), else the weight's dtype. The factors are
+            cast to the compute dtype inside the forward; their gradients arrive in adapter_dtype.
 
     Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
     """
@@ -42,6 +45,7 @@ class FusedLoRALinear(nn.Module):
         dropout: float = 0.0,
         device=None,
         dtype=None,
+        adapter_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         check_rank(r, in_features, out_features)
@@ -52,11 +56,19 @@ class FusedLoRALinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._init_lora(r, alpha, dropout)
+        self._init_lora(r, alpha, dropout, adapter_dtype)
         self.reset_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        adapter_dtype: torch.dtype | None = None,
+    ):
         """Wrap ``linear``: its weight and bias Parameters are reused (not copied) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -64,14 +76,14 @@ class FusedLoRALinear(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         adopt_frozen_base(layer, linear)
-        layer._init_lora(r, alpha, dropout)
+        layer._init_lora(r, alpha, dropout, adapter_dtype)
         layer.reset_lora_parameters()
         return layer
 
-    def _init_lora(self, r: int, alpha: float, dropout: float) -> None:
+    def _init_lora(self, r: int, alpha: float, dropout: float, adapter_dtype: torch.dtype | None = None) -> None:
         check_scaling(alpha)
         check_dropout(dropout)
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory = {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -130,9 +142,8 @@ class FusedLoRALinear(nn.Module):
                     "for inference)"
                 )
             return F.linear(x, self.weight, self.bias)
-        return lora_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training
-        )
+        lora_A, lora_B = in_compute_dtype(self.lora_A, x.dtype), in_compute_dtype(self.lora_B, x.dtype)
+        return lora_linear(x, self.weight, self.bias, lora_A, lora_B, self.scaling, self.dropout, self.training)
 
     def extra_repr(self) -> str:
         merged = ", merged=True" if self.merged else ""
@@ -140,6 +151,20 @@ class FusedLoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
         )
+
+
+def default_adapter_dtype(weight_dtype: torch.dtype, adapter_dtype: torch.dtype | None = None) -> torch.dtype:
+    """``adapter_dtype`` if given, else fp32 for an fp16/bf16 weight (PEFT's default), else the weight's dtype."""
+    if adapter_dtype is not None:
+        if not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+            raise ValueError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
+        return adapter_dtype
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+def in_compute_dtype(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``factor`` cast to the compute dtype; the cast is differentiable, so the gradient keeps the factor's dtype."""
+    return factor if factor.dtype == dtype else factor.to(dtype)
 
 
 def adopt_frozen_base(module: nn.Module, linear: nn.Linear) -> None:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .layer import FusedLoRALinear
+from .layer import FusedLoRALinear, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
@@ -97,6 +97,7 @@ def apply_lora(
     r: int = 8,
     alpha: float = 16,
     dropout: float = 0.0,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` modules of ``model`` in place by FusedLoRALinear.
 
@@ -109,6 +110,8 @@ def apply_lora(
             must match the whole module name (a string), as in PEFT; ``"all-linear"``: every
             linear layer except the output head (PEFT's meaning).
         r, alpha, dropout: as in :class:`FusedLoRALinear`.
+        adapter_dtype: dtype of the LoRA factors; None: fp32 on an fp16/bf16 model (as PEFT),
+            else the weights' dtype (see :class:`FusedLoRALinear`).
 
     Raises:
         ValueError: if LoRA is already applied, if a target matches no module (the message
@@ -122,10 +125,15 @@ def apply_lora(
             "them all before apply_lora()"
         )
     matched = select_targets(model, target_modules)
+    default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
     for param in model.parameters():
         param.requires_grad_(False)
     for name, module in matched.items():
-        _replace(model, name, FusedLoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout))
+        _replace(
+            model,
+            name,
+            FusedLoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype),
+        )
     return model
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .function import lora_linear
+from .layer import in_compute_dtype
 from .multi_function import multi_lora_linear
 
 logger = logging.getLogger(__name__)
@@ -93,11 +94,6 @@ def _base_is_frozen(layer: nn.Module) -> bool:
     )
 
 
-def _factor(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A LoRA factor in the compute dtype: the cast is differentiable, so fp32 factors get fp32 grads."""
-    return p if p.dtype == dtype else p.to(dtype)
-
-
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's ``Linear.forward`` with the LoRA layer computed by lorafast where supported."""
     adapter_names = kwargs.get("adapter_names")
@@ -114,8 +110,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x,
         _base_weight(self),
         self.get_base_layer().bias,
-        _factor(self.lora_A[name].weight, x.dtype),
-        _factor(self.lora_B[name].weight, x.dtype),
+        in_compute_dtype(self.lora_A[name].weight, x.dtype),
+        in_compute_dtype(self.lora_B[name].weight, x.dtype),
         self.scaling[name],
         _dropout_p(self, name),
         True,
@@ -139,8 +135,10 @@ def _mixed_forward(self, x: torch.Tensor, adapter_names, kwargs) -> torch.Tensor
     if not names:
         return self.base_layer(x)
     rank = max(self.r[n] for n in names)
-    a = torch.stack([F.pad(_factor(self.lora_A[n].weight, x.dtype), (0, 0, 0, rank - self.r[n])) for n in names])
-    b = torch.stack([F.pad(_factor(self.lora_B[n].weight, x.dtype), (0, rank - self.r[n])) for n in names])
+    a = torch.stack(
+        [F.pad(in_compute_dtype(self.lora_A[n].weight, x.dtype), (0, 0, 0, rank - self.r[n])) for n in names]
+    )
+    b = torch.stack([F.pad(in_compute_dtype(self.lora_B[n].weight, x.dtype), (0, rank - self.r[n])) for n in names])
     scalings = [float(self.scaling[n]) for n in names]
     dropout = [_dropout_p(self, n) for n in names]
     bias = self.get_base_layer().bias
