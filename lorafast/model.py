@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .layer import FusedLoRALinear, default_adapter_dtype
+from .layer import FusedLoRALinear, conv1d_class, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
@@ -66,7 +66,8 @@ def select_targets(
     for name, module in matched.items():
         if not isinstance(module, allowed):
             raise ValueError(
-                f"target module {name!r} is a {type(module).__name__}, not an nn.Linear; "
+                f"target module {name!r} is a {type(module).__name__}, not an nn.Linear"
+                f"{' (or a transformers Conv1D)' if conv1d_class() in allowed else ''}; "
                 "lorafast adds LoRA to linear layers only"
             )
     return matched
@@ -84,6 +85,12 @@ def _all_linear(model: nn.Module, allowed: tuple[type, ...]) -> dict[str, nn.Mod
     return matched
 
 
+def _single_adapter_bases() -> tuple[type, ...]:
+    """The module types apply_lora adapts: nn.Linear, and transformers' Conv1D when it is loaded."""
+    conv1d = conv1d_class()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoRALinear]]:
     """``(module name, layer)`` for every FusedLoRALinear in ``model``."""
     for name, module in model.named_modules():
@@ -99,7 +106,7 @@ def apply_lora(
     dropout: float = 0.0,
     adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Replace the targeted ``nn.Linear`` modules of ``model`` in place by FusedLoRALinear.
+    """Replace the targeted ``nn.Linear`` (and GPT-2 ``Conv1D``) modules of ``model`` in place by FusedLoRALinear.
 
     The new layers reuse the linears' weights (no copy); every other parameter of the model is
     frozen, so only the LoRA factors train. Returns ``model``.
@@ -124,7 +131,7 @@ def apply_lora(
             "the model has named adapters (add_adapter); use add_adapter() for another one, or remove_adapter() "
             "them all before apply_lora()"
         )
-    matched = select_targets(model, target_modules)
+    matched = select_targets(model, target_modules, allowed=_single_adapter_bases())
     default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
     for param in model.parameters():
         param.requires_grad_(False)
@@ -185,7 +192,13 @@ def _multi_layers(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
 
 
-def _as_linear(layer: FusedLoRALinear | MultiLoRALinear) -> nn.Linear:
+def _as_linear(layer: FusedLoRALinear | MultiLoRALinear) -> nn.Module:
+    """The plain layer holding ``layer``'s weight and bias: an nn.Linear, or a Conv1D for ``fan_in_fan_out``."""
+    if getattr(layer, "fan_in_fan_out", False):
+        with torch.device("meta"):
+            conv = conv1d_class()(layer.out_features, layer.in_features)
+        conv.weight, conv.bias = layer.weight, layer.bias
+        return conv.train(layer.training)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     linear.weight = layer.weight
     if layer.bias is not None:
