@@ -7,6 +7,7 @@
 - :func:`add_adapter`, :func:`adapter_ids`, :func:`multi_lora_linear`, :class:`MultiLoRALinear`:
   several named adapters in one model, mixed in one batch (one adapter per sequence).
 - :func:`patch_peft`, :func:`unpatch_peft`: lorafast's fused LoRA inside a ``peft.PeftModel``.
+- :func:`adapter_checkpoints`: a ``transformers.Trainer`` saves and resumes only the adapter.
 """
 
 from .adapter import load_adapter, read_adapter, save_adapter
@@ -17,12 +18,14 @@ from .multi_adapter import adapter_ids, add_adapter, list_adapters, multi_lora_l
 from .multi_function import MultiLoRALinearFunction, multi_lora_linear
 from .multi_layer import MultiLoRALinear
 from .peft_patch import patch_peft, unpatch_peft
+from .trainer import adapter_checkpoints
 
 __all__ = [
     "FusedLoRALinear",
     "LoRALinearFunction",
     "MultiLoRALinear",
     "MultiLoRALinearFunction",
+    "adapter_checkpoints",
     "adapter_ids",
     "add_adapter",
     "apply_lora",
