@@ -222,3 +222,21 @@ def test_bf16_base_with_fp32_adapters_trains_the_fp32_factors():
         assert grad.dtype == torch.float32
         want = _lora_grads(peft_model)[name]
         assert torch.nn.functional.cosine_similarity(grad.flatten(), want.flatten(), dim=0) > 0.99
+
+
+def test_lora_dropout_p_and_train_mode_reach_the_fused_call():
+    base = torch.nn.Linear(24, 16)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["0"], init_lora_weights=False)
+    peft_layer = get_peft_model(torch.nn.Sequential(base), config).base_model.model[0]
+    patched = patch_peft(copy.deepcopy(peft_layer))
+    ours = lorafast.FusedLoRALinear.from_linear(copy.deepcopy(base), r=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
+    x = torch.randn(5, 24)
+    torch.manual_seed(7)
+    got = patched.train()(x)
+    torch.manual_seed(7)
+    _close(got, ours.train()(x))  # the same seeded lorafast dropout as the lorafast layer with p=0.5
+    assert not torch.allclose(got, patched.eval()(x))
+    _close(patched.eval()(x), peft_layer.eval()(x))
