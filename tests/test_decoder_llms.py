@@ -147,6 +147,10 @@ def test_gpt2_conv1d_merge_unmerge_and_merge_lora(tmp_path):
         conv1d = type(MODELS["gpt2"]().transformer.h[0].attn.c_attn)
         assert type(merged.transformer.h[0].attn.c_attn) is conv1d and next(lorafast.lora_layers(merged), None) is None
         torch.testing.assert_close(merged(**batch).logits, want, atol=1e-5, rtol=1e-5)
+    restored = lorafast.remove_lora(lorafast.load_adapter(MODELS["gpt2"](), tmp_path))
+    assert type(restored.transformer.h[1].mlp.c_fc) is conv1d
+    for key, value in MODELS["gpt2"]().state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
 
 
 def _saved(peft_model, directory):
