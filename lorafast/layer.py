@@ -80,7 +80,9 @@ class FusedLoRALinear(nn.Module):
         Parameters are reused (not copied) and frozen."""
         conv1d = is_conv1d(linear)
         if not (conv1d or isinstance(linear, nn.Linear)):
-            raise ValueError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+            raise ValueError(
+                f"from_linear expects an nn.Linear, got {type(linear).__name__} (transformers' Conv1D works too)"
+            )
         in_features, out_features = linear.weight.shape if conv1d else linear.weight.shape[::-1]
         check_rank(r, in_features, out_features)
         layer = cls.__new__(cls)
