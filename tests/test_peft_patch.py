@@ -1,6 +1,7 @@
 """patch_peft: PEFT models run lorafast's fused LoRA on PEFT's own parameters, with PEFT's results."""
 
 import copy
+import io
 import logging
 
 import pytest
@@ -240,3 +241,20 @@ def test_lora_dropout_p_and_train_mode_reach_the_fused_call():
     _close(got, ours.train()(x))  # the same seeded lorafast dropout as the lorafast layer with p=0.5
     assert not torch.allclose(got, patched.eval()(x))
     _close(patched.eval()(x), peft_layer.eval()(x))
+
+
+def test_pickle_round_trip_and_merge_and_unload():
+    patched = _pair("llama")[1].eval()
+    batch = lm_batch("llama")
+    batch.pop("labels")
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert patched_layer_count(restored) == 14
+    with torch.no_grad():
+        want = patched(**batch).logits
+        _close(restored(**batch).logits, want)
+        merged = patched.merge_and_unload()
+        assert type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
+        _close(merged(**batch).logits, want, rel=1e-4)
