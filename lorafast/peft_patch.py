@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .function import lora_linear
-from .layer import in_compute_dtype
+from .layer import in_compute_dtype, is_conv1d
 from .multi_function import multi_lora_linear
 
 logger = logging.getLogger(__name__)
@@ -36,14 +36,6 @@ def _peft_linear_class() -> type:
     except ImportError as err:  # pragma: no cover - peft is a test dependency
         raise ImportError("patch_peft needs the peft package (pip install peft)") from err
     return Linear
-
-
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-    return Conv1D
 
 
 def _base_weight(layer: nn.Module) -> torch.Tensor:
@@ -70,8 +62,7 @@ def _layer_reason(layer: nn.Module) -> str | None:
     if type(layer) is not _peft_linear_class():
         return f"PEFT {type(layer).__name__}"
     base = layer.get_base_layer()
-    conv1d = _conv1d_class()
-    if type(base) is not nn.Linear and not (conv1d is not None and type(base) is conv1d):
+    if type(base) is not nn.Linear and not is_conv1d(base):
         return f"base {type(base).__name__}"
     if not base.weight.is_floating_point() or base.weight.dim() != 2:
         return f"quantized base ({base.weight.dtype})"
