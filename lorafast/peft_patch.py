@@ -58,7 +58,7 @@ def _adapter_reason(layer: nn.Module, name: str) -> str | None:
 
 
 def _layer_reason(layer: nn.Module) -> str | None:
-    """Why ``layer`` cannot be patched at all, or None when it can."""
+    """Why ``layer`` cannot be patched (its base, or every adapter, unsupported), or None when it can."""
     if type(layer) is not _peft_linear_class():
         return f"PEFT {type(layer).__name__}"
     base = layer.get_base_layer()
@@ -66,11 +66,9 @@ def _layer_reason(layer: nn.Module) -> str | None:
         return f"base {type(base).__name__}"
     if not base.weight.is_floating_point() or base.weight.dim() != 2:
         return f"quantized base ({base.weight.dtype})"
-    for name in layer.lora_A:
-        reason = _adapter_reason(layer, name)
-        if reason is not None:
-            return reason
-    return None
+    reasons = [_adapter_reason(layer, name) for name in layer.lora_A]
+    # Patched when one adapter can run fused: each call checks its own adapter and falls back to PEFT.
+    return None if None in reasons or not reasons else reasons[0]
 
 
 def _dropout_p(layer: nn.Module, name: str) -> float:

@@ -258,3 +258,17 @@ def test_pickle_round_trip_and_merge_and_unload():
         merged = patched.merge_and_unload()
         assert type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
         _close(merged(**batch).logits, want, rel=1e-4)
+
+
+def test_a_dora_adapter_beside_a_plain_one_runs_peft_forward_when_active(fused_calls):
+    peft_model = _peft("llama", targets=["q_proj", "v_proj"], adapter="plain")
+    _peft("llama", targets=["q_proj", "v_proj"], use_dora=True, model=peft_model, adapter="dora")
+    patched = patch_peft(copy.deepcopy(peft_model))
+    assert patched_layer_count(patched) == 4
+    batch = lm_batch("llama")
+    for name, fused in (("dora", 0), ("plain", 4)):
+        peft_model.set_adapter(name)
+        patched.set_adapter(name)
+        with torch.no_grad():
+            _close(patched.eval()(**batch).logits, peft_model.eval()(**batch).logits)
+        assert fused_calls["lora_linear"] == fused
