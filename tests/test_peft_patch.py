@@ -272,3 +272,17 @@ def test_a_dora_adapter_beside_a_plain_one_runs_peft_forward_when_active(fused_c
         with torch.no_grad():
             _close(patched.eval()(**batch).logits, peft_model.eval()(**batch).logits)
         assert fused_calls["lora_linear"] == fused
+
+
+def test_torch_compile_of_a_patched_model_matches_eager():
+    patched = _pair("llama")[1]
+    batch = lm_batch("llama")
+    eager = patched(**batch)
+    eager.loss.backward()
+    want = {n: g.clone() for n, g in _lora_grads(patched).items()}
+    patched.zero_grad()
+    compiled = torch.compile(patched, backend="aot_eager")(**batch)
+    compiled.loss.backward()
+    _close(compiled.logits, eager.logits)
+    for name, grad in _lora_grads(patched).items():
+        _close(grad, want[name])
