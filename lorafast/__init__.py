@@ -6,6 +6,8 @@
 - :func:`save_adapter`, :func:`load_adapter`: adapters in PEFT's format.
 - :func:`add_adapter`, :func:`adapter_ids`, :func:`multi_lora_linear`, :class:`MultiLoRALinear`:
   several named adapters in one model, mixed in one batch (one adapter per sequence).
+- :func:`patch_peft`, :func:`unpatch_peft`: lorafast's fused LoRA inside a ``peft.PeftModel``.
+- :func:`adapter_checkpoints`: a ``transformers.Trainer`` saves and resumes only the adapter.
 """
 
 from .adapter import load_adapter, read_adapter, save_adapter
@@ -15,12 +17,15 @@ from .model import apply_lora, lora_layers, lora_state_dict, merge_lora, paramet
 from .multi_adapter import adapter_ids, add_adapter, list_adapters, multi_lora_layers, remove_adapter, set_adapter
 from .multi_function import MultiLoRALinearFunction, multi_lora_linear
 from .multi_layer import MultiLoRALinear
+from .peft_patch import patch_peft, unpatch_peft
+from .trainer import adapter_checkpoints
 
 __all__ = [
     "FusedLoRALinear",
     "LoRALinearFunction",
     "MultiLoRALinear",
     "MultiLoRALinearFunction",
+    "adapter_checkpoints",
     "adapter_ids",
     "add_adapter",
     "apply_lora",
@@ -33,10 +38,12 @@ __all__ = [
     "multi_lora_layers",
     "multi_lora_linear",
     "parameter_counts",
+    "patch_peft",
     "read_adapter",
     "remove_adapter",
     "remove_lora",
     "save_adapter",
     "set_adapter",
+    "unpatch_peft",
 ]
 __version__ = "0.1.0"

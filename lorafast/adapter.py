@@ -30,7 +30,6 @@ _UNSUPPORTED = {
     "use_rslora": False,
     "rank_pattern": {},
     "alpha_pattern": {},
-    "fan_in_fan_out": False,
     "bias": "none",
     "lora_bias": False,
     "modules_to_save": None,
@@ -79,7 +78,7 @@ def save_adapter(
         "lora_dropout": dropout,
         "target_modules": _target_modules(model, set(layers)),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in lora_layers(model)),  # GPT-2's Conv1D
         "init_lora_weights": True,
         "modules_to_save": None,
         "use_dora": False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import torch
@@ -27,9 +28,18 @@ class FusedLoRALinear(nn.Module):
         alpha: LoRA alpha; the update is scaled by ``scaling = alpha / r``.
         dropout: dropout probability on the LoRA branch's input in training, in [0, 1).
         device, dtype: as ``nn.Linear``.
+        adapter_dtype: dtype of lora_A and lora_B; None: fp32 on an fp16/bf16 weight (as PEFT,
+            so optimizer updates keep their precision), else the weight's dtype. The factors are
+            cast to the compute dtype inside the forward; their gradients arrive in adapter_dtype.
 
     Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
+
+    ``from_linear`` also wraps a transformers ``Conv1D`` (GPT-2), whose weight is ``(in, out)``:
+    it is kept in that layout (and state_dict key), read transposed without a copy, and
+    ``fan_in_fan_out`` is True, as in PEFT.
     """
+
+    fan_in_fan_out = False  # True: the weight is stored (in_features, out_features), as a Conv1D's
 
     def __init__(
         self,
@@ -42,6 +52,7 @@ class FusedLoRALinear(nn.Module):
         dropout: float = 0.0,
         device=None,
         dtype=None,
+        adapter_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         check_rank(r, in_features, out_features)
@@ -52,26 +63,42 @@ class FusedLoRALinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._init_lora(r, alpha, dropout)
+        self._init_lora(r, alpha, dropout, adapter_dtype)
         self.reset_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, r: int = 8, alpha: float = 16, dropout: float = 0.0):
-        """Wrap ``linear``: its weight and bias Parameters are reused (not copied) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        check_rank(r, linear.in_features, linear.out_features)
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        adapter_dtype: torch.dtype | None = None,
+    ):
+        """Wrap ``linear`` (an ``nn.Linear`` or a transformers ``Conv1D``): its weight and bias
+        Parameters are reused (not copied) and frozen."""
+        conv1d = is_conv1d(linear)
+        if not (conv1d or isinstance(linear, nn.Linear)):
+            raise ValueError(
+                f"from_linear expects an nn.Linear, got {type(linear).__name__} (transformers' Conv1D works too)"
+            )
+        in_features, out_features = linear.weight.shape if conv1d else linear.weight.shape[::-1]
+        check_rank(r, in_features, out_features)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        adopt_frozen_base(layer, linear)
-        layer._init_lora(r, alpha, dropout)
+        if conv1d:
+            _adopt_conv1d(layer, linear)
+        else:
+            adopt_frozen_base(layer, linear)
+        layer._init_lora(r, alpha, dropout, adapter_dtype)
         layer.reset_lora_parameters()
         return layer
 
-    def _init_lora(self, r: int, alpha: float, dropout: float) -> None:
+    def _init_lora(self, r: int, alpha: float, dropout: float, adapter_dtype: torch.dtype | None = None) -> None:
         check_scaling(alpha)
         check_dropout(dropout)
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory = {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -96,11 +123,16 @@ class FusedLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     @torch.no_grad()
     def get_delta_weight(self) -> torch.Tensor:
-        """``scaling·B·A`` ``(out_features, in_features)`` in the weight's dtype (computed in fp32)."""
-        delta = self.lora_B.float() @ self.lora_A.float()
-        return delta.mul_(self.scaling).to(self.weight.dtype)
+        """``scaling·B·A`` in the weight's dtype and layout (computed in fp32): ``(out_features,
+        in_features)``, or ``(in_features, out_features)`` with ``fan_in_fan_out``, as PEFT's."""
+        delta = (self.lora_B.float() @ self.lora_A.float()).mul_(self.scaling)
+        return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -129,17 +161,50 @@ class FusedLoRALinear(nn.Module):
                     "cannot be trained; call unmerge() before training (or eval() / torch.no_grad() "
                     "for inference)"
                 )
-            return F.linear(x, self.weight, self.bias)
-        return lora_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.dropout, self.training
-        )
+            return F.linear(x, self.base_weight(), self.bias)
+        lora_A, lora_B = in_compute_dtype(self.lora_A, x.dtype), in_compute_dtype(self.lora_B, x.dtype)
+        return lora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, self.scaling, self.dropout, self.training)
 
     def extra_repr(self) -> str:
         merged = ", merged=True" if self.merged else ""
+        merged += ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
         )
+
+
+def default_adapter_dtype(weight_dtype: torch.dtype, adapter_dtype: torch.dtype | None = None) -> torch.dtype:
+    """``adapter_dtype`` if given, else fp32 for an fp16/bf16 weight (PEFT's default), else the weight's dtype."""
+    if adapter_dtype is not None:
+        if not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+            raise ValueError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
+        return adapter_dtype
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+def in_compute_dtype(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``factor`` cast to the compute dtype; the cast is differentiable, so the gradient keeps the factor's dtype."""
+    return factor if factor.dtype == dtype else factor.to(dtype)
+
+
+def conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's projections, weight ``(in, out)``) if transformers is loaded, else None."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D``."""
+    conv1d = conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _adopt_conv1d(layer: FusedLoRALinear, conv: nn.Module) -> None:
+    """Give ``layer`` the Conv1D's ``(in, out)`` weight and bias Parameters (shared, not copied), frozen."""
+    layer.in_features, layer.out_features = conv.weight.shape
+    layer.fan_in_fan_out = True
+    layer.weight = conv.weight.requires_grad_(False)
+    layer.bias = conv.bias.requires_grad_(False)
 
 
 def adopt_frozen_base(module: nn.Module, linear: nn.Linear) -> None:

@@ -2,7 +2,8 @@
 
 Targets are chosen as in PEFT: a sequence of names matches every module whose name is one of
 them or ends with ``"." + name`` (``"q_proj"`` matches ``model.encoder.layers.0.self_attn.q_proj``);
-a single string is a regular expression that must match the whole module name.
+a single string is a regular expression that must match the whole module name; ``"all-linear"``
+selects every linear layer except the output head (``get_output_embeddings()``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .layer import FusedLoRALinear
+from .layer import FusedLoRALinear, conv1d_class, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 
 
 def _matches(name: str, targets: str | Sequence[str]) -> bool:
@@ -48,6 +50,8 @@ def select_targets(
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
             raise ValueError(f"target_modules must be a regular expression or non-empty names, got {target_modules!r}")
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        return _all_linear(model, allowed)
     matched = {name: module for name, module in model.named_modules() if name and _matches(name, target_modules)}
     if isinstance(target_modules, str):
         unmatched = [] if matched else [target_modules]
@@ -62,10 +66,29 @@ def select_targets(
     for name, module in matched.items():
         if not isinstance(module, allowed):
             raise ValueError(
-                f"target module {name!r} is a {type(module).__name__}, not an nn.Linear; "
+                f"target module {name!r} is a {type(module).__name__}, not an nn.Linear"
+                f"{' (or a transformers Conv1D)' if conv1d_class() in allowed else ''}; "
                 "lorafast adds LoRA to linear layers only"
             )
     return matched
+
+
+def _all_linear(model: nn.Module, allowed: tuple[type, ...]) -> dict[str, nn.Module]:
+    """Every ``allowed`` module of ``model`` except its output head, as PEFT's ``"all-linear"`` selects."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    matched = {name: m for name, m in model.named_modules() if isinstance(m, allowed) and m is not head}
+    if not matched:
+        raise ValueError(
+            f"target_modules='all-linear' found no linear layer (besides the output head) in {type(model).__name__}"
+        )
+    return matched
+
+
+def _single_adapter_bases() -> tuple[type, ...]:
+    """The module types apply_lora adapts: nn.Linear, and transformers' Conv1D when it is loaded."""
+    conv1d = conv1d_class()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoRALinear]]:
@@ -81,8 +104,9 @@ def apply_lora(
     r: int = 8,
     alpha: float = 16,
     dropout: float = 0.0,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Replace the targeted ``nn.Linear`` modules of ``model`` in place by FusedLoRALinear.
+    """Replace the targeted ``nn.Linear`` (and GPT-2 ``Conv1D``) modules of ``model`` in place by FusedLoRALinear.
 
     The new layers reuse the linears' weights (no copy); every other parameter of the model is
     frozen, so only the LoRA factors train. Returns ``model``.
@@ -90,8 +114,11 @@ def apply_lora(
     Args:
         model: any module, e.g. a transformers model.
         target_modules: names matched by suffix (a sequence) or one regular expression that
-            must match the whole module name (a string), as in PEFT.
+            must match the whole module name (a string), as in PEFT; ``"all-linear"``: every
+            linear layer except the output head (PEFT's meaning).
         r, alpha, dropout: as in :class:`FusedLoRALinear`.
+        adapter_dtype: dtype of the LoRA factors; None: fp32 on an fp16/bf16 model (as PEFT),
+            else the weights' dtype (see :class:`FusedLoRALinear`).
 
     Raises:
         ValueError: if LoRA is already applied, if a target matches no module (the message
@@ -104,11 +131,16 @@ def apply_lora(
             "the model has named adapters (add_adapter); use add_adapter() for another one, or remove_adapter() "
             "them all before apply_lora()"
         )
-    matched = select_targets(model, target_modules)
+    matched = select_targets(model, target_modules, allowed=_single_adapter_bases())
+    default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
     for param in model.parameters():
         param.requires_grad_(False)
     for name, module in matched.items():
-        _replace(model, name, FusedLoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout))
+        _replace(
+            model,
+            name,
+            FusedLoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype),
+        )
     return model
 
 
@@ -160,7 +192,13 @@ def _multi_layers(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
 
 
-def _as_linear(layer: FusedLoRALinear | MultiLoRALinear) -> nn.Linear:
+def _as_linear(layer: FusedLoRALinear | MultiLoRALinear) -> nn.Module:
+    """The plain layer holding ``layer``'s weight and bias: an nn.Linear, or a Conv1D for ``fan_in_fan_out``."""
+    if getattr(layer, "fan_in_fan_out", False):
+        with torch.device("meta"):
+            conv = conv1d_class()(layer.out_features, layer.in_features)
+        conv.weight, conv.bias = layer.weight, layer.bias
+        return conv.train(layer.training)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     linear.weight = layer.weight
     if layer.bias is not None:

@@ -46,10 +46,18 @@ def test_from_linear_shares_and_freezes_the_weights():
     assert no_bias.bias is None
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_from_linear_follows_the_linear_dtype(dtype):
-    layer = FusedLoRALinear.from_linear(nn.Linear(8, 8, dtype=dtype), r=2)
-    assert layer.lora_A.dtype == dtype and layer.lora_B.dtype == dtype
+@pytest.mark.parametrize(
+    "dtype,adapter_dtype,expected",
+    [
+        (torch.float32, None, torch.float32),
+        (torch.bfloat16, None, torch.float32),  # fp32 factors on a half-precision base, as PEFT
+        (torch.float16, None, torch.float32),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_from_linear_adapter_dtype(dtype, adapter_dtype, expected):
+    layer = FusedLoRALinear.from_linear(nn.Linear(8, 8, dtype=dtype), r=2, adapter_dtype=adapter_dtype)
+    assert layer.lora_A.dtype == expected and layer.lora_B.dtype == expected and layer.weight.dtype == dtype
 
 
 def test_state_dict_keys_and_base_checkpoint():

@@ -1,0 +1,211 @@
+"""``patch_peft``: run lorafast's fused LoRA linear inside a ``peft.PeftModel``, on PEFT's own parameters.
+
+Every PEFT LoRA ``Linear`` whose configuration lorafast implements gets its class swapped for a
+subclass whose ``forward`` calls :func:`lorafast.lora_linear` (one active adapter) or
+:func:`lorafast.multi_lora_linear` (PEFT's mixed batch, ``adapter_names=``) on the base layer's
+weight and ``lora_A[name].weight`` / ``lora_B[name].weight``. Nothing is copied or renamed, so
+the state_dict, ``save_pretrained``, ``set_adapter``, ``disable_adapter()``, merging and the
+Trainer integration are PEFT's own. Whenever a call needs something lorafast does not implement
+(a merged or disabled layer, several active adapters, DoRA or another variant, ``lora_bias``,
+a trainable base weight), that call runs PEFT's forward unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .function import lora_linear
+from .layer import in_compute_dtype, is_conv1d
+from .multi_function import multi_lora_linear
+
+logger = logging.getLogger(__name__)
+
+_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+_fused_class: type | None = None
+
+
+def _peft_linear_class() -> type:
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError as err:  # pragma: no cover - peft is a test dependency
+        raise ImportError("patch_peft needs the peft package (pip install peft)") from err
+    return Linear
+
+
+def _base_weight(layer: nn.Module) -> torch.Tensor:
+    """The base weight as ``(out, in)``: a Conv1D's ``(in, out)`` weight is read transposed (a view)."""
+    weight = layer.get_base_layer().weight
+    return weight if isinstance(layer.get_base_layer(), nn.Linear) else weight.t()
+
+
+def _adapter_reason(layer: nn.Module, name: str) -> str | None:
+    """Why ``layer``'s adapter ``name`` cannot run fused, or None when it can."""
+    if name in layer.lora_variant:
+        return type(layer.lora_variant[name]).__name__.removesuffix("LinearVariant") or "LoRA variant"
+    if layer.lora_bias.get(name, False):
+        return "lora_bias"
+    if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
+        return f"dropout {type(layer.lora_dropout[name]).__name__}"
+    if not isinstance(layer.scaling[name], (int, float)):
+        return "tensor scaling"
+    return None
+
+
+def _layer_reason(layer: nn.Module) -> str | None:
+    """Why ``layer`` cannot be patched (its base, or every adapter, unsupported), or None when it can."""
+    if type(layer) is not _peft_linear_class():
+        return f"PEFT {type(layer).__name__}"
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear and not is_conv1d(base):
+        return f"base {type(base).__name__}"
+    if not base.weight.is_floating_point() or base.weight.dim() != 2:
+        return f"quantized base ({base.weight.dtype})"
+    reasons = [_adapter_reason(layer, name) for name in layer.lora_A]
+    # Patched when one adapter can run fused: each call checks its own adapter and falls back to PEFT.
+    return None if None in reasons or not reasons else reasons[0]
+
+
+def _dropout_p(layer: nn.Module, name: str) -> float:
+    dropout = layer.lora_dropout[name]
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _base_is_frozen(layer: nn.Module) -> bool:
+    base = layer.get_base_layer()
+    return not torch.is_grad_enabled() or not (
+        base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+    )
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's ``Linear.forward`` with the LoRA layer computed by lorafast where supported."""
+    adapter_names = kwargs.get("adapter_names")
+    extra = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
+    if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
+        return super(_fused_class, self).forward(x, *args, **kwargs)
+    if adapter_names is not None:
+        return _mixed_forward(self, x, adapter_names, kwargs)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
+        return super(_fused_class, self).forward(x, *args, **kwargs)
+    name = active[0]
+    return lora_linear(
+        x,
+        _base_weight(self),
+        self.get_base_layer().bias,
+        in_compute_dtype(self.lora_A[name].weight, x.dtype),
+        in_compute_dtype(self.lora_B[name].weight, x.dtype),
+        self.scaling[name],
+        _dropout_p(self, name),
+        True,
+    )
+
+
+def _mixed_forward(self, x: torch.Tensor, adapter_names, kwargs) -> torch.Tensor:
+    """PEFT's mixed batch (one adapter name per sequence) through :func:`multi_lora_linear`."""
+    self._check_forward_args(x, **kwargs)
+    names = [n for n in dict.fromkeys(adapter_names) if n != _BASE and n in self.lora_A]
+    unsupported = {n: _adapter_reason(self, n) for n in names}
+    unsupported = {n: r for n, r in unsupported.items() if r is not None}
+    if unsupported:
+        warnings.warn(
+            f"lorafast.patch_peft: this mixed batch runs PEFT's forward, adapters {unsupported} are not supported",
+            stacklevel=3,
+        )
+        return super(_fused_class, self).forward(x, **kwargs)
+    index = {n: i for i, n in enumerate(names)}
+    ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
+    if not names:
+        return self.base_layer(x)
+    rank = max(self.r[n] for n in names)
+    a = torch.stack(
+        [F.pad(in_compute_dtype(self.lora_A[n].weight, x.dtype), (0, 0, 0, rank - self.r[n])) for n in names]
+    )
+    b = torch.stack([F.pad(in_compute_dtype(self.lora_B[n].weight, x.dtype), (0, rank - self.r[n])) for n in names])
+    scalings = [float(self.scaling[n]) for n in names]
+    dropout = [_dropout_p(self, n) for n in names]
+    bias = self.get_base_layer().bias
+    return multi_lora_linear(x, _base_weight(self), bias, a, b, scalings, ids, dropout, True)
+
+
+def _make_fused_class() -> type:
+    global _fused_class
+    if _fused_class is None:
+        linear = _peft_linear_class()
+        _fused_class = type(
+            "PeftFusedLinear",
+            (linear,),
+            {
+                "forward": _fused_forward,
+                "__module__": __name__,
+                "__doc__": "PEFT's LoRA Linear whose forward runs lorafast's fused LoRA linear (see patch_peft).",
+            },
+        )
+    return _fused_class
+
+
+def __getattr__(name: str):
+    # Lets pickle (torch.save of a whole patched model) find the class, built on first use.
+    if name == "PeftFusedLinear":
+        return _make_fused_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def patch_peft(model: nn.Module) -> nn.Module:
+    """Run lorafast's fused LoRA linear in every PEFT LoRA ``Linear`` of ``model`` that it supports.
+
+    ``model``: a ``peft.PeftModel`` or any module holding PEFT LoRA layers. Supported: a plain
+    ``nn.Linear`` or GPT-2 ``Conv1D`` base (floating weight, frozen), and adapters without DoRA or
+    other variants, without ``lora_bias``, with dropout p >= 0. Other LoRA layers (Embedding,
+    Conv, quantized bases, ...) keep PEFT's forward; one log line (logger ``lorafast.peft_patch``)
+    counts the patched layers and the reasons for the others. Parameters, state_dict and every
+    PEFT API are unchanged. Calling it again patches layers added since. Returns ``model``.
+
+    Raises:
+        ValueError: ``model`` holds no PEFT LoRA layer.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    fused = _make_fused_class()
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} holds no PEFT LoRA layer; patch_peft expects a peft.PeftModel")
+    reasons: Counter[str] = Counter()
+    patched = 0
+    for layer in layers:
+        if type(layer) is fused:
+            patched += 1
+            continue
+        reason = _layer_reason(layer)
+        if reason is None:
+            layer.__class__ = fused
+            patched += 1
+        else:
+            reasons[reason] += 1
+    message = f"lorafast.patch_peft: {patched} of {len(layers)} PEFT LoRA layers run lorafast's fused LoRA"
+    if reasons:
+        message += "; PEFT's forward kept for " + ", ".join(f"{n} ({r})" for r, n in reasons.most_common())
+    (logger.warning if reasons else logger.info)(message)
+    return model
+
+
+def unpatch_peft(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_peft`: every patched layer runs PEFT's own forward again. Returns ``model``."""
+    if _fused_class is None:
+        return model
+    linear = _peft_linear_class()
+    for module in model.modules():
+        if type(module) is _fused_class:
+            module.__class__ = linear
+    return model
+
+
+def patched_layer_count(model: nn.Module) -> int:
+    """How many layers of ``model`` run lorafast's fused LoRA through :func:`patch_peft`."""
+    return 0 if _fused_class is None else sum(type(m) is _fused_class for m in model.modules())
