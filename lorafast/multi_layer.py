@@ -4,8 +4,8 @@ The layer holds the frozen ``weight``/``bias`` (``nn.Linear``'s names) and, per 
 ``lora_A[name]`` ``(r, in_features)`` and ``lora_B[name]`` ``(out_features, r)`` with their own
 r, alpha and dropout. It runs in one of three ways:
 
-- rows with adapter ids set (:meth:`set_row_adapters`, or the model-level context manager
-  ``lorafast.adapter_ids``): every row uses its own adapter, all in one mixed batch
+- rows with adapter ids set (the model-level context manager ``lorafast.adapter_ids``, whose
+  ids belong to the call, or :meth:`set_row_adapters`): every row uses its own adapter, all in one mixed batch
   (:func:`lorafast.multi_lora_linear`); the adapters are stacked, zero-padded to the largest
   rank, for the one launch;
 - otherwise the active adapter (:meth:`set_adapter`) runs as :class:`FusedLoRALinear` would;
@@ -22,7 +22,8 @@ from torch import nn
 
 from .function import lora_linear
 from .layer import adopt_frozen_base
-from .multi_function import apply_multi_lora, check_multi_lora_inputs, dropout_tensor, row_adapter_ids
+from .multi_function import apply_multi_lora, check_multi_lora_inputs, dropout_tensor
+from .row_adapters import RowAdapters, active_row_adapters
 from .validation import autocast_inputs, check_dropout, check_rank, check_scaling
 
 
@@ -58,7 +59,8 @@ class MultiLoRALinear(nn.Module):
         self.alphas: dict[str, float] = {}
         self.dropouts: dict[str, float] = {}
         self.active_adapter: str | None = None
-        self.row_adapters: torch.Tensor | None = None
+        self.row_adapters: torch.Tensor | None = None  # set_row_adapters's ids, None when not set
+        self._layer_row_adapters: RowAdapters | None = None
 
     @property
     def adapter_names(self) -> list[str]:
@@ -104,17 +106,20 @@ class MultiLoRALinear(nn.Module):
         self.active_adapter = name
 
     def set_row_adapters(self, ids: torch.Tensor | None) -> None:
-        """Per-row adapters for the next calls: int ids into ``adapter_names`` (−1: none), or None to stop.
+        """Per-row adapters for this layer's next calls: int ids into ``adapter_names`` (−1: none), or None to stop.
 
         ``ids`` ``(b,)`` gives one id per sequence: for x ``(m·b, ...)`` (e.g. beam search, which
         repeats each sequence m times in a row) each id is repeated m times. Ids are checked here,
-        once, not on every call.
+        once, on the host. This is state of the layer, shared by every caller: for a model, and
+        for concurrent requests, use ``lorafast.adapter_ids``, whose ids belong to the call (they
+        take precedence over these).
         """
-        if ids is not None:
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
-                raise ValueError(f"row adapter ids must be a 1-D integer tensor, got {ids!r:.80}")
-            row_adapter_ids(ids, (ids.shape[0], 1), len(self.lora_A))
-            ids = ids.to(device=self.weight.device, dtype=torch.int64)
+        if ids is None:
+            self.row_adapters = self._layer_row_adapters = None
+            return
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+            raise ValueError(f"row adapter ids must be a 1-D integer tensor, got {ids!r:.80}")
+        self._layer_row_adapters = RowAdapters(ids, self.adapter_names)
         self.row_adapters = ids
 
     def _check_name(self, name: str) -> None:
@@ -140,8 +145,9 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
-        if self.row_adapters is not None:
-            return self._mixed_forward(x)
+        row_adapters = active_row_adapters(self) or self._layer_row_adapters
+        if row_adapters is not None:
+            return self._mixed_forward(x, row_adapters)
         name = self.active_adapter
         if name is None:
             return F.linear(x, self.weight, self.bias)
@@ -156,15 +162,9 @@ class MultiLoRALinear(nn.Module):
             self.training,
         )
 
-    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.row_adapters
-        if x.dim() < 2 or x.shape[0] % ids.shape[0] != 0:
-            raise ValueError(
-                f"{ids.shape[0]} adapter ids do not fit an input of shape {tuple(x.shape)}: its first dimension "
-                "must be the number of ids (or a multiple of it, e.g. beams)"
-            )
-        if x.shape[0] != ids.shape[0]:
-            ids = ids.repeat_interleave(x.shape[0] // ids.shape[0])
+    def _mixed_forward(self, x: torch.Tensor, row_adapters: RowAdapters) -> torch.Tensor:
+        row_adapters.check_adapters(self.adapter_names)
+        rows = row_adapters.rows(x.shape, x.device)
         if not self.lora_A:
             return F.linear(x, self.weight, self.bias)
         lora_A, lora_B, scalings = self.stacked_adapters()
@@ -174,7 +174,6 @@ class MultiLoRALinear(nn.Module):
             x, weight, bias, lora_A, lora_B = cast
         scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            rows = row_adapter_ids(ids, x.shape)
             dropout = None
             if self.training:
                 dropout = dropout_tensor([self.dropouts[n] for n in self.adapter_names], len(self.lora_A), x.device)
