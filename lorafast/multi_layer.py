@@ -22,7 +22,7 @@ from torch import nn
 
 from .function import lora_linear
 from .layer import adopt_frozen_base
-from .multi_function import apply_multi_lora, check_multi_lora_inputs, dropout_tensor
+from .multi_function import apply_multi_lora, check_multi_lora_shapes, dropout_tensor, host_values_on, scalings_dtype
 from .row_adapters import RowAdapters, active_row_adapters
 from .validation import autocast_inputs, check_dropout, check_rank, check_scaling
 
@@ -61,6 +61,7 @@ class MultiLoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.row_adapters: torch.Tensor | None = None  # set_row_adapters's ids, None when not set
         self._layer_row_adapters: RowAdapters | None = None
+        self._values_cache: tuple | None = None  # (key, (scalings, dropout)) of _adapter_values
 
     @property
     def adapter_names(self) -> list[str]:
@@ -167,17 +168,31 @@ class MultiLoRALinear(nn.Module):
         rows = row_adapters.rows(x.shape, x.device)
         if not self.lora_A:
             return F.linear(x, self.weight, self.bias)
-        lora_A, lora_B, scalings = self.stacked_adapters()
+        lora_A, lora_B, _ = self.stacked_adapters()
         weight, bias = self.weight, self.bias
         cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
         if cast is not None:
             x, weight, bias, lora_A, lora_B = cast
-        scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
+        check_multi_lora_shapes(x, weight, bias, lora_A, lora_B)
+        scalings, dropout = self._adapter_values(x.device, scalings_dtype(x))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            dropout = None
-            if self.training:
-                dropout = dropout_tensor([self.dropouts[n] for n in self.adapter_names], len(self.lora_A), x.device)
-            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout)
+            dropout = dropout if self.training else None
+            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
+
+    def _adapter_values(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scalings (K,), dropout (K,) float32 or None)`` on ``device``: made when the adapters change, not per call.
+
+        Kept on the device so that the mixed forward reads no number from the host and copies
+        none to the device.
+        """
+        names = self.adapter_names
+        key = (device, dtype, tuple((n, self.alphas[n], self.lora_A[n].shape[0], self.dropouts[n]) for n in names))
+        cached = self._values_cache
+        if cached is None or cached[0] != key:
+            scalings = host_values_on([self.scaling(n) for n in names], dtype, device)
+            cached = (key, (scalings, dropout_tensor([self.dropouts[n] for n in names], len(names), device)))
+            self._values_cache = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={a.shape[0]}, alpha={self.alphas[n]})" for n, a in self.lora_A.items())
