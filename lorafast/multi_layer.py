@@ -7,7 +7,7 @@ r, alpha and dropout. It runs in one of three ways:
 - rows with adapter ids set (the model-level context manager ``lorafast.adapter_ids``, whose
   ids belong to the call, or :meth:`set_row_adapters`): every row uses its own adapter, all in one mixed batch
   (:func:`lorafast.multi_lora_linear`); the adapters are stacked, zero-padded to the largest
-  rank, for the one launch;
+  rank, for the one launch, and the stacked copy is kept until an adapter changes;
 - otherwise the active adapter (:meth:`set_adapter`) runs as :class:`FusedLoRALinear` would;
 - no active adapter: the plain base layer.
 """
@@ -23,6 +23,7 @@ from torch import nn
 from .function import lora_linear
 from .layer import adopt_frozen_base
 from .multi_function import apply_multi_lora, check_multi_lora_shapes, dropout_tensor, host_values_on, scalings_dtype
+from .multi_stack import StackedFactorsCache
 from .row_adapters import RowAdapters, active_row_adapters
 from .validation import autocast_inputs, check_dropout, check_rank, check_scaling
 
@@ -62,6 +63,7 @@ class MultiLoRALinear(nn.Module):
         self.row_adapters: torch.Tensor | None = None  # set_row_adapters's ids, None when not set
         self._layer_row_adapters: RowAdapters | None = None
         self._values_cache: tuple | None = None  # (key, (scalings, dropout)) of _adapter_values
+        self._stacked_cache = StackedFactorsCache()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -127,16 +129,19 @@ class MultiLoRALinear(nn.Module):
         if name not in self.lora_A:
             raise ValueError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
 
-    def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    def stacked_adapters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """``(A (K, R, in), B (K, out, R), scalings)``: the adapters stacked, zero-padded to the largest rank R.
 
-        Built under autograd from the adapters' own Parameters, so gradients reach them.
+        Kept between calls and rebuilt only when an adapter changes (``lorafast.multi_stack``);
+        with grad enabled, gradients of A and B reach the adapters' own Parameters. ``dtype``:
+        the stacked factors' dtype (None: the adapters' own).
         """
-        rank = max(a.shape[0] for a in self.lora_A.values())
         names = self.adapter_names
-        lora_A = torch.stack([F.pad(self.lora_A[n], (0, 0, 0, rank - self.lora_A[n].shape[0])) for n in names])
-        lora_B = torch.stack([F.pad(self.lora_B[n], (0, rank - self.lora_B[n].shape[1])) for n in names])
-        return lora_A, lora_B, [self.scaling(n) for n in names]
+        lora_A = [self.lora_A[n] for n in names]
+        lora_A_stacked, lora_B_stacked = self._stacked_cache.get(
+            lora_A, [self.lora_B[n] for n in names], dtype or lora_A[0].dtype
+        )
+        return lora_A_stacked, lora_B_stacked, [self.scaling(n) for n in names]
 
     @torch.no_grad()
     def get_delta_weight(self, name: str) -> torch.Tensor:
@@ -168,11 +173,12 @@ class MultiLoRALinear(nn.Module):
         rows = row_adapters.rows(x.shape, x.device)
         if not self.lora_A:
             return F.linear(x, self.weight, self.bias)
-        lora_A, lora_B, _ = self.stacked_adapters()
         weight, bias = self.weight, self.bias
-        cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
+        cast = autocast_inputs(x, weight, bias)
         if cast is not None:
-            x, weight, bias, lora_A, lora_B = cast
+            x, weight, bias = cast
+        # under autocast, stacked (and kept) in the autocast dtype: no cast of the factors per call
+        lora_A, lora_B, _ = self.stacked_adapters(x.dtype if cast is not None else None)
         check_multi_lora_shapes(x, weight, bias, lora_A, lora_B)
         scalings, dropout = self._adapter_values(x.device, scalings_dtype(x))
         with torch.autocast(device_type=x.device.type, enabled=False):
