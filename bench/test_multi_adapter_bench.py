@@ -3,7 +3,7 @@
 On the same batch (16 sequences; sequence i uses adapter i mod 8, so rows are unsorted) and the
 same frozen weight, interleaved:
 - one adapter: every row uses adapter 0 (the single-adapter fused path);
-- mixed: one call, each sequence with its own adapter (``MultiLoRALinear`` with row ids);
+- mixed: one call, each sequence with its own adapter (``MultiLoRALinear`` in an ``adapter_ids`` block);
 - loop: what a user would write without it — per adapter, gather its rows, run them, scatter back.
 Forward (serving) and forward+backward (training all eight adapters at once).
 """
@@ -14,7 +14,7 @@ from harness import FROZEN, Timer, interleaved, summarize
 from report import Target
 
 from conftest import DEVICE, DTYPE
-from lorafast import MultiLoRALinear
+from lorafast import MultiLoRALinear, adapter_ids
 
 NUM_ADAPTERS, SEQUENCES = 8, 16
 if DEVICE.type == "cuda":
@@ -49,9 +49,9 @@ def _runs(layer, x, grad_y, seq_ids):
         layer.set_adapter(names[0])
         return layer(x)
 
-    def mixed():
-        layer.set_row_adapters(seq_ids)
-        return layer(x)
+    def mixed():  # one adapter_ids block per batch, as a server would run it
+        with adapter_ids(layer, seq_ids):
+            return layer(x)
 
     def loop():
         layer.set_row_adapters(None)
