@@ -125,9 +125,12 @@ def multi_lora_linear(
         weight: frozen W0 ``(out_features, in_features)``; bias: frozen ``(out_features,)`` or None.
         lora_A: K adapters stacked ``(K, R, in_features)``; an adapter of rank r < R has zero rows
             r..R-1. lora_B: ``(K, out_features, R)``, zero columns r..R-1.
-        scalings: each adapter's ``alpha / r``, K numbers (runtime values: no recompile).
+        scalings: each adapter's ``alpha / r``, K numbers (runtime values: no recompile); numbers
+            and CPU tensors are checked to be finite, a tensor on x's GPU is used as it is.
         adapter_ids: integer ids in [-1, K), one per row of x (shape ``x.shape[:-1]``) or one
             per sequence (shape ``(x.shape[0],)``); −1 means no adapter (the base layer). Any order.
+            Ids on the CPU are range-checked; ids on a GPU are not (reading them would wait for
+            the device), and there an id outside [-1, K) counts as −1.
         dropout_p: each adapter's dropout probability on its rows' LoRA input, K numbers in
             [0, 1) (None: no dropout); applied when ``training``, with a seed drawn from torch's
             default generator (``torch.manual_seed`` makes it reproducible).
@@ -141,8 +144,8 @@ def multi_lora_linear(
     PyTorch path; ``LORAFAST_BACKEND`` overrides as for :func:`lorafast.lora_linear`.
 
     Raises:
-        ValueError: on a shape, dtype or device mismatch, ids out of range or of the wrong
-            length, a stacked rank above 256, or a backend that cannot run these tensors.
+        ValueError: on a shape, dtype or device mismatch, (CPU) ids out of range, ids of the
+            wrong length, a stacked rank above 256, or a backend that cannot run these tensors.
     """
     cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
     if cast is not None:
