@@ -54,7 +54,7 @@ def _plain(model, request):
 def test_threads_serving_different_adapters_on_one_model_each_get_their_own(monkeypatch):
     monkeypatch.setenv("LORAFAST_BACKEND", "torch")  # the interpreter is not thread-safe; the ids logic is shared
     model = three_adapter_bart()
-    threads, per_thread = 4, 8
+    threads, per_thread = 4, 5
     work = [_requests(per_thread, seed=t) for t in range(threads)]
     alone = [[_run(model, request) for request in requests] for requests in work]
     base_before = _plain(model, work[0][0])
