@@ -47,8 +47,11 @@ def _row_scalings(scalings: torch.Tensor, adapter, present, dtype) -> torch.Tens
 
 
 def _row_dropout(dropout: torch.Tensor | None, adapter, present) -> torch.Tensor | None:
-    """``(n,)`` each row's drop probability (0 without adapter), or None when nothing is dropped."""
-    if dropout is None or not bool((dropout > 0).any()):
+    """``(n,)`` each row's drop probability (0 without adapter: kept whole), or None without dropout.
+
+    Not tested for all zeros (that would read the device): the callers pass None then.
+    """
+    if dropout is None:
         return None
     return torch.where(present, dropout[adapter], 0.0).float()
 
