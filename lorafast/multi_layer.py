@@ -151,7 +151,9 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
-        row_adapters = active_row_adapters(self) or self._layer_row_adapters
+        row_adapters = active_row_adapters(self)
+        if row_adapters is None:
+            row_adapters = self._layer_row_adapters
         if row_adapters is not None:
             return self._mixed_forward(x, row_adapters)
         name = self.active_adapter
