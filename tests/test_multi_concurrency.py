@@ -157,3 +157,20 @@ def test_empty_ids_are_a_clear_error():
             pass
     with pytest.raises(ValueError, match="adapter ids are empty"):
         model[0].set_row_adapters(torch.tensor([], dtype=torch.int64))
+
+
+def test_a_compiled_model_follows_each_blocks_ids(monkeypatch):
+    """torch.compile must not bake one block's ids into its graph."""
+    monkeypatch.setenv("LORAFAST_BACKEND", "torch")
+    torch.manual_seed(0)
+    model = _two_layer_model()
+    with torch.no_grad():
+        for _, layer in multi_lora_layers(model):
+            for b in layer.lora_B.values():
+                b.normal_()
+    compiled = torch.compile(model, backend="eager")  # dynamo's tracing and guards are what could bake the ids in
+    x = torch.randn(3, 4, 16)
+    for ids in (["a", "b", None], ["c", "a", "a"], ["c", "a", "a"]):
+        with adapter_ids(model, ids):
+            torch.testing.assert_close(compiled(x), model(x))
+    torch.testing.assert_close(compiled(x), model(x))  # no ids: the base model
