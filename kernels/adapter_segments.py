@@ -14,6 +14,11 @@ synchronisation, so that every size below follows from n, K and BLOCK_M alone:
   (each of the K + 1 segments adds less than one block of padding); the kernels launch that
   many row blocks and the surplus ones exit at once.
 
+- the chunk table of the weight-gradient reductions (:class:`RowChunks`): each adapter's
+  segment of ``order`` cut into chunks of ``chunk_rows`` rows (the −1 rows into none), so that
+  the reductions split over row blocks of the sorted order, not over adapters: a batch where
+  one adapter holds most rows still fills the GPU. ``num_chunks = cdiv(n, chunk_rows) + K``.
+
 Ids outside [-1, K) are not checked here (that would synchronise) and count as −1.
 
 The kernels' optional per-adapter dropout ``dropout`` ``(K,)`` float32 (p_k in [0, 1)) is
@@ -36,14 +41,34 @@ UNUSED_BLOCK = -2
 BLOCK_M = 64
 
 
+class RowChunks(NamedTuple):
+    """Each adapter's rows of the sorted order cut into chunks of ``chunk_rows`` (see the module docstring).
+
+    Chunk j of adapter k = ``chunk_adapter[j]`` (``UNUSED_BLOCK`` past the last) holds the rows
+    ``order[start:end]`` with ``start = bounds[k] + (j − chunk_bounds[k])·chunk_rows`` and
+    ``end = min(start + chunk_rows, bounds[k + 1])``; adapter k's chunks are
+    ``chunk_bounds[k]..chunk_bounds[k + 1] − 1``, in row order.
+    """
+
+    chunk_adapter: torch.Tensor  # (num_chunks,) int32
+    chunk_bounds: torch.Tensor  # (K + 1,) int64
+    chunk_rows: int
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks of the table (an upper bound of the chunks in use)."""
+        return self.chunk_adapter.shape[0]
+
+
 class AdapterSegments(NamedTuple):
-    """Rows sorted by adapter and the block table over them (see the module docstring)."""
+    """Rows sorted by adapter, the block table and the chunk table over them (see the module docstring)."""
 
     order: torch.Tensor  # (n,) int64
     bounds: torch.Tensor  # (K + 1,) int64
     block_adapter: torch.Tensor  # (num_blocks,) int32
     block_rows: torch.Tensor  # (num_blocks * block_m,) int32
     block_m: int
+    chunks: RowChunks
 
     @property
     def num_blocks(self) -> int:
@@ -56,13 +81,39 @@ def num_row_blocks(n: int, num_adapters: int, block_m: int) -> int:
     return triton.cdiv(n, block_m) + num_adapters + 1
 
 
-def adapter_segments(row_adapter: torch.Tensor, num_adapters: int, block_m: int) -> AdapterSegments:
-    """Sort the rows of ``row_adapter`` ``(n,)`` by adapter and build the block table for ``block_m``.
+def default_chunk_rows(n: int) -> int:
+    """Rows per chunk of the weight-gradient reductions for n rows: 256, more past 16,384 rows (at most ~64 chunks)."""
+    return max(256, triton.cdiv(triton.cdiv(n, 64), 256) * 256)
+
+
+def num_row_chunks(n: int, num_adapters: int, chunk_rows: int) -> int:
+    """Chunks of ``chunk_rows`` that hold the rows of K adapters, each segment padded (the −1 rows in none)."""
+    return triton.cdiv(n, chunk_rows) + num_adapters
+
+
+def row_chunks(bounds: torch.Tensor, n: int, chunk_rows: int) -> RowChunks:
+    """The chunk table of segments ``bounds`` ``(K + 1,)`` (of :func:`adapter_segments`) for n rows, on the device."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
+    num_adapters = bounds.shape[0] - 1
+    chunks = (bounds[1:] - bounds[:-1] + chunk_rows - 1) // chunk_rows  # (K,) chunks per adapter
+    chunk_bounds = torch.cat([chunks.new_zeros(1), torch.cumsum(chunks, 0)])
+    chunk = torch.arange(num_row_chunks(n, num_adapters, chunk_rows), device=bounds.device)
+    adapter = torch.searchsorted(chunk_bounds[1:], chunk, right=True)  # K past the last chunk
+    chunk_adapter = torch.where(adapter < num_adapters, adapter, UNUSED_BLOCK)
+    return RowChunks(chunk_adapter.to(torch.int32), chunk_bounds, chunk_rows)
+
+
+def adapter_segments(
+    row_adapter: torch.Tensor, num_adapters: int, block_m: int, chunk_rows: int | None = None
+) -> AdapterSegments:
+    """Sort the rows of ``row_adapter`` ``(n,)`` by adapter, build the block table for ``block_m`` and the chunk table.
 
     Args:
         row_adapter: ``(n,)`` integer ids in [-1, num_adapters) (others count as −1), any order.
         num_adapters: K, the number of stacked adapters.
         block_m: rows per block of the GEMM-shaped kernels.
+        chunk_rows: rows per chunk of the weight-gradient reductions (None: :func:`default_chunk_rows`).
 
     Returns:
         :class:`AdapterSegments` on row_adapter's device, for this n, K and block_m.
@@ -94,23 +145,28 @@ def adapter_segments(row_adapter: torch.Tensor, num_adapters: int, block_m: int)
     order_padded = torch.cat([order, order.new_full((1,), -1)])  # index n reads the padding sentinel
     block_rows = torch.where(in_segment, order_padded[position.clamp(max=n)], -1)
     block_adapter = torch.where(used, block_segment - 1, UNUSED_BLOCK)
+    bounds = edges[1:].contiguous()
     return AdapterSegments(
         order=order,
-        bounds=edges[1:].contiguous(),
+        bounds=bounds,
         block_adapter=block_adapter.to(torch.int32),
         block_rows=block_rows.reshape(-1).to(torch.int32),
         block_m=block_m,
+        chunks=row_chunks(bounds, n, default_chunk_rows(n) if chunk_rows is None else chunk_rows),
     )
 
 
 def check_segments(segments: AdapterSegments, n: int, num_adapters: int, device: torch.device) -> None:
     """Raise ValueError unless ``segments`` were built for n rows and K adapters on ``device``."""
     num_blocks = num_row_blocks(n, num_adapters, segments.block_m)
+    chunks = segments.chunks
     expected = {
         "order": (segments.order, (n,)),
         "bounds": (segments.bounds, (num_adapters + 1,)),
         "block_adapter": (segments.block_adapter, (num_blocks,)),
         "block_rows": (segments.block_rows, (num_blocks * segments.block_m,)),
+        "chunks.chunk_adapter": (chunks.chunk_adapter, (num_row_chunks(n, num_adapters, chunks.chunk_rows),)),
+        "chunks.chunk_bounds": (chunks.chunk_bounds, (num_adapters + 1,)),
     }
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape or not t.is_contiguous():

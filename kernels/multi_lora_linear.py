@@ -19,17 +19,24 @@ One launch per kernel for all adapters:
   rows' ``x_i·A_kᵀ`` and the rank-R update);
 - backward: ``fused_multi_lora_dx`` (one pass over dY computes ``dY·W0``, ``g_i = dY_i·B_k``
   and the masked rank-R update of dX), then the per-adapter ``multi_lora_weight_grad``
-  reductions for dA (masked x) and dB. The rows are sorted by adapter once per call and the
-  table shared.
+  reductions for dA (masked x) and dB.
+
+The rows sorted by adapter and the block table (:func:`batch_segments`) are built once per
+batch by the caller and passed to forward and backward alike (built here when not given).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .adapter_segments import BLOCK_M, adapter_segments
+from .adapter_segments import BLOCK_M, AdapterSegments, adapter_segments
 from .multi_lora_matmul import fused_multi_lora_dx, fused_multi_lora_forward
 from .multi_lora_weight_grad import multi_lora_weight_grad
+
+
+def batch_segments(row_adapter: torch.Tensor, num_adapters: int) -> AdapterSegments:
+    """The row tables of a batch (row_adapter ``(n,)`` ids in [-1, K)) that every kernel below reads."""
+    return adapter_segments(row_adapter, num_adapters, BLOCK_M)
 
 
 # torch.compile runs these eagerly (a graph break) rather than tracing the launchers' checks.
@@ -44,13 +51,17 @@ def multi_lora_forward(
     row_adapter: torch.Tensor,
     dropout: torch.Tensor | None = None,
     seed: int = 0,
+    segments: AdapterSegments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, xa)`` for x ``(n, in)``: y ``(n, out)``, ``xa_i = drop(x)_i·A_kᵀ`` ``(n, R)`` (zeros where k = −1).
 
     ``dropout``: None, or ``(K,)`` float32 drop probabilities on x's device (p_k = 0: exactly
-    no dropout for adapter k); ``seed``: ``lorafast.dropout.draw_seed()``.
+    no dropout for adapter k); ``seed``: ``lorafast.dropout.draw_seed()``; ``segments``:
+    :func:`batch_segments` of row_adapter if already built.
     """
-    return fused_multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=dropout, seed=seed)
+    return fused_multi_lora_forward(
+        x, weight, bias, lora_A, lora_B, scalings, row_adapter, segments=segments, dropout=dropout, seed=seed
+    )
 
 
 @torch.compiler.disable
@@ -66,17 +77,19 @@ def multi_lora_backward(
     needs_grad: tuple[bool, bool, bool],
     dropout: torch.Tensor | None = None,
     seed: int = 0,
+    segments: AdapterSegments | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dX (n, in), dA (K, R, in), dB (K, out, R))``, each None where ``needs_grad`` says not wanted.
 
     Each adapter's dA and dB sum over its own rows only (zeros for an adapter without rows).
-    ``dropout`` and ``seed`` are the forward's; xa is the forward's (it holds the dropout).
+    ``dropout``, ``seed`` and ``segments`` are the forward's; xa is the forward's (it holds the dropout).
     """
     need_dx, need_da, need_db = needs_grad
     grad_x = grad_a = grad_b = None
     if not (need_dx or need_da or need_db):
         return grad_x, grad_a, grad_b
-    segments = adapter_segments(row_adapter, lora_A.shape[0], BLOCK_M)
+    if segments is None:
+        segments = batch_segments(row_adapter, lora_A.shape[0])
     if need_dx or need_da:
         grad_x, g = fused_multi_lora_dx(
             grad_y, weight, lora_A, lora_B, scalings, row_adapter, with_dx=need_dx, segments=segments,

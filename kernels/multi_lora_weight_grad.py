@@ -9,11 +9,13 @@ U's row i (``dropout_mask.keep_mask`` with p_k, i the row's index in U), else p 
 - ``dB_k = s_k·Σ dY_iᵀ·xa_i``: U = dY ``(n, out)``, V = xa (already ``drop(x)_i·A_kᵀ``),
   C = dB ``(K, out, R)``, no mask.
 
-The grid is ``(P / BLOCK_P, K, SPLIT)``: each program walks one slice (of ``SPLIT`` equal ones)
-of adapter k's segment of the rows sorted by adapter (``adapter_segments``), gathers
-``BLOCK_M`` rows of U and V at a time, reduces them into fp32 for ``BLOCK_P`` columns of U, and
-writes its partial sum, scaled by s_k / (1 − p_k) (exactly s_k where p_k = 0). The partials
-are added in a fixed order afterwards, so the result is deterministic (no atomics). Adapters
+The work is split over row blocks of the sorted order, not over adapters: the grid is
+``(P / BLOCK_P, num_chunks)`` over the chunk table of ``adapter_segments`` (each adapter's rows
+cut into chunks of ``chunk_rows``), so an adapter holding most of a batch gets most of the
+programs. Each program walks its chunk of the rows sorted by adapter, gathers ``BLOCK_M`` rows
+of U and V at a time, reduces them into fp32 for ``BLOCK_P`` columns of U, and writes its
+partial sum, scaled by s_k / (1 − p_k) (exactly s_k where p_k = 0). A second kernel adds each
+adapter's chunk partials in chunk order, so the result is deterministic (no atomics). Adapters
 without rows get zeros; rows with k = −1 count for none.
 """
 
@@ -23,34 +25,41 @@ import torch
 import triton
 import triton.language as tl
 
-from .adapter_segments import AdapterSegments, adapter_segments, check_dropout, check_row_ids, check_segments
+from .adapter_segments import (
+    AdapterSegments,
+    RowChunks,
+    adapter_segments,
+    check_dropout,
+    check_row_ids,
+    check_segments,
+    row_chunks,
+)
 from .dropout_mask import keep_mask
 from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block
-from .lora_weight_grad import _split_count, lora_weight_grad_tuned
+from .lora_weight_grad import lora_weight_grad_tuned
 from .multi_lora_matmul import BLOCK_M
 
 
 @triton.jit(do_not_specialize=["seed"])
 def multi_lora_weight_grad_kernel(
-    u_ptr, v_ptr, scale_ptr, dropout_ptr, order_ptr, bounds_ptr, partial_ptr,
-    P, R, seed,
+    u_ptr, v_ptr, scale_ptr, dropout_ptr, order_ptr, bounds_ptr, chunk_adapter_ptr, chunk_bounds_ptr, partial_ptr,
+    P, R, seed, chunk_rows,
     stride_um, stride_up, stride_vm, stride_vr, stride_scale, stride_dropout,
-    stride_cs, stride_ca, stride_cp, stride_cr,
+    stride_cs, stride_cp, stride_cr,
     DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     pid_p = tl.program_id(0)
-    adapter = tl.program_id(1)
-    split = tl.program_id(2)
+    chunk = tl.program_id(1)
+    adapter = tl.load(chunk_adapter_ptr + chunk)
+    if adapter < 0:  # past the last chunk
+        return
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_r = tl.arange(0, R_PAD)
     p_mask = offs_p < P
     r_mask = offs_r < R
-    seg_start = tl.load(bounds_ptr + adapter)
-    seg_end = tl.load(bounds_ptr + adapter + 1)
-    per_split = tl.cdiv(seg_end - seg_start, tl.num_programs(2))
-    start = seg_start + split * per_split
-    end = tl.minimum(start + per_split, seg_end)
+    start = tl.load(bounds_ptr + adapter) + (chunk - tl.load(chunk_bounds_ptr + adapter)) * chunk_rows
+    end = tl.minimum(start + chunk_rows, tl.load(bounds_ptr + adapter + 1))
     scale = tl.load(scale_ptr + adapter * stride_scale)
     if DROPOUT:
         p = tl.load(dropout_ptr + adapter * stride_dropout)
@@ -74,9 +83,24 @@ def multi_lora_weight_grad_kernel(
         )
         acc = dot(tl.trans(u), v, acc, DOT_PRECISION)
     acc *= scale
-    c_ptrs = partial_ptr + split * stride_cs + adapter * stride_ca
+    c_ptrs = partial_ptr + chunk * stride_cs
     c_ptrs += offs_p[:, None] * stride_cp + offs_r[None, :] * stride_cr
     tl.store(c_ptrs, acc, mask=p_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def chunk_sum_kernel(partial_ptr, chunk_bounds_ptr, c_ptr, SIZE, BLOCK: tl.constexpr):
+    """``C[k] = Σ_{j: chunks of k, in order} partial[j]`` over ``SIZE`` elements each (contiguous)."""
+    adapter = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < SIZE
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for chunk in range(tl.load(chunk_bounds_ptr + adapter), tl.load(chunk_bounds_ptr + adapter + 1)):
+        acc += tl.load(partial_ptr + chunk * SIZE + offs, mask=mask, other=0.0)  # chunk: int64, as chunk_bounds
+    tl.store(c_ptr + adapter.to(tl.int64) * SIZE + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+_SUM_BLOCK = 1024
 
 
 multi_lora_weight_grad_tuned = triton.autotune(
@@ -91,7 +115,7 @@ def multi_lora_weight_grad(
     row_adapter: torch.Tensor,
     transpose: bool = False,
     segments: AdapterSegments | None = None,
-    split: int | None = None,
+    chunk_rows: int | None = None,
     config: triton.Config | None = None,
     dropout: torch.Tensor | None = None,
     seed: int = 0,
@@ -103,13 +127,15 @@ def multi_lora_weight_grad(
         scalings: ``(K,)`` float32; row_adapter: ``(n,)`` int64 (or int32) ids in [-1, K), any order.
         transpose: return ``(K, R, P)`` (dA from u = x, v = g) instead of ``(K, P, R)`` (dB).
         segments: ``adapter_segments(row_adapter, K, ...)`` if already built (any block_m).
-        split: pin the number of slices of each adapter's rows; config: one of the kernel's
-            configs (tests). None chooses / autotunes.
+        chunk_rows: rows per program (chunks of each adapter's sorted rows); None: the
+            segments' (``default_chunk_rows(n)``). config: one of the kernel's configs (tests);
+            None chooses / autotunes.
         dropout, seed: None (p = 0, keep = 1: dB), or the forward's ``(K,)`` float32 drop
             probabilities and seed (dA from u = x): keep_i is adapter k's mask of u's row i.
 
     Returns:
         ``(K, P, R)``, or ``(K, R, P)`` with ``transpose``; zeros for adapters without rows.
+        Deterministic: the same for the same inputs and chunk_rows.
     """
     check_input("u", u)
     n, P = u.shape
@@ -117,31 +143,38 @@ def multi_lora_weight_grad(
     check_tensor("v", v, (n, R), u)
     num_adapters = check_row_ids(row_adapter, scalings, n, u)
     check_dropout(dropout, seed, num_adapters, u)
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
     rank_pad = rank_block(R)
     shape = (num_adapters, R, P) if transpose else (num_adapters, P, R)
     if n == 0:
         return torch.zeros(shape, dtype=u.dtype, device=u.device)
     if segments is None:
-        segments = adapter_segments(row_adapter, num_adapters, BLOCK_M)
+        segments = adapter_segments(row_adapter, num_adapters, BLOCK_M, chunk_rows)
     else:
         check_segments(segments, n, num_adapters, u.device)
-    if split is None:
-        split = _split_count(n, num_adapters * triton.cdiv(P, 64), u.device)
-    if split < 1:
-        raise ValueError(f"split={split} must be at least 1")
-    partial = torch.empty(split, *shape, dtype=torch.float32, device=u.device)
+    chunks: RowChunks = segments.chunks
+    if chunk_rows is not None and chunk_rows != chunks.chunk_rows:
+        chunks = row_chunks(segments.bounds, n, chunk_rows)
+    partial = torch.empty(chunks.num_chunks, *shape[1:], dtype=torch.float32, device=u.device)
     # The kernel writes (P, R) tiles: a transposed view of the partials puts them as (R, P).
-    partial_pr = partial.transpose(2, 3) if transpose else partial
+    partial_pr = partial.transpose(1, 2) if transpose else partial
 
     def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_P"]), num_adapters, split)
+        return (triton.cdiv(P, meta["BLOCK_P"]), chunks.num_chunks)
 
     has_dropout = dropout is not None
     args = (
-        u, v, scalings, dropout if has_dropout else scalings, segments.order, segments.bounds, partial_pr,
-        P, R, int(seed),
+        u, v, scalings, dropout if has_dropout else scalings, segments.order, segments.bounds,
+        chunks.chunk_adapter, chunks.chunk_bounds, partial_pr,
+        P, R, int(seed), chunks.chunk_rows,
         *u.stride(), *v.stride(), scalings.stride(0), dropout.stride(0) if has_dropout else 0, *partial_pr.stride(),
         has_dropout, rank_pad, dot_precision(u.dtype),
     )  # fmt: skip
     launch(multi_lora_weight_grad_kernel, multi_lora_weight_grad_tuned, grid, args, config)
-    return partial.sum(0).to(u.dtype) if split > 1 else partial[0].to(u.dtype)
+    out = torch.empty(shape, dtype=u.dtype, device=u.device)
+    size = shape[1] * shape[2]
+    chunk_sum_kernel[(triton.cdiv(size, _SUM_BLOCK), num_adapters)](
+        partial, chunks.chunk_bounds, out, size, BLOCK=_SUM_BLOCK
+    )
+    return out

@@ -19,6 +19,7 @@ from torch import nn
 
 from .model import DEFAULT_TARGETS, _as_linear, _replace, lora_layers, select_targets
 from .multi_layer import MultiLoRALinear
+from .row_adapters import RowAdapters, scoped_row_adapters
 
 
 def multi_lora_layers(model: nn.Module) -> Iterator[tuple[str, MultiLoRALinear]]:
@@ -117,34 +118,28 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def adapter_index(model: nn.Module, ids: torch.Tensor | Sequence[str | int | None]) -> torch.Tensor:
-    """Adapter ids as a ``(b,)`` int64 tensor: names become their index, None becomes −1.
+def adapter_index(model: nn.Module, ids: torch.Tensor | Sequence[str | int | None]) -> RowAdapters:
+    """Adapter ids checked on the host: names become their index in :func:`list_adapters`, None −1.
 
     Raises:
-        ValueError: an unknown name, an id out of [-1, K), or ids that are not 1-D.
+        ValueError: no ids, an unknown name, an id out of [-1, K), or ids that are not 1-D.
     """
     names = list_adapters(model)
     if isinstance(ids, torch.Tensor):
-        index = ids
-    else:
-        index = []
-        for item in ids:
-            if item is None:
-                index.append(-1)
-            elif isinstance(item, str):
-                if item not in names:
-                    raise ValueError(f"no adapter named {item!r}; the model has {names}")
-                index.append(names.index(item))
-            elif isinstance(item, int) and not isinstance(item, bool):
-                index.append(item)
-            else:
-                raise ValueError(f"an adapter id must be a name, an int or None, got {item!r}")
-        index = torch.tensor(index, dtype=torch.int64)
-    if index.dim() != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
-        raise ValueError(f"adapter ids must be one integer per sequence (1-D), got {tuple(index.shape)} {index.dtype}")
-    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= len(names)):
-        raise ValueError(f"adapter ids must be in [-1, {len(names)}) for adapters {names}, got {index.tolist()}")
-    return index.to(torch.int64)
+        return RowAdapters(ids, names)
+    index = []
+    for item in ids:
+        if item is None:
+            index.append(-1)
+        elif isinstance(item, str):
+            if item not in names:
+                raise ValueError(f"no adapter named {item!r}; the model has {names}")
+            index.append(names.index(item))
+        elif isinstance(item, int) and not isinstance(item, bool):
+            index.append(item)
+        else:
+            raise ValueError(f"an adapter id must be a name, an int or None, got {item!r}")
+    return RowAdapters(torch.tensor(index, dtype=torch.int64), names)
 
 
 @contextlib.contextmanager
@@ -152,19 +147,22 @@ def adapter_ids(model: nn.Module, ids: torch.Tensor | Sequence[str | int | None]
     """Within the block, sequence i of every batch uses adapter ``ids[i]`` (a name, an index, or None).
 
     Carries the ids past forward signatures that know nothing of them (``model(...)``,
-    ``model.generate(...)``): each layer reads them from itself. A batch of b sequences needs
-    b ids; inputs with a multiple of b rows (beam search's repeated sequences) repeat each id.
-    Gradients of a mixed batch reach each adapter from its own sequences only. With gradient
-    checkpointing, call ``backward()`` inside the block too: recomputation runs the layers again
-    and reads the ids then.
+    ``model.generate(...)``). The ids belong to the block, not to the model: they live in a
+    context variable, so concurrent blocks on one model (other threads, other asyncio tasks)
+    never see each other's ids, and the model is as before once the block ends, even on an
+    exception. Threads started inside the block do not inherit it.
+
+    A batch of b sequences needs b ids; inputs with a multiple of b rows (beam search's
+    repeated sequences) repeat each id. Gradients of a mixed batch reach each adapter from its
+    own sequences only. With gradient checkpointing, call ``backward()`` inside the block too:
+    recomputation runs the layers again and reads the ids then. The ids are checked here, on
+    the host (a tensor of ids is copied to the CPU once); removing an adapter they refer to
+    makes the layers refuse them.
+
+    Raises:
+        ValueError: the model has no named adapters, no ids, an unknown name or an id out of range.
     """
     layers = _layers_or_error(model)
-    index = adapter_index(model, ids)
-    previous = {name: layer.row_adapters for name, layer in layers.items()}
-    try:
-        for layer in layers.values():
-            layer.set_row_adapters(index)
+    row_adapters = adapter_index(model, ids)
+    with scoped_row_adapters(layers.values(), row_adapters):
         yield model
-    finally:
-        for name, layer in layers.items():
-            layer.row_adapters = previous[name]

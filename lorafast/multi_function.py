@@ -34,18 +34,21 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 
     Inputs: x ``(..., in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(K, R, in)``,
     lora_B ``(K, out, R)``, scalings ``(K,)`` float32, row_adapter ``(n,)`` int64 with n the rows of
-    x, dropout ``(K,)`` float32 drop probabilities or None, seed, backend. Not checked here;
-    :func:`multi_lora_linear` checks them.
+    x, dropout ``(K,)`` float32 drop probabilities or None, seed, backend, and for the Triton
+    backend optionally the batch's row tables (``kernels.batch_segments``), which forward and
+    backward share. Not checked here; :func:`multi_lora_linear` checks them.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend, segments=None):
         impl = _implementation(backend)
+        tables = {} if segments is None else {"segments": segments}
         y, xa = impl.multi_lora_forward(
-            x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=dropout, seed=seed
-        )
+            x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=dropout, seed=seed,
+            **tables,
+        )  # fmt: skip
         ctx.save_for_backward(x, xa, weight, lora_A, lora_B, scalings, row_adapter, dropout)
-        ctx.backend, ctx.seed = backend, seed
+        ctx.backend, ctx.seed, ctx.tables = backend, seed, tables
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -64,18 +67,20 @@ class MultiLoRALinearFunction(torch.autograd.Function):
             (needs[0], needs[3], needs[4]),
             dropout=dropout,
             seed=ctx.seed,
+            **ctx.tables,
         )
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None
 
 
 def row_adapter_ids(adapter_ids: torch.Tensor, x_shape: Sequence[int], num_adapters: int | None = None) -> torch.Tensor:
     """One adapter id per row of x: ``(n,)`` int64, n = the product of ``x_shape[:-1]``.
 
     ``adapter_ids`` holds one id per row (shape ``x_shape[:-1]``) or one per sequence (shape
-    ``(x_shape[0],)``, repeated over the other leading dimensions). With ``num_adapters`` the ids
-    are checked to lie in [-1, num_adapters).
+    ``(x_shape[0],)``, repeated over the other leading dimensions). With ``num_adapters``, ids on
+    the CPU are checked to lie in [-1, num_adapters); ids on a GPU are not (that would wait for
+    the device): there an id outside the range counts as −1, on both backends.
 
     Raises:
         ValueError: ids that are not an integer tensor, of a shape that fits neither, or out of range.
@@ -94,7 +99,7 @@ def row_adapter_ids(adapter_ids: torch.Tensor, x_shape: Sequence[int], num_adapt
             f"adapter ids of shape {tuple(adapter_ids.shape)} fit neither the rows of x {leading} nor its "
             f"first dimension ({leading[0] if leading else 'none'}): give one id per row or per sequence"
         )
-    if num_adapters is not None and rows.numel():
+    if num_adapters is not None and rows.numel() and rows.device.type == "cpu":
         low, high = int(rows.min()), int(rows.max())
         if low < -1 or high >= num_adapters:
             bad = low if low < -1 else high
@@ -120,9 +125,12 @@ def multi_lora_linear(
         weight: frozen W0 ``(out_features, in_features)``; bias: frozen ``(out_features,)`` or None.
         lora_A: K adapters stacked ``(K, R, in_features)``; an adapter of rank r < R has zero rows
             r..R-1. lora_B: ``(K, out_features, R)``, zero columns r..R-1.
-        scalings: each adapter's ``alpha / r``, K numbers (runtime values: no recompile).
+        scalings: each adapter's ``alpha / r``, K numbers (runtime values: no recompile); numbers
+            and CPU tensors are checked to be finite, a tensor on x's GPU is used as it is.
         adapter_ids: integer ids in [-1, K), one per row of x (shape ``x.shape[:-1]``) or one
             per sequence (shape ``(x.shape[0],)``); −1 means no adapter (the base layer). Any order.
+            Ids on the CPU are range-checked; ids on a GPU are not (reading them would wait for
+            the device), and there an id outside [-1, K) counts as −1.
         dropout_p: each adapter's dropout probability on its rows' LoRA input, K numbers in
             [0, 1) (None: no dropout); applied when ``training``, with a seed drawn from torch's
             default generator (``torch.manual_seed`` makes it reproducible).
@@ -136,8 +144,8 @@ def multi_lora_linear(
     PyTorch path; ``LORAFAST_BACKEND`` overrides as for :func:`lorafast.lora_linear`.
 
     Raises:
-        ValueError: on a shape, dtype or device mismatch, ids out of range or of the wrong
-            length, a stacked rank above 256, or a backend that cannot run these tensors.
+        ValueError: on a shape, dtype or device mismatch, (CPU) ids out of range, ids of the
+            wrong length, a stacked rank above 256, or a backend that cannot run these tensors.
     """
     cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
     if cast is not None:
@@ -164,12 +172,24 @@ def dropout_tensor(dropout_p: Sequence[float] | None, num_adapters: int, device)
         check_dropout(p)
     if not any(values):
         return None
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return host_values_on(values, torch.float32, device)
 
 
-def apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=None):
+def host_values_on(values: Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
+    """``values`` as a 1-D tensor on ``device``, copied without waiting for the device's stream."""
+    values = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
+
+
+def apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=None, row_tables=None):
     """:func:`multi_lora_linear` on checked inputs: scalings ``(K,)`` tensor, row_adapter ``(n,)`` int64,
-    dropout ``(K,)`` float32 or None (a seed is drawn when it is given)."""
+    dropout ``(K,)`` float32 or None (a seed is drawn when it is given).
+
+    ``row_tables``: a ``RowAdapters`` whose cache keeps the Triton kernels' row tables of this
+    batch for every layer that sees the same rows (None: built for this call, shared by its backward).
+    """
     if torch.is_grad_enabled():
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.requires_grad:
@@ -179,13 +199,26 @@ def apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dro
                 )
     backend = resolve_backend(x.device, x.dtype)
     seed = draw_seed() if dropout is not None else 0
-    return MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend)
+    segments = _row_segments(row_adapter, lora_A.shape[0], row_tables) if backend == "triton" else None
+    return MultiLoRALinearFunction.apply(
+        x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend, segments
+    )
 
 
-def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.Tensor:
-    """Check a mixed-adapter call's shapes, dtypes and devices; returns the scalings as a ``(K,)`` tensor.
+def _row_segments(row_adapter: torch.Tensor, num_adapters: int, row_tables):
+    """The Triton kernels' row tables of ``row_adapter``: from ``row_tables``'s cache (built on first use), or new."""
+    from .kernels.multi_lora_linear import batch_segments
 
-    The scalings tensor is float32 (float64 for float64 x), on x's device.
+    if row_tables is None:
+        return batch_segments(row_adapter, num_adapters)
+    key = ("segments", row_adapter.device, row_adapter.shape[0], num_adapters)
+    return row_tables.table(key, lambda: batch_segments(row_adapter, num_adapters))
+
+
+def check_multi_lora_shapes(x, weight, bias, lora_A, lora_B) -> int:
+    """Check a mixed-adapter call's shapes, dtypes and devices (no values: nothing is read from the device).
+
+    Returns K, the number of stacked adapters.
     """
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     out_features, in_features = check_base_inputs(named, x, weight, bias)
@@ -203,6 +236,29 @@ def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.
             f"got {tuple(lora_B.shape)}"
         )
     check_same_dtype_and_device(named, x)
+    return num_adapters
+
+
+def scalings_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the scalings tensor for x: float32 (float64 for float64 x)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.Tensor:
+    """Check a mixed-adapter call's shapes, dtypes and devices; returns the scalings as a ``(K,)`` tensor.
+
+    The scalings tensor is float32 (float64 for float64 x), on x's device. Numbers and CPU
+    tensors are checked to be finite; a tensor on a GPU is taken as it is (reading it would wait
+    for the device).
+    """
+    num_adapters = check_multi_lora_shapes(x, weight, bias, lora_A, lora_B)
+    dtype = scalings_dtype(x)
+    if isinstance(scalings, torch.Tensor) and scalings.device.type != "cpu":
+        if scalings.dim() != 1 or scalings.shape[0] != num_adapters or not scalings.is_floating_point():
+            raise ValueError(f"scalings must hold one number per adapter (K={num_adapters}), got {scalings!r:.80}")
+        if scalings.device != x.device:
+            raise ValueError(f"device mismatch: x is on {x.device} but scalings is on {scalings.device}")
+        return scalings.detach().to(dtype)
     if isinstance(scalings, torch.Tensor):
         values = scalings.detach().reshape(-1).tolist() if scalings.dim() <= 1 else None
     else:
@@ -211,5 +267,4 @@ def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.
         raise ValueError(f"scalings must hold one number per adapter (K={num_adapters}), got {scalings!r:.80}")
     for value in values:
         check_scaling(value)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.tensor(values, dtype=dtype, device=x.device)
+    return host_values_on(values, dtype, x.device)

@@ -4,10 +4,10 @@ The layer holds the frozen ``weight``/``bias`` (``nn.Linear``'s names) and, per 
 ``lora_A[name]`` ``(r, in_features)`` and ``lora_B[name]`` ``(out_features, r)`` with their own
 r, alpha and dropout. It runs in one of three ways:
 
-- rows with adapter ids set (:meth:`set_row_adapters`, or the model-level context manager
-  ``lorafast.adapter_ids``): every row uses its own adapter, all in one mixed batch
+- rows with adapter ids set (the model-level context manager ``lorafast.adapter_ids``, whose
+  ids belong to the call, or :meth:`set_row_adapters`): every row uses its own adapter, all in one mixed batch
   (:func:`lorafast.multi_lora_linear`); the adapters are stacked, zero-padded to the largest
-  rank, for the one launch;
+  rank, for the one launch, and the stacked copy is kept until an adapter changes;
 - otherwise the active adapter (:meth:`set_adapter`) runs as :class:`FusedLoRALinear` would;
 - no active adapter: the plain base layer.
 """
@@ -22,7 +22,9 @@ from torch import nn
 
 from .function import lora_linear
 from .layer import adopt_frozen_base
-from .multi_function import apply_multi_lora, check_multi_lora_inputs, dropout_tensor, row_adapter_ids
+from .multi_function import apply_multi_lora, check_multi_lora_shapes, dropout_tensor, host_values_on, scalings_dtype
+from .multi_stack import StackedFactorsCache
+from .row_adapters import RowAdapters, active_row_adapters
 from .validation import autocast_inputs, check_dropout, check_rank, check_scaling
 
 
@@ -58,7 +60,10 @@ class MultiLoRALinear(nn.Module):
         self.alphas: dict[str, float] = {}
         self.dropouts: dict[str, float] = {}
         self.active_adapter: str | None = None
-        self.row_adapters: torch.Tensor | None = None
+        self.row_adapters: torch.Tensor | None = None  # set_row_adapters's ids, None when not set
+        self._layer_row_adapters: RowAdapters | None = None
+        self._values_cache: tuple | None = None  # (key, (scalings, dropout)) of _adapter_values
+        self._stacked_cache = StackedFactorsCache()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -104,33 +109,39 @@ class MultiLoRALinear(nn.Module):
         self.active_adapter = name
 
     def set_row_adapters(self, ids: torch.Tensor | None) -> None:
-        """Per-row adapters for the next calls: int ids into ``adapter_names`` (−1: none), or None to stop.
+        """Per-row adapters for this layer's next calls: int ids into ``adapter_names`` (−1: none), or None to stop.
 
         ``ids`` ``(b,)`` gives one id per sequence: for x ``(m·b, ...)`` (e.g. beam search, which
         repeats each sequence m times in a row) each id is repeated m times. Ids are checked here,
-        once, not on every call.
+        once, on the host. This is state of the layer, shared by every caller: for a model, and
+        for concurrent requests, use ``lorafast.adapter_ids``, whose ids belong to the call (they
+        take precedence over these).
         """
-        if ids is not None:
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
-                raise ValueError(f"row adapter ids must be a 1-D integer tensor, got {ids!r:.80}")
-            row_adapter_ids(ids, (ids.shape[0], 1), len(self.lora_A))
-            ids = ids.to(device=self.weight.device, dtype=torch.int64)
+        if ids is None:
+            self.row_adapters = self._layer_row_adapters = None
+            return
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+            raise ValueError(f"row adapter ids must be a 1-D integer tensor, got {ids!r:.80}")
+        self._layer_row_adapters = RowAdapters(ids, self.adapter_names)
         self.row_adapters = ids
 
     def _check_name(self, name: str) -> None:
         if name not in self.lora_A:
             raise ValueError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
 
-    def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    def stacked_adapters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         """``(A (K, R, in), B (K, out, R), scalings)``: the adapters stacked, zero-padded to the largest rank R.
 
-        Built under autograd from the adapters' own Parameters, so gradients reach them.
+        Kept between calls and rebuilt only when an adapter changes (``lorafast.multi_stack``);
+        with grad enabled, gradients of A and B reach the adapters' own Parameters. ``dtype``:
+        the stacked factors' dtype (None: the adapters' own).
         """
-        rank = max(a.shape[0] for a in self.lora_A.values())
         names = self.adapter_names
-        lora_A = torch.stack([F.pad(self.lora_A[n], (0, 0, 0, rank - self.lora_A[n].shape[0])) for n in names])
-        lora_B = torch.stack([F.pad(self.lora_B[n], (0, rank - self.lora_B[n].shape[1])) for n in names])
-        return lora_A, lora_B, [self.scaling(n) for n in names]
+        lora_A = [self.lora_A[n] for n in names]
+        lora_A_stacked, lora_B_stacked = self._stacked_cache.get(
+            lora_A, [self.lora_B[n] for n in names], dtype or lora_A[0].dtype
+        )
+        return lora_A_stacked, lora_B_stacked, [self.scaling(n) for n in names]
 
     @torch.no_grad()
     def get_delta_weight(self, name: str) -> torch.Tensor:
@@ -140,8 +151,11 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
-        if self.row_adapters is not None:
-            return self._mixed_forward(x)
+        row_adapters = active_row_adapters(self)
+        if row_adapters is None:
+            row_adapters = self._layer_row_adapters
+        if row_adapters is not None:
+            return self._mixed_forward(x, row_adapters)
         name = self.active_adapter
         if name is None:
             return F.linear(x, self.weight, self.bias)
@@ -156,29 +170,37 @@ class MultiLoRALinear(nn.Module):
             self.training,
         )
 
-    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.row_adapters
-        if x.dim() < 2 or x.shape[0] % ids.shape[0] != 0:
-            raise ValueError(
-                f"{ids.shape[0]} adapter ids do not fit an input of shape {tuple(x.shape)}: its first dimension "
-                "must be the number of ids (or a multiple of it, e.g. beams)"
-            )
-        if x.shape[0] != ids.shape[0]:
-            ids = ids.repeat_interleave(x.shape[0] // ids.shape[0])
+    def _mixed_forward(self, x: torch.Tensor, row_adapters: RowAdapters) -> torch.Tensor:
+        row_adapters.check_adapters(self.adapter_names)
+        rows = row_adapters.rows(x.shape, x.device)
         if not self.lora_A:
             return F.linear(x, self.weight, self.bias)
-        lora_A, lora_B, scalings = self.stacked_adapters()
         weight, bias = self.weight, self.bias
-        cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
+        cast = autocast_inputs(x, weight, bias)
         if cast is not None:
-            x, weight, bias, lora_A, lora_B = cast
-        scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
+            x, weight, bias = cast
+        # under autocast, stacked (and kept) in the autocast dtype: no cast of the factors per call
+        lora_A, lora_B, _ = self.stacked_adapters(x.dtype if cast is not None else None)
+        check_multi_lora_shapes(x, weight, bias, lora_A, lora_B)
+        scalings, dropout = self._adapter_values(x.device, scalings_dtype(x))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            rows = row_adapter_ids(ids, x.shape)
-            dropout = None
-            if self.training:
-                dropout = dropout_tensor([self.dropouts[n] for n in self.adapter_names], len(self.lora_A), x.device)
-            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout)
+            dropout = dropout if self.training else None
+            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
+
+    def _adapter_values(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scalings (K,), dropout (K,) float32 or None)`` on ``device``: made when the adapters change, not per call.
+
+        Kept on the device so that the mixed forward reads no number from the host and copies
+        none to the device.
+        """
+        names = self.adapter_names
+        key = (device, dtype, tuple((n, self.alphas[n], self.lora_A[n].shape[0], self.dropouts[n]) for n in names))
+        cached = self._values_cache
+        if cached is None or cached[0] != key:
+            scalings = host_values_on([self.scaling(n) for n in names], dtype, device)
+            cached = (key, (scalings, dropout_tensor([self.dropouts[n] for n in names], len(names), device)))
+            self._values_cache = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={a.shape[0]}, alpha={self.alphas[n]})" for n, a in self.lora_A.items())

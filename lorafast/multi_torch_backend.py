@@ -24,9 +24,12 @@ from .torch_backend import input_and_down_grads, matmul_wt, rows_transposed_matm
 
 
 def _row_blocks(row_adapter: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rows, adapter, present)``: row numbers, each row's adapter (−1 read as 0), and whether it has one."""
+    """``(rows, adapter, present)``: row numbers, each row's adapter (−1 read as 0), and whether it has one.
+
+    An id outside [-1, K) counts as −1, as in the Triton kernels.
+    """
     rows = torch.arange(row_adapter.shape[0], device=row_adapter.device)
-    present = row_adapter >= 0
+    present = (row_adapter >= 0) & (row_adapter < num_adapters)
     return rows, row_adapter.clamp(0, num_adapters - 1), present
 
 
@@ -44,8 +47,11 @@ def _row_scalings(scalings: torch.Tensor, adapter, present, dtype) -> torch.Tens
 
 
 def _row_dropout(dropout: torch.Tensor | None, adapter, present) -> torch.Tensor | None:
-    """``(n,)`` each row's drop probability (0 without adapter), or None when nothing is dropped."""
-    if dropout is None or not bool((dropout > 0).any()):
+    """``(n,)`` each row's drop probability (0 without adapter: kept whole), or None without dropout.
+
+    Not tested for all zeros (that would read the device): the callers pass None then.
+    """
+    if dropout is None:
         return None
     return torch.where(present, dropout[adapter], 0.0).float()
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import TOLERANCES
 from lorafast import kernels
-from lorafast.kernels.adapter_segments import UNUSED_BLOCK, adapter_segments, num_row_blocks
+from lorafast.kernels.adapter_segments import UNUSED_BLOCK, adapter_segments, num_row_blocks, num_row_chunks
 from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
 from lorafast.kernels.multi_dropout_xa import multi_dropout_xa_tuned
 from lorafast.kernels.multi_lora_matmul import BLOCK_M, multi_lora_matmul_tuned
@@ -180,18 +180,66 @@ def test_dx_every_config(config, case):
 
 
 @pytest.mark.parametrize("config", GRAD_CONFIGS, ids=ids)
-@pytest.mark.parametrize("split", [1, 3])
-def test_weight_grads_every_config(config, split):
+@pytest.mark.parametrize("chunk_rows", [None, 16])
+def test_weight_grads_every_config(config, chunk_rows):
     x, w, b, a, bb, s, row_adapter, gy = _case(8, (4, 1, 6, 2, 5, 3, 7, 5), n=131)
     _, xa, _, da_ref, db_ref = reference(x, w, b, a, bb, s, row_adapter, gy)
     k = row_adapter.clamp(min=0)
     g = (torch.einsum("no,nor->nr", gy.double(), bb.double()[k]) * (row_adapter >= 0)[:, None]).float()
-    da = kernels.multi_lora_weight_grad(x, g, s, row_adapter, transpose=True, split=split, config=config)
-    db = kernels.multi_lora_weight_grad(gy, xa.float(), s, row_adapter, split=split, config=config)
+    da = kernels.multi_lora_weight_grad(x, g, s, row_adapter, transpose=True, chunk_rows=chunk_rows, config=config)
+    db = kernels.multi_lora_weight_grad(gy, xa.float(), s, row_adapter, chunk_rows=chunk_rows, config=config)
     assert da.shape == a.shape and db.shape == bb.shape
     _close(da, da_ref)
     _close(db, db_ref)
     assert not da[-1].any() and not db[-1].any()  # the last adapter has no rows
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 64])
+@pytest.mark.parametrize("kind", ["skewed", "one", "all_base"])
+def test_chunk_table_cuts_each_adapters_sorted_rows_in_order(kind, chunk_rows):
+    K, n = 4, 53
+    row_adapter = _skewed_ids(n, K) if kind == "skewed" else make_ids(n, K, kind)
+    seg = adapter_segments(row_adapter, K, BLOCK_M, chunk_rows)
+    chunks = seg.chunks
+    assert chunks.chunk_rows == chunk_rows and chunks.num_chunks == num_row_chunks(n, K, chunk_rows)
+    counts = torch.bincount(row_adapter + 1, minlength=K + 1)[1:]
+    per_adapter = (counts + chunk_rows - 1) // chunk_rows
+    assert torch.equal(chunks.chunk_bounds, torch.cat([torch.zeros(1, dtype=torch.int64), per_adapter.cumsum(0)]))
+    used = chunks.chunk_adapter.long()
+    assert torch.equal(used[: int(per_adapter.sum())], torch.repeat_interleave(torch.arange(K), per_adapter))
+    assert (used[int(per_adapter.sum()) :] == UNUSED_BLOCK).all()
+
+
+def _skewed_ids(n, num_adapters, seed=0):
+    """90% of the rows on adapter 0, the rest on the last adapter and the base, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(n, dtype=torch.int64)
+    tail = n - (9 * n) // 10
+    ids[:tail] = torch.tensor([num_adapters - 1, -1]).repeat(tail)[:tail]
+    return ids[torch.randperm(n, generator=g)]
+
+
+@pytest.mark.parametrize("kind", ["skewed", "one", "all_base"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
+def test_weight_grads_split_over_row_chunks(kind, dropout):
+    """Skewed (90/10), single-adapter and all-base batches, the rows cut into many chunks: exact and deterministic."""
+    x, w, b, a, bb, s, _, gy = _case(3, DROP_RANKS, n=131)
+    row_adapter = _skewed_ids(131, 3) if kind == "skewed" else make_ids(131, 3, kind)
+    p = DROPOUT if dropout else None
+    _, xa, _, da_ref, db_ref = reference(x, w, b, a, bb, s, row_adapter, gy, p, SEED)
+    g = _g_ref(gy, bb, row_adapter).float()
+    results = []
+    for chunk_rows in (7, 7, 40, None):
+        da = kernels.multi_lora_weight_grad(
+            x, g, s, row_adapter, transpose=True, chunk_rows=chunk_rows, dropout=p, seed=SEED
+        )
+        db = kernels.multi_lora_weight_grad(gy, xa.float(), s, row_adapter, chunk_rows=chunk_rows)
+        _close(da, da_ref)
+        _close(db, db_ref)
+        results.append((da, db))
+    assert all(torch.equal(x, y) for x, y in zip(results[0], results[1]))  # the same chunks: bitwise the same
+    if kind == "all_base":
+        assert not results[0][0].any() and not results[0][1].any()
 
 
 # --- the composed forward and backward ---------------------------------------------------------------
@@ -313,8 +361,8 @@ def test_launcher_errors():
         kernels.fused_multi_lora_dx(gy[:, :49], w, a, bb, s, row_adapter)
     with pytest.raises(ValueError, match=r"v has shape \(36, 8\), expected \(37, 8\)"):
         kernels.multi_lora_weight_grad(x, torch.zeros(36, 8), s, row_adapter)
-    with pytest.raises(ValueError, match="split=0 must be at least 1"):
-        kernels.multi_lora_weight_grad(x, torch.zeros(37, 8), s, row_adapter, split=0)
+    with pytest.raises(ValueError, match="chunk_rows=0 must be at least 1"):
+        kernels.multi_lora_weight_grad(x, torch.zeros(37, 8), s, row_adapter, chunk_rows=0)
 
 
 # --- per-adapter dropout -------------------------------------------------------------------------------
@@ -372,15 +420,15 @@ def test_dropout_xa_every_config(config):
 
 
 @pytest.mark.parametrize("config", GRAD_CONFIGS, ids=ids)
-@pytest.mark.parametrize("split", [1, 3])
-def test_dropout_weight_grads_every_config(config, split):
+@pytest.mark.parametrize("chunk_rows", [None, 16])
+def test_dropout_weight_grads_every_config(config, chunk_rows):
     x, w, b, a, bb, s, row_adapter, gy = _dropout_case(n=131)
     _, xa, _, da_ref, db_ref = reference(x, w, b, a, bb, s, row_adapter, gy, DROPOUT, SEED)
     g = _g_ref(gy, bb, row_adapter).float()
     da = kernels.multi_lora_weight_grad(
-        x, g, s, row_adapter, transpose=True, split=split, config=config, dropout=DROPOUT, seed=SEED
+        x, g, s, row_adapter, transpose=True, chunk_rows=chunk_rows, config=config, dropout=DROPOUT, seed=SEED
     )
-    db = kernels.multi_lora_weight_grad(gy, xa.float(), s, row_adapter, split=split, config=config)
+    db = kernels.multi_lora_weight_grad(gy, xa.float(), s, row_adapter, chunk_rows=chunk_rows, config=config)
     _close(da, da_ref)
     _close(db, db_ref)
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lorafast.kernels
 from conftest import TOLERANCES, keep_mask, reference_lora
-from lorafast import MultiLoRALinear, multi_lora_linear
+from lorafast import MultiLoRALinear, multi_lora_linear, multi_torch_backend
 from lorafast.dropout import draw_seed
 from lorafast.multi_torch_backend import multi_lora_backward, multi_lora_forward
 
@@ -325,6 +326,19 @@ def test_errors():
         multi_lora_linear(x, w, None, lora_A, lora_B, [1.0, 1.0], ok, dropout_p=[0.1], training=True)
     with pytest.raises(ValueError, match=r"dropout probability must be a number in \[0, 1\)"):
         multi_lora_linear(x, w, None, lora_A, lora_B, [1.0, 1.0], ok, dropout_p=[0.1, 1.0], training=True)
+
+
+def test_backends_agree_that_unchecked_ids_out_of_range_mean_no_adapter():
+    """Ids on a GPU are not range-checked (that would synchronise): both backends read one outside [-1, K) as −1."""
+    x, w, b = torch.randn(4, 6), torch.randn(5, 6), torch.randn(5)
+    lora_A, lora_B, scalings = torch.randn(2, 3, 6), torch.randn(2, 5, 3), torch.tensor([1.0, 2.0])
+    row_adapter = torch.tensor([1, 2, -4, 0])
+    base = x @ w.T + b
+    for impl in (multi_torch_backend, lorafast.kernels):
+        y, xa = impl.multi_lora_forward(x, w, b, lora_A, lora_B, scalings, row_adapter)
+        torch.testing.assert_close(y[1:3], base[1:3])
+        assert not xa[1:3].any()
+        torch.testing.assert_close(y[0], base[0] + 2.0 * lora_B[1] @ (lora_A[1] @ x[0]))
 
 
 def test_torch_compile_of_a_mixed_batch_matches_eager():
