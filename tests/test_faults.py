@@ -24,7 +24,7 @@ from torch import nn
 
 from conftest import SUMPUBMED, tiny_bart
 from lorafast import FusedLoRALinear, add_adapter, apply_lora, load_adapter, lora_layers, save_adapter
-from lorafast.adapter import CONFIG_NAME, WEIGHTS_NAME
+from lorafast.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train"
@@ -158,12 +158,6 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def _nan_weights(path: Path) -> None:
-    state = torch.load(path, weights_only=True)
-    next(iter(state["trainable"].values()))[0, 0] = math.nan
-    torch.save(state, path)
-
-
 def _nan_bytes(path: Path) -> None:
     """Overwrite the first float32 storage of the file (a trained factor) with NaN bytes, in place."""
     raw = bytearray(path.read_bytes())
@@ -179,11 +173,10 @@ def _nan_bytes(path: Path) -> None:
     "damage,reason",
     [
         (_truncate, "PytorchStreamReader|EOF|zip archive"),
-        (_nan_weights, "NaN or infinite"),
         (_nan_bytes, "NaN or infinite"),
         (lambda path: (path.parent / checkpoints.ARGS_NAME).unlink(), "FileNotFoundError"),
     ],
-    ids=["truncated", "nan-weights", "nan-bytes", "no-run-args"],
+    ids=["truncated", "nan-bytes", "no-run-args"],
 )
 def test_damaged_newest_checkpoint_resumes_from_the_previous(data, reference, tmp_path, capsys, damage, reason):
     run = _copy_run(reference, tmp_path / "run")
@@ -244,8 +237,8 @@ finetune.main(sys.argv[4:])
 """
 
 # (kind, n) ranges that kill while checkpoint 2..5 is written (3 os.replace, ~10 fsync, 1 torch.save each;
-# rmtree deletes the oldest checkpoint from the 3rd on).
-_KILL_POINTS = {"save": (2, 5), "replace": (4, 15), "fsync": (11, 45), "rmtree": (1, 3)}
+# rmtree deletes the oldest checkpoint at the 4th and 5th).
+_KILL_POINTS = {"save": (2, 5), "replace": (4, 15), "fsync": (11, 45), "rmtree": (1, 2)}
 
 
 def _script(argv, env_extra=None) -> subprocess.Popen:
@@ -531,3 +524,20 @@ def test_unmerge_takes_out_what_merge_added(change):
     x = torch.randn(5, 24)
     want = x @ base.T + layer.bias + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
     torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)  # the new factors act on the base weight
+
+
+def test_save_adapter_failing_midway_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    directory = _adapter_dir(tmp_path, r=4)
+    before = _snapshot(directory)
+    model = apply_lora(tiny_bart(), r=2)
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(model, directory)
+    monkeypatch.undo()
+    assert _snapshot(directory) == before and sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    save_adapter(model, directory)
+    assert read_adapter(directory)[0]["r"] == 2

@@ -11,6 +11,9 @@ The real run (full release, pretrained BART, one GPU; ``torchrun --nproc_per_nod
 Writes to ``--output-dir``: ``log.jsonl`` (every step and evaluation), ``metrics.json``, ``loss_curve.png``,
 ``predictions.jsonl``, the trained adapter in PEFT's format (``adapter/``; ``model/`` for ``--method full``),
 ``checkpoint-<step>/`` for ``--resume``, ``tokenizer/`` and, with ``--merge``, ``merged/`` (plain transformers).
+Every file appears whole or not at all. A folder holding a previous run takes ``--resume`` (the same arguments;
+damaged checkpoints are skipped with a warning) or ``--overwrite-output-dir``. Expected problems (bad data,
+folder, checkpoints or numbers, a non-finite loss) end with one ``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -220,7 +223,10 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
         raise RunError(f"--data: the train split of {args.data} is empty")
     per_step = args.batch_size * args.grad_accum * ctx.world
     if len(train_docs) < per_step:
-        raise RunError(f"{len(train_docs)} training documents are fewer than one step's {per_step}")
+        raise RunError(
+            f"{len(train_docs)} training documents are fewer than one step's {per_step} (--batch-size × "
+            "--grad-accum × processes)"
+        )
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         if args.overwrite_output_dir:
