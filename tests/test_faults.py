@@ -195,6 +195,14 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous(data, reference, tm
     assert (run / "checkpoint-best").is_dir() and (run / "checkpoint-7.bak").is_dir()
 
 
+def test_log_line_cut_by_a_kill_is_dropped(tmp_path):
+    records = [{"event": "start", "step": 0}, {"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}]
+    (tmp_path / run_folder.LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 3, "lo')
+    assert run_folder.read_log(tmp_path) == records
+    run_folder.trim_log(tmp_path, 1)
+    assert (tmp_path / run_folder.LOG_NAME).read_text().splitlines() == [json.dumps(r) for r in records[:2]]
+
+
 # --- kill -9 anywhere, then --resume: the uninterrupted run ---------------------------------------
 
 # Kills its own process (SIGKILL, as kill -9) at the n-th call of one file operation, halfway through it
