@@ -246,13 +246,13 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
             )
         _check_shapes(factors, {n: (m.r, m.in_features, m.out_features) for n, m in layers.items()})
     else:
-        linears = {name: modules[name] for name in factors}
-        not_linear = sorted(name for name, m in linears.items() if not isinstance(m, (nn.Linear, MultiLoRALinear)))
+        sizes = {name: _linear_sizes(modules[name]) for name in factors}
+        not_linear = sorted(name for name, size in sizes.items() if size is None)
         if not_linear:
             raise ValueError(f"the adapter targets modules that are not linear layers: {not_linear[:5]}")
-        for module in linears.values():
-            check_rank(r, module.in_features, module.out_features)
-        _check_shapes(factors, {name: (r, m.in_features, m.out_features) for name, m in linears.items()})
+        for in_features, out_features in sizes.values():
+            check_rank(r, in_features, out_features)
+        _check_shapes(factors, {name: (r, *size) for name, size in sizes.items()})
     if adapter_name is not None:
         add_adapter(model, adapter_name, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
         for name, layer in multi_lora_layers(model):
@@ -267,6 +267,13 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         layer.lora_B.copy_(factors[name]["B"])
         layer.alpha, layer.dropout = alpha, dropout
     return model
+
+
+def _linear_sizes(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a layer an adapter can target, else None."""
+    if isinstance(module, (nn.Linear, MultiLoRALinear)):
+        return module.in_features, module.out_features
+    return None
 
 
 def _check_shapes(factors: dict[str, dict[str, torch.Tensor]], shapes: dict[str, tuple[int, int, int]]) -> None:
