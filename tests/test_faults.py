@@ -249,11 +249,11 @@ finetune.main(sys.argv[4:])
 _KILL_POINTS = {"save": (2, 5), "replace": (4, 15), "fsync": (11, 45), "rmtree": (1, 2)}
 
 
-def _script(argv, env_extra=None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+def _script(argv, stderr: Path) -> subprocess.Popen:
+    """Run Python with ``argv`` (as many threads as this process, so that the floats match), stderr to a file."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with open(stderr, "w") as err:
+        return subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_run(data, reference, tmp_path):
@@ -267,12 +267,14 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_run(data, reference
     shutil.copytree(reference / "tokenizer", run / "tokenizer")  # the same tokens as the reference run
 
     # 1. a fresh run, killed at an exact point inside a checkpoint write (or the rotation's delete)
-    first = _script(["-c", _KILLER, str(TRAIN), kind, str(n), *_argv(data, run, "--keep-checkpoints", "3")])
-    assert first.wait(timeout=300) == -signal.SIGKILL, f"{context}\n{first.stderr.read()[-2000:]}"
+    argv = ["-c", _KILLER, str(TRAIN), kind, str(n), *_argv(data, run, "--keep-checkpoints", "3")]
+    first = _script(argv, tmp_path / "first.err")
+    assert first.wait(timeout=300) == -signal.SIGKILL, f"{context}\n{(tmp_path / 'first.err').read_text()[-2000:]}"
     assert run_folder.numbered_checkpoints(run), context
 
     # 2. resumed, and killed from outside at a random moment once it trains again
-    second = _script([str(TRAIN / "finetune.py"), *_argv(data, run, "--resume", "--keep-checkpoints", "3")])
+    argv = [str(TRAIN / "finetune.py"), *_argv(data, run, "--resume", "--keep-checkpoints", "3")]
+    second = _script(argv, tmp_path / "second.err")
     deadline = time.monotonic() + 300
     while second.poll() is None and time.monotonic() < deadline:
         if any(r.get("event") == "resume" for r in run_folder.read_log(run)):  # it trains again
@@ -281,7 +283,7 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_run(data, reference
             break
         time.sleep(0.02)
     code = second.wait(timeout=300)
-    assert code in (0, -signal.SIGKILL), f"{context}; resumed run exited {code}\n{second.stderr.read()[-2000:]}"
+    assert code in (0, -signal.SIGKILL), f"{context}; exit {code}\n{(tmp_path / 'second.err').read_text()[-2000:]}"
 
     # 3. resumed to the end
     _train(data, run, "--resume", "--keep-checkpoints", "3")
