@@ -8,14 +8,19 @@ with one ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``...lora_B
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import write_atomically
+from .layer import is_conv1d
 from .model import apply_lora, lora_layers
 from .multi_adapter import add_adapter, list_adapters, multi_lora_layers
+from .multi_layer import MultiLoRALinear
+from .validation import check_rank
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,7 +66,7 @@ def save_adapter(
         ValueError: if the model has no LoRA layers (or no adapter ``adapter_name``), or its
             layers differ in r, alpha or dropout (one PEFT config describes them all).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     layers = _adapter_factors(model, adapter_name)
     settings = {(r, alpha, dropout) for _, _, r, alpha, dropout in layers.values()}
@@ -93,8 +98,9 @@ def save_adapter(
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    # Each file is replaced in one step (a crash leaves every file old or new, never partial).
+    write_atomically(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -152,9 +158,7 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
                 f"the adapter in {directory} uses PEFT option {option}={config[option]!r}, which lorafast does not "
                 "support; loading it would give different outputs than PEFT"
             )
-    for required in ("r", "lora_alpha"):
-        if not isinstance(config.get(required), (int, float)) or isinstance(config.get(required), bool):
-            raise ValueError(f"{config_path} has no numeric {required!r}")
+    _check_config_numbers(config, config_path)
 
     weights_path = directory / WEIGHTS_NAME
     if weights_path.is_file():
@@ -175,11 +179,35 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"{weights_path.name} holds {key!r}, which is not a LoRA factor of a linear layer")
+        if not tensor.is_floating_point() or tensor.dim() != 2:
+            raise ValueError(f"{key} in {weights_path.name} is {tensor.dim()}-D {tensor.dtype}, not a 2-D float matrix")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{key} in {weights_path.name} holds NaN or infinite values")
         factors.setdefault(match["module"], {})[match["factor"]] = tensor
     incomplete = sorted(name for name, ab in factors.items() if set(ab) != {"A", "B"})
     if incomplete or not factors:
         raise ValueError(f"{weights_path.name} lacks lora_A or lora_B for {incomplete or 'every module'}")
+    r = config["r"]
+    for name, ab in factors.items():
+        if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
+            raise ValueError(
+                f"{config_path.name} says r={r} but {name} has lora_A {tuple(ab['A'].shape)} and lora_B "
+                f"{tuple(ab['B'].shape)} in {weights_path.name}"
+            )
     return config, factors
+
+
+def _check_config_numbers(config: dict, config_path: Path) -> None:
+    """Raise ValueError unless r is a positive int, lora_alpha finite and lora_dropout (if set) in [0, 1)."""
+    r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{config_path}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{config_path}: lora_alpha must be a finite number, got {alpha!r}")
+    if dropout is not None and (
+        isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0
+    ):
+        raise ValueError(f"{config_path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
 
 
 @torch.no_grad()
@@ -199,37 +227,55 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
             adapter's modules or shapes do not fit the model's (the message names them).
     """
     config, factors = read_adapter(directory)
-    r, alpha, dropout = int(config["r"]), config["lora_alpha"], float(config.get("lora_dropout") or 0.0)
+    r, alpha, dropout = config["r"], config["lora_alpha"], float(config.get("lora_dropout") or 0.0)
+    # Everything is checked before the model changes, so a failed load leaves it exactly as it was.
     modules = dict(model.named_modules())
     absent = sorted(name for name in factors if name not in modules)
     if absent:
         raise ValueError(f"the adapter targets modules that {type(model).__name__} does not have: {absent[:5]}")
+    layers = dict(lora_layers(model))
+    if adapter_name is None and layers:
+        merged = sorted(name for name, layer in layers.items() if layer.merged)
+        if merged:
+            raise ValueError(f"LoRA layers {merged[:5]} are merged; unmerge() them before loading an adapter")
+        if set(layers) != set(factors):
+            raise ValueError(
+                "the adapter and the model's LoRA layers cover different modules: "
+                f"only in the adapter {sorted(set(factors) - set(layers))[:5]}, "
+                f"only in the model {sorted(set(layers) - set(factors))[:5]}"
+            )
+        _check_shapes(factors, {n: (m.r, m.in_features, m.out_features) for n, m in layers.items()})
+    else:
+        sizes = {name: _linear_sizes(modules[name]) for name in factors}
+        not_linear = sorted(name for name, size in sizes.items() if size is None)
+        if not_linear:
+            raise ValueError(f"the adapter targets modules that are not linear layers: {not_linear[:5]}")
+        for in_features, out_features in sizes.values():
+            check_rank(r, in_features, out_features)
+        _check_shapes(factors, {name: (r, *size) for name, size in sizes.items()})
     if adapter_name is not None:
-        linears = {n: m for n, m in modules.items() if n in factors and hasattr(m, "in_features")}
-        _check_shapes(factors, {n: (r, m.in_features, m.out_features) for n, m in linears.items()})
         add_adapter(model, adapter_name, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
         for name, layer in multi_lora_layers(model):
             layer.lora_A[adapter_name].copy_(factors[name]["A"])
             layer.lora_B[adapter_name].copy_(factors[name]["B"])
         return model
-    if next(lora_layers(model), None) is None:
+    if not layers:
         apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
-    layers = dict(lora_layers(model))
-    merged = sorted(name for name, layer in layers.items() if layer.merged)
-    if merged:
-        raise ValueError(f"LoRA layers {merged[:5]} are merged; unmerge() them before loading an adapter")
-    if set(layers) != set(factors):
-        raise ValueError(
-            "the adapter and the model's LoRA layers cover different modules: "
-            f"only in the adapter {sorted(set(factors) - set(layers))[:5]}, "
-            f"only in the model {sorted(set(layers) - set(factors))[:5]}"
-        )
-    _check_shapes(factors, {name: (layer.r, layer.in_features, layer.out_features) for name, layer in layers.items()})
+        layers = dict(lora_layers(model))
     for name, layer in layers.items():
         layer.lora_A.copy_(factors[name]["A"])
         layer.lora_B.copy_(factors[name]["B"])
         layer.alpha, layer.dropout = alpha, dropout
     return model
+
+
+def _linear_sizes(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a layer an adapter can target, else None."""
+    if isinstance(module, (nn.Linear, MultiLoRALinear)):
+        return module.in_features, module.out_features
+    if is_conv1d(module):  # GPT-2's Conv1D keeps its weight as (in, out)
+        return tuple(module.weight.shape)
+    return None
 
 
 def _check_shapes(factors: dict[str, dict[str, torch.Tensor]], shapes: dict[str, tuple[int, int, int]]) -> None:

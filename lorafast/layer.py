@@ -131,7 +131,10 @@ class FusedLoRALinear(nn.Module):
     def get_delta_weight(self) -> torch.Tensor:
         """``scaling·B·A`` in the weight's dtype and layout (computed in fp32): ``(out_features,
         in_features)``, or ``(in_features, out_features)`` with ``fan_in_fan_out``, as PEFT's."""
-        delta = (self.lora_B.float() @ self.lora_A.float()).mul_(self.scaling)
+        return self._in_weight_layout(_scaled_product(self.lora_A, self.lora_B, self.scaling))
+
+    def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """An ``(out, in)`` fp32 update in the weight's dtype and layout."""
         return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
 
     @torch.no_grad()
@@ -140,17 +143,23 @@ class FusedLoRALinear(nn.Module):
         if self.merged:
             warnings.warn("FusedLoRALinear is already merged; nothing to do", stacklevel=2)
             return
-        self.weight.add_(self.get_delta_weight())
+        # The factors as merged: unmerge() takes out exactly this update, even if A, B or alpha change meanwhile.
+        self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
+        self.weight.add_(self._in_weight_layout(_scaled_product(*self._merged_factors)))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take ``scaling·B·A`` back out of the weight (exact in fp32; rounded in fp16/bf16)."""
+        """Take the update that :meth:`merge` added back out of the weight (exact in fp32; rounded in fp16/bf16).
+
+        It is the update of the factors and alpha as they were at the merge, whatever changed since.
+        """
         if not self.merged:
             warnings.warn("FusedLoRALinear is not merged; nothing to do", stacklevel=2)
             return
-        self.weight.sub_(self.get_delta_weight())
-        self.merged = False
+        merged_factors = getattr(self, "_merged_factors", None) or (self.lora_A, self.lora_B, self.scaling)
+        self.weight.sub_(self._in_weight_layout(_scaled_product(*merged_factors)))
+        self.merged, self._merged_factors = False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
@@ -217,8 +226,19 @@ def adopt_frozen_base(module: nn.Module, linear: nn.Linear) -> None:
         module.register_parameter("bias", None)
 
 
+def _scaled_product(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling·B·A`` ``(out, in)`` in fp32."""
+    return (lora_B.float() @ lora_A.float()).mul_(scaling)
+
+
 def _allow_missing_lora_keys(module: FusedLoRALinear, incompatible_keys) -> None:
-    """Let a plain ``nn.Linear`` state_dict (no LoRA keys) load with ``strict=True``."""
+    """Let a plain ``nn.Linear`` state_dict (no LoRA keys) load with ``strict=True``.
+
+    Only a layer missing both ``lora_A`` and ``lora_B`` is excused: one factor without the other is
+    a damaged checkpoint, and stays a missing key.
+    """
     missing = incompatible_keys.missing_keys
-    for key in [k for k in missing if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")]:
-        missing.remove(key)
+    for key in [k for k in missing if k.rsplit(".", 1)[-1] == "lora_A"]:
+        if key[: -len("lora_A")] + "lora_B" in missing:
+            missing.remove(key)
+            missing.remove(key[: -len("lora_A")] + "lora_B")

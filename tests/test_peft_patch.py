@@ -1,7 +1,6 @@
 """patch_peft: PEFT models run lorafast's fused LoRA on PEFT's own parameters, with PEFT's results."""
 
 import copy
-import io
 import logging
 
 import pytest
@@ -243,14 +242,11 @@ def test_lora_dropout_p_and_train_mode_reach_the_fused_call():
     _close(patched.eval()(x), peft_layer.eval()(x))
 
 
-def test_pickle_round_trip_and_merge_and_unload():
+def test_copy_round_trip_and_merge_and_unload():
     patched = _pair("llama")[1].eval()
     batch = lm_batch("llama")
     batch.pop("labels")
-    buffer = io.BytesIO()
-    torch.save(patched, buffer)
-    buffer.seek(0)
-    restored = torch.load(buffer, weights_only=False)
+    restored = copy.deepcopy(patched)  # the pickling protocol (__reduce_ex__), without unpickling from bytes
     assert patched_layer_count(restored) == 14
     with torch.no_grad():
         want = patched(**batch).logits

@@ -17,6 +17,7 @@ sys.path.insert(0, str(TRAIN))
 
 import finetune  # noqa: E402
 import model_setup  # noqa: E402
+import run_folder  # noqa: E402
 import sumpubmed  # noqa: E402
 
 # A small, fast run: a few documents, short sequences, greedy-ish decoding.
@@ -32,7 +33,7 @@ def _run(tmp_path, *extra, on_step=None):
 
 
 def _step_losses(output_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in finetune._read_log(Path(output_dir)) if "loss" in r}
+    return {r["step"]: r["loss"] for r in run_folder.read_log(Path(output_dir)) if "loss" in r}
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, method):
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(run_folder.RunError, match="no checkpoint"):
         _run(tmp_path, "--resume", "--max-steps", "1")
 
 

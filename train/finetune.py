@@ -11,6 +11,9 @@ The real run (full release, pretrained BART, one GPU; ``torchrun --nproc_per_nod
 Writes to ``--output-dir``: ``log.jsonl`` (every step and evaluation), ``metrics.json``, ``loss_curve.png``,
 ``predictions.jsonl``, the trained adapter in PEFT's format (``adapter/``; ``model/`` for ``--method full``),
 ``checkpoint-<step>/`` for ``--resume``, ``tokenizer/`` and, with ``--merge``, ``merged/`` (plain transformers).
+Every file appears whole or not at all. A folder holding a previous run takes ``--resume`` (the same arguments;
+damaged checkpoints are skipped with a warning) or ``--overwrite-output-dir``. Expected problems (bad data,
+folder, checkpoints or numbers, a non-finite loss) end with one ``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import math
 import os
 import random
 import resource
-import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,11 +39,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments
+import checkpoints
 import model_setup
 import summary_scoring
 import sumpubmed
+from run_folder import RunError, append_log, clear_previous_run, refuse_previous_run, remove_temporaries, trim_log
 
 import lorafast
+from lorafast.atomic import atomic_directory, atomic_path, write_atomically
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,29 +71,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], help="linear layers given LoRA")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (or --epochs)")
     g.add_argument("--batch-size", type=int, default=8, help="documents per micro-batch, per process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-4 LoRA, 5e-5 full)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default 6%% of the steps)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--output-dir", type=Path, required=True)
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept")
+    g.add_argument("--save-every", type=int, default=0, help="write checkpoint-<step>/ every N steps for --resume "
+                   "(0: none); the final weights always go to adapter/ (model/)")  # fmt: skip
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints of this run kept")
     g.add_argument("--num-beams", type=int, default=4)
     g.add_argument("--gen-max-tokens", type=int, default=128, help="summary tokens generated at most")
     g.add_argument("--eval-batch-size", type=int, default=8)
     g.add_argument("--samples", type=int, default=3, help="summaries printed beside their references")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    start = g.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir "
+                       "that loads (the run's arguments must be the same)")  # fmt: skip
+    start.add_argument("--overwrite-output-dir", action="store_true", help="replace the previous run in --output-dir "
+                       "(its checkpoints and outputs are deleted once --data has loaded)")  # fmt: skip
     g.add_argument("--merge", action="store_true", help="also write the merged model (plain transformers)")
     args = p.parse_args(argv)
-    for name in ("batch_size", "grad_accum", "epochs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    arguments.check_ranges(p, args)
     if args.lr is None:
         args.lr = 5e-5 if args.method == "full" else 5e-4
     return args
@@ -140,31 +150,6 @@ def collate(sources: list[list[int]], targets: list[list[int]], pad_id: int, dev
     return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(), "labels": pad(targets, -100)}
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _read_log(output_dir: Path) -> list[dict]:
-    path = output_dir / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def newest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted(output_dir.glob("checkpoint-*/trainer_state.pt"), key=lambda p: int(p.parent.name.split("-")[1]))
-    return found[-1].parent if found else None
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated GPU memory, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -212,27 +197,42 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
     """
     ctx = Distributed()
     out = args.output_dir
-    if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-    resume_from = newest_checkpoint(out) if args.resume else None
-    if args.resume and resume_from is None:
-        raise FileNotFoundError(f"--resume: no checkpoint-*/trainer_state.pt in {out}")
-    if not args.resume and ctx.main:
-        (out / "log.jsonl").unlink(missing_ok=True)
+    # Nothing in the output folder changes until the checkpoint (or the folder) and the data are checked.
+    run_args = {"run_id": uuid.uuid4().hex, "world_size": ctx.world, "args": arguments.run_arguments(args)}
+    resume_from = checkpoints.newest_loadable(out, warn=ctx.main) if args.resume else None
+    if resume_from is not None:
+        run_args["run_id"] = resume_from.run_args.get("run_id")
+        checkpoints.check_same_run(resume_from, run_args)
+    else:
+        refuse_previous_run(out, args.overwrite_output_dir)
 
     def log(record: dict) -> None:
         if ctx.main:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_log(out, record)
 
     # --- data ----------------------------------------------------------------------------------
-    documents, report = sumpubmed.load_documents(args.data, args.target)
+    try:
+        documents, report = sumpubmed.load_documents(args.data, args.target)
+    except (FileNotFoundError, ValueError) as exc:
+        raise RunError(f"--data: {exc}") from exc
     if ctx.main:
         print(f"data {args.data}: {report}")
     train_docs = sumpubmed.select_split(documents, "train")[: args.max_docs]
     eval_docs = sumpubmed.select_split(documents, args.split)[: args.eval_docs]
     if not train_docs:
-        raise ValueError(f"the train split of {args.data} is empty")
+        raise RunError(f"--data: the train split of {args.data} is empty")
+    per_step = args.batch_size * args.grad_accum * ctx.world
+    if len(train_docs) < per_step:
+        raise RunError(
+            f"{len(train_docs)} training documents are fewer than one step's {per_step} (--batch-size × "
+            "--grad-accum × processes)"
+        )
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite_output_dir:
+            clear_previous_run(out)
+        remove_temporaries(out)
+    ctx.barrier()
 
     # --- model ---------------------------------------------------------------------------------
     random.seed(args.seed)
@@ -242,7 +242,10 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
     if ctx.main:
         model_setup.ensure_tokenizer(args.model, train_docs, tokenizer_dir)
     ctx.barrier()
-    model, tokenizer, is_random = model_setup.load_model(args.model, tokenizer_dir, args.model_dropout)
+    try:
+        model, tokenizer, is_random = model_setup.load_model(args.model, tokenizer_dir, args.model_dropout)
+    except OSError as exc:
+        raise RunError(f"--model: {exc}") from exc
     if is_random and ctx.main:
         print(f"{args.model}: random weights; ROUGE here measures the pipeline, not summarization quality")
     if ctx.main and not is_random:
@@ -256,9 +259,6 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     sources, targets = tokenize(tokenizer, train_docs, args)
-    per_step = args.batch_size * args.grad_accum * ctx.world
-    if len(train_docs) < per_step:
-        raise ValueError(f"{len(train_docs)} training documents are fewer than one step's {per_step}")
     steps_per_epoch = len(train_docs) // per_step
     total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
     warmup = args.warmup_steps if args.warmup_steps is not None else int(0.06 * total_steps)
@@ -269,8 +269,14 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
 
     step, history, tokens_seen, train_seconds = 0, [], 0, 0.0
     if resume_from is not None:
-        step, history, tokens_seen, train_seconds = restore_checkpoint(resume_from, model, optimizer, scheduler, ctx)
-    settings = vars(args) | {"output_dir": str(out)}
+        checkpoints.restore(resume_from, model, optimizer, scheduler, ctx.rank)
+        state = resume_from.state
+        step, history = state["step"], state["history"]
+        tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
+        if ctx.main:  # drop what the interrupted run logged after its checkpoint
+            trim_log(out, step)
+            print(f"resumed from {resume_from.directory} at step {step}")
+    settings = vars(args) | {"output_dir": str(out), "run_id": run_args["run_id"]}
     log({"event": "resume" if resume_from else "start", "step": step, "args": settings, "parameters": counts._asdict()})
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else nullcontext()
@@ -305,6 +311,13 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
                 # them (DDP averages over ranks, hence the factor).
                 (token_loss * ctx.world / label_tokens).backward()
             step_loss += token_loss.item()
+        loss = ctx.sum(step_loss) / label_tokens
+        if not math.isfinite(loss):  # before the update: the weights and checkpoints stay those of the last step
+            bar.close()
+            raise RunError(
+                f"the training loss is {loss} at step {step + 1}; stopped before updating or saving anything "
+                "(lower --lr or check the data; --resume continues from the newest checkpoint)"
+            )
         if args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         optimizer.step()
@@ -313,7 +326,6 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
         step += 1
         train_seconds += time.perf_counter() - start
         tokens_seen += sum(len(sources[i]) + len(targets[i]) for i in batch_ids)
-        loss = ctx.sum(step_loss) / label_tokens
         history.append(loss)
         lr = scheduler.get_last_lr()[0]
         log({"step": step, "loss": loss, "lr": lr, "tokens_per_second": tokens_seen / train_seconds})
@@ -324,7 +336,9 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
                 evaluate_model(model, tokenizer, eval_docs, args, ctx, step, log)
             ctx.barrier()
         if args.save_every and step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(model, optimizer, scheduler, args, ctx, step, history, tokens_seen, train_seconds)
+            checkpoints.save_checkpoint(
+                model, optimizer, scheduler, args, ctx, step, history, tokens_seen, train_seconds, run_args
+            )
         if on_step is not None:
             on_step(step, loss)
     bar.close()
@@ -332,12 +346,14 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
     # --- final evaluation and outputs ------------------------------------------------------------
     metrics = {}
     if ctx.main:
-        model_setup.save_trained(model, args.method, out / ("model" if args.method == "full" else "adapter"))
+        with atomic_directory(out / ("model" if args.method == "full" else "adapter")) as directory:
+            model_setup.save_trained(model, args.method, directory)
         result = evaluate_model(model, tokenizer, eval_docs, args, ctx, step, log) if eval_docs else None
         pairs = list(zip(eval_docs, result["predictions"], result["references"])) if result else []
-        with open(out / "predictions.jsonl", "w") as f:
-            for doc, prediction, reference in pairs:
-                f.write(json.dumps({"doc_id": doc.doc_id, "prediction": prediction, "reference": reference}) + "\n")
+        write_atomically(
+            out / "predictions.jsonl",
+            "".join(json.dumps({"doc_id": d.doc_id, "prediction": p, "reference": r}) + "\n" for d, p, r in pairs),
+        )
         metrics = {
             "model": args.model, "method": args.method, "random_weights": is_random, "steps": step,
             "rouge": result["scores"] if result else None, "eval_split": args.split, "eval_documents": len(eval_docs),
@@ -347,14 +363,16 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
             "peak_memory_bytes": peak_memory_bytes(ctx.device),
             "trainable_parameters": counts.trainable, "total_parameters": counts.total, "world_size": ctx.world,
         }  # fmt: skip
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        plot_losses(list(range(1, len(history) + 1)), history, out / "loss_curve.png", f"{args.model}, {args.method}")
+        write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        with atomic_path(out / "loss_curve.png") as path:
+            plot_losses(list(range(1, len(history) + 1)), history, path, f"{args.model}, {args.method}")
         for doc, prediction, reference in pairs[: args.samples]:
             print(f"\n--- document {doc.doc_id}\nreference:  {reference[:400]}\ngenerated:  {prediction[:400]}")
         if args.merge:
             plain = model_setup.merged(model, args.method)
-            plain.save_pretrained(out / "merged")
-            tokenizer.save_pretrained(out / "merged")
+            with atomic_directory(out / "merged") as directory:
+                plain.save_pretrained(directory)
+                tokenizer.save_pretrained(directory)
         print(f"\nwrote {out}: metrics.json, log.jsonl, loss_curve.png, predictions.jsonl")
     if ctx.world > 1:
         del trained  # the DDP wrapper goes before its process group
@@ -363,57 +381,15 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
     return metrics
 
 
-def restore_checkpoint(directory: Path, model, optimizer, scheduler, ctx) -> tuple[int, list, int, float]:
-    """Load what :func:`save_checkpoint` wrote; returns ``(step, losses, tokens seen, training seconds)``."""
-    state = torch.load(directory / "trainer_state.pt", map_location=ctx.device, weights_only=False)
-    if len(state["rng"]) != ctx.world:
-        raise ValueError(f"{directory} was written by {len(state['rng'])} processes; resume with as many")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][ctx.rank])
-    step = state["step"]
-    if ctx.main:  # drop what the interrupted run logged after its checkpoint
-        kept = [r for r in _read_log(directory.parent) if r.get("step", 0) <= step]
-        (directory.parent / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-        print(f"resumed from {directory} at step {step}")
-    return step, state["history"], state["tokens_seen"], state["train_seconds"]
-
-
-def save_checkpoint(model, optimizer, scheduler, args, ctx, step, history, tokens_seen, train_seconds) -> None:
-    """A resumable checkpoint: trained weights, optimizer, scheduler, every rank's RNG, data position."""
-    states = [None] * ctx.world
-    if ctx.world > 1:
-        dist.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
-    if ctx.main:
-        directory = args.output_dir / f"checkpoint-{step}"
-        model_setup.save_trained(model, args.method, directory)
-        torch.save(
-            {
-                "step": step,
-                "trainable": model_setup.trainable_state(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": states,
-                "history": history,
-                "tokens_seen": tokens_seen,
-                "train_seconds": train_seconds,
-            },
-            directory / "trainer_state.pt",
-        )
-        checkpoints = sorted(args.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in checkpoints[: -args.keep_checkpoints]:
-            shutil.rmtree(old)
-    ctx.barrier()
-
-
 def main(argv: list[str] | None = None) -> None:
-    train(parse_args(argv))
+    """Run the script; an expected problem (bad data, folder or checkpoint) ends as one ``error:`` line, exit code 2."""
+    args = parse_args(argv)
+    try:
+        train(args)
+    except RunError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            tqdm.write(f"error: {exc}", file=sys.stderr)  # on a line of its own, below any progress bar
+        sys.exit(2)
 
 
 if __name__ == "__main__":

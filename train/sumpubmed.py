@@ -25,6 +25,8 @@ TABULAR_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".
 
 _HEADER = re.compile(r"^[ \t]*[A-Z][A-Z &/,-]*[ \t]*$", re.MULTILINE)  # BACKGROUND, RESULTS AND DISCUSSION, ...
 _CLOSING_MARKS = ".,;:)]"  # removing <cit> leaves "word ." and "word ,"
+# Control characters (NUL, ...) other than tab and newline: never text, so they become spaces.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,19 @@ class LoadReport:
 
 
 def clean(raw: str, keep_lines: bool = False) -> str:
-    """Remove the release's artefacts: ``<cit>``, section headers, spacing; ``<dig>`` becomes ``#``.
+    """Remove the release's artefacts: ``<cit>``, section headers, spacing, control characters; ``<dig>``
+    becomes ``#``. A text without a single letter (NUL bytes, stray marks) cleans to ``""``.
 
     With ``keep_lines`` the text keeps one sentence or paragraph a line (for ROUGE-Lsum);
     otherwise it is one line.
     """
-    text = _HEADER.sub("", raw).replace("<cit>", "").replace("<dig>", "#")
+    text = _HEADER.sub("", _CONTROL.sub(" ", raw)).replace("<cit>", "").replace("<dig>", "#")
     # str methods rather than regexes here: several times faster on the full release
     text = "\n".join(filter(None, (" ".join(line.split()) for line in text.splitlines())))
     for mark in _CLOSING_MARKS:
         text = text.replace(" " + mark, mark)
+    if not any(c.isalpha() for c in text):
+        return ""
     return text if keep_lines else text.replace("\n", " ")
 
 
