@@ -122,6 +122,7 @@ def gemm_configs() -> list[triton.Config]:
         (128, 256, 64, 3, 8),
         (128, 128, 64, 4, 4),
         (128, 128, 32, 4, 4),
+        (128, 128, 32, 4, 8),
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
@@ -132,12 +133,27 @@ def gemm_configs() -> list[triton.Config]:
     ]
 
 
+# Shared memory a block may use on an H100/H200; Ampere's A100 has 163 KiB.
+SHARED_MEMORY_BUDGET = 227 * 1024
+
+
 def prune_for_rank(configs, named_args, **kwargs):
-    """Large ranks add a (BLOCK_M, R_PAD) accumulator: keep the tiles that leave room for it."""
+    """The GEMM tiles that fit: 4-byte inputs double the pipeline's shared memory (U and V tiles
+    per stage) and the registers of their operands (so 128×128 tiles take 8 warps, not 4), and
+    large ranks add (BLOCK_M, R_PAD) operands; 2-byte inputs keep 4 warps for 128×128."""
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
-    if r_pad < 128:
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or configs
+    u = named_args.get("u_ptr")
+    element_size = u.element_size() if isinstance(u, torch.Tensor) else 2
+
+    def fits(config):
+        kw = config.kwargs
+        pipeline = config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
+        area = kw["BLOCK_M"] * kw["BLOCK_N"]
+        small_enough = r_pad < 128 or area <= 128 * 128
+        warps_fit = area != 128 * 128 or config.num_warps == (8 if element_size == 4 else 4)
+        return pipeline <= SHARED_MEMORY_BUDGET and small_enough and warps_fit
+
+    return [c for c in configs if fits(c)] or configs
 
 
 @triton.jit

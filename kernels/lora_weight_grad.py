@@ -64,7 +64,7 @@ def lora_weight_grad_kernel(
             other=0.0,
         )
         if DROPOUT:
-            u = tl.where(keep_mask(seed, offs_m, offs_p, P, p), u, 0.0)
+            u = tl.where(keep_mask(seed, offs_m, pid_p * BLOCK_P, BLOCK_P, p), u, 0.0)
         v = tl.load(
             v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr,
             mask=m_mask[:, None] & r_mask[None, :],

@@ -1,5 +1,6 @@
 """Each Triton kernel, through Triton's interpreter, for every config its autotuner can pick."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,7 +122,19 @@ def test_rank_padding_and_limits():
 def test_large_ranks_prune_to_tiles_that_fit():
     kept = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 256})
     assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128 for c in kept)
-    assert prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16}) == GEMM_CONFIGS
+    bf16 = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": torch.empty(0, dtype=torch.bfloat16)})
+    assert bf16 == [
+        c for c in GEMM_CONFIGS if not (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 128 and c.num_warps == 8)
+    ]
+
+
+def test_fp32_tiles_fit_shared_memory_and_registers():
+    kept = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": torch.empty(0)})
+    assert kept
+    for c in kept:
+        kw = c.kwargs
+        assert c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4 <= 227 * 1024
+        assert kw["BLOCK_M"] * kw["BLOCK_N"] < 128 * 128 or c.num_warps == 8
 
 
 def test_dropout_mask_is_a_function_of_seed_and_position():
@@ -130,6 +143,35 @@ def test_dropout_mask_is_a_function_of_seed_and_position():
     assert not torch.equal(m1, kernels.dropout_keep_mask(8, (50, 90), 0.4, "cpu"))
     # Row m of a taller input has the same mask: positions, not tiling, decide.
     assert torch.equal(m1, kernels.dropout_keep_mask(7, (80, 90), 0.4, "cpu")[:50])
+
+
+def _philox4x32_10(counter, key):
+    """Philox-4x32-10 (Salmon et al., 2011) in numpy: counter (4, n) and key (2,) uint32 -> (4, n)."""
+    mask32 = np.uint64(0xFFFFFFFF)
+    c = [np.asarray(x, dtype=np.uint64) for x in counter]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        prod_b, prod_a = np.uint64(0xCD9E8D57) * c[2], np.uint64(0xD2511F53) * c[0]
+        c = [
+            (prod_b >> np.uint64(32)) ^ c[1] ^ k0,
+            prod_b & mask32,
+            (prod_a >> np.uint64(32)) ^ c[3] ^ k1,
+            prod_a & mask32,
+        ]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask32, (k1 + np.uint64(0xBB67AE85)) & mask32
+    return c
+
+
+def test_dropout_mask_matches_its_definition():
+    """keep(m, k) = philox(seed; k // 4, m, 0, 0)[k % 4] >= p·2³²: one Philox call per four columns."""
+    seed, p, rows, cols = 0x1234_5678_9ABC, 0.3, 5, 24
+    m, k = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    zeros = np.zeros(m.size, dtype=np.uint64)
+    outputs = _philox4x32_10((k.ravel() // 4, m.ravel(), zeros, zeros), (seed & 0xFFFFFFFF, seed >> 32))
+    chosen = np.choose(k.ravel() % 4, outputs).reshape(rows, cols)
+    threshold = int(np.float32(p) * np.float32(2.0**32))
+    expected = torch.from_numpy(chosen >= threshold)
+    assert torch.equal(kernels.dropout_keep_mask(seed, (rows, cols), p, "cpu"), expected)
 
 
 def test_launcher_errors():
