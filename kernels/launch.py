@@ -51,9 +51,26 @@ def rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def tf32_allowed() -> bool:
+    """Whether fp32 matmuls may use TF32, as torch's own CUDA matmuls would; never raises.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (then the global
+    ``torch.backends.fp32_precision``) where torch has that API, the legacy ``allow_tf32``
+    otherwise; reading the legacy flag raises once a user has set the new API, so it is last.
+    """
+    for owner in (torch.backends.cuda.matmul, torch.backends):
+        precision = getattr(owner, "fp32_precision", None)
+        if precision not in (None, "none"):
+            return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # legacy and new APIs mixed: no TF32 unless asked for through the new API
+        return False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: fp32 follows ``torch.backends.cuda.matmul.allow_tf32``."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """``tl.dot`` input precision: fp32 follows torch's TF32 permission (:func:`tf32_allowed`)."""
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 

@@ -8,7 +8,7 @@ from conftest import TOLERANCES, make_inputs
 from lorafast import kernels
 from lorafast.kernels.dropout_xa import dropout_xa_tuned
 from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
-from lorafast.kernels.launch import prune_for_rank, rank_block
+from lorafast.kernels.launch import dot_precision, prune_for_rank, rank_block
 from lorafast.kernels.lora_weight_grad import lora_weight_grad_tuned
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests run in Triton's interpreter")
@@ -172,6 +172,27 @@ def test_dropout_mask_matches_its_definition():
     threshold = int(np.float32(p) * np.float32(2.0**32))
     expected = torch.from_numpy(chosen >= threshold)
     assert torch.equal(kernels.dropout_keep_mask(seed, (rows, cols), p, "cpu"), expected)
+
+
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
+def test_fp32_dot_precision_follows_torch_tf32_permission(api):
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    try:
+        for allowed, expected in ((True, "tf32"), (False, "ieee")):
+            if api == "legacy":
+                matmul.allow_tf32 = allowed
+            elif hasattr(matmul, "fp32_precision"):
+                matmul.fp32_precision = "tf32" if allowed else "ieee"
+            else:
+                pytest.skip("this torch has no fp32_precision API")
+            assert dot_precision(torch.float32) == expected
+            assert dot_precision(torch.bfloat16) == "tf32"  # ignored for 16-bit inputs
+    finally:
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = saved
+        else:
+            matmul.allow_tf32 = saved
 
 
 def test_launcher_errors():
