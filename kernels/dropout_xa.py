@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .dropout_mask import keep_mask
-from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block
+from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block, token_bucket
 
 
 def _configs() -> list[triton.Config]:
@@ -27,10 +27,10 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def dropout_xa_kernel(
     x_ptr, a_ptr, xa_ptr,
-    M, K, R,
+    M, K, R, M_BUCKET,
     seed, p, keep_scale,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xar,
     DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -58,7 +58,9 @@ def dropout_xa_kernel(
     tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
-dropout_xa_tuned = triton.autotune(configs=_configs(), key=["K", "R_PAD", "DROPOUT"])(dropout_xa_kernel)
+dropout_xa_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "R_PAD", "DROPOUT"], cache_results=True)(
+    dropout_xa_kernel
+)
 
 
 def lora_project(
@@ -78,7 +80,7 @@ def lora_project(
         return (triton.cdiv(M, meta["BLOCK_M"]),)
 
     args = (
-        x, lora_A, xa, M, K, R, int(seed), float(p), 1.0 / (1.0 - p),
+        x, lora_A, xa, M, K, R, token_bucket(M), int(seed), float(p), 1.0 / (1.0 - p),
         *x.stride(), *lora_A.stride(), *xa.stride(), p > 0.0, rank_block(R), dot_precision(x.dtype),
     )  # fmt: skip
     launch(dropout_xa_kernel, dropout_xa_tuned, grid, args, config)

@@ -33,13 +33,14 @@ from .launch import (
     launch,
     prune_for_rank,
     rank_block,
+    token_bucket,
 )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def fused_lora_matmul_kernel(
     u_ptr, v_ptr, up_ptr, q_ptr, bias_ptr, c_ptr,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     scale, seed, p,
     stride_um, stride_uk, stride_vk, stride_vn, stride_upm, stride_upr, stride_qr, stride_qn,
     stride_cm, stride_cn, stride_bias,
@@ -90,8 +91,9 @@ def fused_lora_matmul_kernel(
 
 fused_lora_matmul_tuned = triton.autotune(
     configs=gemm_configs(),
-    key=["N", "K", "R_PAD", "HAS_BIAS", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": prune_for_rank},
+    cache_results=True,
 )(fused_lora_matmul_kernel)
 
 
@@ -108,7 +110,7 @@ def _fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config):
 
     args = (
         u, v, up, q, bias if bias is not None else v, c,
-        M, N, K, R,
+        M, N, K, R, token_bucket(M),
         float(scale), int(seed), float(dropout_p),
         *u.stride(), *v.stride(), *up.stride(), *q.stride(), *c.stride(),
         bias.stride(0) if bias is not None else 0,

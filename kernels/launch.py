@@ -68,6 +68,15 @@ def tf32_allowed() -> bool:
         return False
 
 
+def token_bucket(m: int) -> int:
+    """The autotuners' key for a token count: m rounded up to a power of two in [16, 65536].
+
+    Tiles that suit 128 tokens (generation, eval) differ from those for 16k (training); one
+    bucket per power of two retunes rarely even when every batch has a different length.
+    """
+    return min(max(16, triton.next_power_of_2(m)), 65536)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: fp32 follows torch's TF32 permission (:func:`tf32_allowed`)."""
     if dtype == torch.float32 and not tf32_allowed():
@@ -157,7 +166,8 @@ SHARED_MEMORY_BUDGET = 227 * 1024
 def prune_for_rank(configs, named_args, **kwargs):
     """The GEMM tiles that fit: 4-byte inputs double the pipeline's shared memory (U and V tiles
     per stage) and the registers of their operands (so 128×128 tiles take 8 warps, not 4), and
-    large ranks add (BLOCK_M, R_PAD) operands; 2-byte inputs keep 4 warps for 128×128."""
+    large ranks add (BLOCK_M, R_PAD) operands; 2-byte inputs keep 4 warps for 128×128. Short
+    inputs (``M_BUCKET``) and narrow outputs (N) drop tiles much larger than themselves."""
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
     u = named_args.get("u_ptr")
     element_size = u.element_size() if isinstance(u, torch.Tensor) else 2
@@ -170,7 +180,16 @@ def prune_for_rank(configs, named_args, **kwargs):
         warps_fit = area != 128 * 128 or config.num_warps == (8 if element_size == 4 else 4)
         return pipeline <= SHARED_MEMORY_BUDGET and small_enough and warps_fit
 
-    return [c for c in configs if fits(c)] or configs
+    kept = [c for c in configs if fits(c)] or configs
+    # Tiles far wider than the problem only idle threads: skip them when smaller ones remain.
+    m_bucket, n = named_args.get("M_BUCKET"), named_args.get("N")
+    snug = [
+        c
+        for c in kept
+        if (m_bucket is None or c.kwargs["BLOCK_M"] <= max(64, m_bucket))
+        and (n is None or c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n)))
+    ]
+    return snug or kept
 
 
 @triton.jit

@@ -34,7 +34,7 @@ def _backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, n
     elif need_da:
         g = torch.mm(grad_y, lora_B)
     if need_da:
-        grad_a = lora_weight_grad(x, g, scaling / (1.0 - dropout_p), dropout_p, seed).t().contiguous()
+        grad_a = lora_weight_grad(x, g, scaling / (1.0 - dropout_p), dropout_p, seed, transpose=True)
     if need_db:
         grad_b = lora_weight_grad(grad_y, xa, scaling)
     return grad_x, grad_a, grad_b

@@ -80,6 +80,9 @@ def test_weight_grad_every_config(config, split, dropout_p):
     c = kernels.lora_weight_grad(u, v, 0.8, dropout_p, seed=3, split=split, config=config)
     keep = kernels.dropout_keep_mask(3, (131, 70), dropout_p, "cpu").double() if dropout_p else 1.0
     _close(c, 0.8 * (u.double() * keep).T @ v.double())
+    ct = kernels.lora_weight_grad(u, v, 0.8, dropout_p, seed=3, split=split, config=config, transpose=True)
+    assert ct.shape == (5, 70) and ct.is_contiguous()
+    torch.testing.assert_close(ct, c.T)  # the same sums, written transposed
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -126,6 +129,13 @@ def test_large_ranks_prune_to_tiles_that_fit():
     assert bf16 == [
         c for c in GEMM_CONFIGS if not (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 128 and c.num_warps == 8)
     ]
+
+
+def test_short_inputs_prune_to_small_tiles():
+    bf16 = torch.empty(0, dtype=torch.bfloat16)
+    kept = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": bf16, "M_BUCKET": 32, "N": 100})
+    assert kept and all(c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] <= 128 for c in kept)
+    assert len(prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": bf16, "M_BUCKET": 8192, "N": 4096})) == 6
 
 
 def test_fp32_tiles_fit_shared_memory_and_registers():
