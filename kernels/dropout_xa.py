@@ -17,7 +17,16 @@ import triton
 import triton.language as tl
 
 from .dropout_mask import keep_mask
-from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block, token_bucket
+from .launch import (
+    check_input,
+    check_tensor,
+    dot,
+    dot_precision,
+    launch,
+    prune_wide_fp32_tiles,
+    rank_block,
+    token_bucket,
+)
 
 
 def _configs() -> list[triton.Config]:
@@ -58,9 +67,12 @@ def dropout_xa_kernel(
     tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
-dropout_xa_tuned = triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "R_PAD", "DROPOUT"], cache_results=True)(
-    dropout_xa_kernel
-)
+dropout_xa_tuned = triton.autotune(
+    configs=_configs(),
+    key=["M_BUCKET", "K", "R_PAD", "DROPOUT"],
+    prune_configs_by={"early_config_prune": prune_wide_fp32_tiles("x_ptr", "BLOCK_K")},
+    cache_results=True,
+)(dropout_xa_kernel)
 
 
 def lora_project(

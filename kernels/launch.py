@@ -152,6 +152,8 @@ def gemm_configs() -> list[triton.Config]:
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
+        (64, 128, 32, 4, 8),  # 4-byte inputs
+        (64, 64, 32, 4, 4),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
@@ -164,21 +166,30 @@ SHARED_MEMORY_BUDGET = 227 * 1024
 
 
 def prune_for_rank(configs, named_args, **kwargs):
-    """The GEMM tiles that fit: 4-byte inputs double the pipeline's shared memory (U and V tiles
-    per stage) and the registers of their operands (so 128×128 tiles take 8 warps, not 4), and
-    large ranks add (BLOCK_M, R_PAD) operands; 2-byte inputs keep 4 warps for 128×128. Short
-    inputs (``M_BUCKET``) and narrow outputs (N) drop tiles much larger than themselves."""
+    """The GEMM tiles that fit the inputs without spilling registers on Hopper.
+
+    4-byte inputs double the pipeline's shared memory and the registers of the operand tiles:
+    they take BLOCK_K = 32 (the bytes per row of a 2-byte BLOCK_K = 64) and 8 warps from
+    64×128 outputs up (and, from rank 64, 64×128 tiles at most); 2-byte inputs take 4 warps up
+    to 128×128. Large ranks add (BLOCK_M, R_PAD) operands. Short inputs (``M_BUCKET``) and
+    narrow outputs (N) drop tiles much larger than themselves (``bench/kernel_report.py``
+    checks every config offline).
+    """
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
     u = named_args.get("u_ptr")
     element_size = u.element_size() if isinstance(u, torch.Tensor) else 2
 
     def fits(config):
         kw = config.kwargs
-        pipeline = config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
         area = kw["BLOCK_M"] * kw["BLOCK_N"]
-        small_enough = r_pad < 128 or area <= 128 * 128
-        warps_fit = area != 128 * 128 or config.num_warps == (8 if element_size == 4 else 4)
-        return pipeline <= SHARED_MEMORY_BUDGET and small_enough and warps_fit
+        pipeline = config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
+        if pipeline > SHARED_MEMORY_BUDGET or (r_pad >= 128 and area > 128 * 128):
+            return False
+        if element_size == 4:
+            if r_pad >= 64:  # the (BLOCK_M, R_PAD)·(R_PAD, BLOCK_N) start of the accumulator
+                return kw["BLOCK_K"] == 32 and area <= 64 * 128 and config.num_warps == 8
+            return kw["BLOCK_K"] == 32 and (area < 64 * 128 or config.num_warps == 8)
+        return config.num_warps == 4 or area > 128 * 128
 
     kept = [c for c in configs if fits(c)] or configs
     # Tiles far wider than the problem only idle threads: skip them when smaller ones remain.
@@ -190,6 +201,19 @@ def prune_for_rank(configs, named_args, **kwargs):
         and (n is None or c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n)))
     ]
     return snug or kept
+
+
+def prune_wide_fp32_tiles(pointer: str, width: str):
+    """An ``early_config_prune`` for the skinny kernels: with 4-byte data at ``pointer`` only
+    ``BLOCK_M × width`` tiles up to 64×64 are kept (the registers of a 2-byte 64×128 tile)."""
+
+    def prune(configs, named_args, **kwargs):
+        data = named_args.get(pointer)
+        if not isinstance(data, torch.Tensor) or data.element_size() < 4:
+            return configs
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs[width] <= 64 * 64] or configs
+
+    return prune
 
 
 @triton.jit

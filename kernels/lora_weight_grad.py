@@ -28,6 +28,7 @@ from .launch import (
     dot,
     dot_precision,
     launch,
+    prune_wide_fp32_tiles,
     rank_block,
     token_bucket,
 )
@@ -79,7 +80,10 @@ def lora_weight_grad_kernel(
 
 
 lora_weight_grad_tuned = triton.autotune(
-    configs=_configs(), key=["M_BUCKET", "P", "R_PAD", "DROPOUT"], cache_results=True
+    configs=_configs(),
+    key=["M_BUCKET", "P", "R_PAD", "DROPOUT"],
+    prune_configs_by={"early_config_prune": prune_wide_fp32_tiles("u_ptr", "BLOCK_P")},
+    cache_results=True,
 )(lora_weight_grad_kernel)
 
 
