@@ -40,10 +40,10 @@ from .launch import (
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def fused_lora_matmul_kernel(
     u_ptr, v_ptr, up_ptr, q_ptr, bias_ptr, c_ptr,
-    M, N, K, R, M_BUCKET,
+    M, N, K, R,
     scale, seed, p,
     stride_um, stride_uk, stride_vk, stride_vn, stride_upm, stride_upr, stride_qr, stride_qn,
-    stride_cm, stride_cn, stride_bias,
+    stride_cm, stride_cn, stride_bias, M_BUCKET,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -110,10 +110,10 @@ def _fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config):
 
     args = (
         u, v, up, q, bias if bias is not None else v, c,
-        M, N, K, R, token_bucket(M),
+        M, N, K, R,
         float(scale), int(seed), float(dropout_p),
         *u.stride(), *v.stride(), *up.stride(), *q.stride(), *c.stride(),
-        bias.stride(0) if bias is not None else 0,
+        bias.stride(0) if bias is not None else 0, token_bucket(M),
         bias is not None, dropout_p > 0.0, rank_block(R), dot_precision(u.dtype),
     )  # fmt: skip
     launch(fused_lora_matmul_kernel, fused_lora_matmul_tuned, grid, args, config)

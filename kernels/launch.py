@@ -171,9 +171,9 @@ def prune_for_rank(configs, named_args, **kwargs):
     4-byte inputs double the pipeline's shared memory and the registers of the operand tiles:
     they take BLOCK_K = 32 (the bytes per row of a 2-byte BLOCK_K = 64) and 8 warps from
     64×128 outputs up (and, from rank 64, 64×128 tiles at most); 2-byte inputs take 4 warps up
-    to 128×128. Large ranks add (BLOCK_M, R_PAD) operands. Short inputs (``M_BUCKET``) and
-    narrow outputs (N) drop tiles much larger than themselves (``bench/kernel_report.py``
-    checks every config offline).
+    to 128×128, 8 at 128×128 when the GEMM draws a dropout mask. Large ranks add (BLOCK_M,
+    R_PAD) operands. Short inputs (``M_BUCKET``) and narrow outputs (N) drop tiles much larger
+    than themselves (``bench/kernel_report.py`` checks every config offline).
     """
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
     u = named_args.get("u_ptr")
@@ -189,6 +189,8 @@ def prune_for_rank(configs, named_args, **kwargs):
             if r_pad >= 64:  # the (BLOCK_M, R_PAD)·(R_PAD, BLOCK_N) start of the accumulator
                 return kw["BLOCK_K"] == 32 and area <= 64 * 128 and config.num_warps == 8
             return kw["BLOCK_K"] == 32 and (area < 64 * 128 or config.num_warps == 8)
+        if area == 128 * 128 and named_args.get("DROPOUT", False):  # mask drawn beside the accumulator
+            return config.num_warps == 8
         return config.num_warps == 4 or area > 128 * 128
 
     kept = [c for c in configs if fits(c)] or configs

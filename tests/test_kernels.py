@@ -128,6 +128,10 @@ def test_large_ranks_prune_to_tiles_that_fit():
     bf16 = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": torch.empty(0, dtype=torch.bfloat16)})
     area = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
     assert bf16 == [c for c in GEMM_CONFIGS if c.num_warps == 4 or area(c) > 128 * 128]
+    masked = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": torch.empty(0, dtype=torch.bfloat16), "DROPOUT": True})
+    assert [c for c in masked if area(c) == 128 * 128] == [
+        c for c in GEMM_CONFIGS if area(c) == 128 * 128 and c.num_warps == 8
+    ]
 
 
 def test_short_inputs_prune_to_small_tiles():
