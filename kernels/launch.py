@@ -207,13 +207,13 @@ def prune_for_rank(configs, named_args, **kwargs):
 
 def prune_wide_fp32_tiles(pointer: str, width: str):
     """An ``early_config_prune`` for the skinny kernels: with 4-byte data at ``pointer`` only
-    ``BLOCK_M × width`` tiles up to 64×64 are kept (the registers of a 2-byte 64×128 tile)."""
+    ``BLOCK_M × width`` tiles up to 64×64 are kept (the bytes of a 2-byte 64×128 tile)."""
 
     def prune(configs, named_args, **kwargs):
         data = named_args.get(pointer)
         if not isinstance(data, torch.Tensor) or data.element_size() < 4:
             return configs
-        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs[width] <= 64 * 64] or configs
+        return [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs[width] <= 64] or configs
 
     return prune
 

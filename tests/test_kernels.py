@@ -147,7 +147,7 @@ def test_skinny_kernels_take_small_fp32_tiles():
     prune = lora_weight_grad_tuned.early_config_prune
     assert prune(configs, {"u_ptr": torch.empty(0, dtype=torch.bfloat16)}) == configs
     kept = prune(configs, {"u_ptr": torch.empty(0)})
-    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_P"] <= 64 * 64 for c in kept)
+    assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_P"] <= 64 for c in kept)
 
 
 def test_fp32_tiles_fit_shared_memory_and_registers():
