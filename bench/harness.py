@@ -8,6 +8,7 @@ them alike; figures are medians over rounds, and ratios are medians of per-round
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorafast import FusedLoRALinear
 from lorafast.profiling import saved_activation_bytes
@@ -113,6 +115,75 @@ def peak_cuda_bytes(run: Callable[[], None], device: torch.device) -> int | None
     run()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+# ATen ops that launch no device kernel: allocations and metadata-only ops (views are found by schema).
+_NO_KERNEL_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh"}
+
+
+class _LaunchCounter(TorchDispatchMode):
+    """Counts the ATen ops of a CPU run that would launch a device kernel, and lorafast's Triton
+    launches (one each; the interpreter's own tensor work inside a launch is not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.in_triton = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if not self.in_triton and not func.is_view and name not in _NO_KERNEL_OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _counting_triton_launches(counter: _LaunchCounter):
+    """Route lorafast's kernel launches through ``counter`` while the block runs."""
+    import sys
+
+    from lorafast.kernels import launch as launch_module
+
+    original = launch_module.launch
+
+    def counted(*args, **kwargs):
+        counter.count += 1
+        counter.in_triton, was = True, counter.in_triton
+        try:
+            return original(*args, **kwargs)
+        finally:
+            counter.in_triton = was
+
+    patched = [
+        m
+        for n, m in list(sys.modules.items())
+        if n.startswith("lorafast.kernels.") and getattr(m, "launch", None) is original
+    ]
+    for module in patched:
+        module.launch = counted
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.launch = original
+
+
+def kernel_launches(run: Callable[[], None], device: torch.device) -> int:
+    """Device kernels one call of ``run`` launches: CUDA kernels from the profiler on a GPU; on
+    CPU the ATen ops that would launch one plus lorafast's (interpreted) Triton launches."""
+    run()  # warm: autotuning and compilation launch kernels of their own
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize(device)
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    counter = _LaunchCounter()
+    with _counting_triton_launches(counter), counter:
+        run()
+    return counter.count
 
 
 def machine(device: torch.device) -> str:

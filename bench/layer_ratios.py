@@ -8,8 +8,10 @@ ratio to the frozen layer.
 
     python bench/layer_ratios.py --tokens 8192 --features 768 --rank 8 --dropout 0 0.1
 
-Prints a Markdown table and writes it, with a PNG chart, to ``--out`` (default
-``bench/results``).
+Also counts the kernels one forward+backward launches (CUDA: from the profiler; CPU: ATen ops
+that would launch one, and lorafast's Triton launches when ``TRITON_INTERPRET=1
+LORAFAST_BACKEND=triton`` runs them interpreted). Prints a Markdown table and writes it, with a
+PNG chart, to ``--out`` (default ``bench/results``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ import textwrap
 from pathlib import Path
 
 import torch
-from harness import FROZEN, Timer, forward_backward, interleaved, machine, make_candidates, saved_bytes, summarize
+from harness import (
+    FROZEN,
+    Timer,
+    forward_backward,
+    interleaved,
+    kernel_launches,
+    machine,
+    make_candidates,
+    saved_bytes,
+    summarize,
+)
 
 
 def run(args) -> list[dict]:
@@ -41,6 +53,7 @@ def run(args) -> list[dict]:
                     "ms": result["seconds"] * 1e3,
                     "ratio": result[f"vs {FROZEN}"],
                     "saved_bytes": saved_bytes(candidates[name], x),
+                    "launches": kernel_launches(runs[name], device),
                 }
             )
     return rows
@@ -53,13 +66,13 @@ def report(rows: list[dict], args) -> str:
         f"r={args.rank}, {args.dtype}, {machine(torch.device(args.device))}, {args.rounds} rounds; x = {x_bytes:,} B, "
         f"n·r·4 = {args.tokens * args.rank * 4:,} B",
         "",
-        "| dropout | layer | median ms | median ratio to frozen | saved activations (B) | saved / x |",
-        "|---|---|---|---|---|---|",
+        "| dropout | layer | median ms | median ratio to frozen | saved activations (B) | saved / x | launches |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['dropout']} | {row['layer']} | {row['ms']:.1f} | {row['ratio']:.3f} | "
-            f"{row['saved_bytes']:,} | {row['saved_bytes'] / x_bytes:.2f} |"
+            f"{row['saved_bytes']:,} | {row['saved_bytes'] / x_bytes:.2f} | {row['launches']} |"
         )
     return "\n".join(lines)
 

@@ -1,10 +1,13 @@
-"""LoRA down-projection with dropout: ``xa = (x ⊙ keep / (1 - p))·Aᵀ``.
+"""The LoRA shrink kernel: ``xa = (x ⊙ keep / (1 - p))·Aᵀ``, or without dropout ``x·Aᵀ``.
 
-Shapes: x ``(M, K)``, A ``(R, K)``, xa ``(M, R)``; keep is ``dropout_mask.keep_mask(seed, ...)``.
+Shapes: x ``(M, K)``, A ``(R, K)`` (any strides: ``dY·B`` is the same product with A = Bᵀ),
+xa ``(M, R)``; keep is ``dropout_mask.keep_mask(seed, ...)``.
 
 One program per ``BLOCK_M`` rows walks K once: each x tile is read once, masked in registers
 (the mask is generated once per element and never stored) and multiplied into an fp32
-``(BLOCK_M, R_PAD)`` accumulator. Memory-bound: one read of x, one small write.
+``(BLOCK_M, R_PAD)`` accumulator. Memory-bound: one read of x, one small write. The fused GEMM
+(``fused_lora_matmul``) then applies the result, so the rank-R projection is computed once
+per row rather than once per column tile of the output.
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ import triton
 import triton.language as tl
 
 from .dropout_mask import keep_mask
-from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block
+from .launch import (
+    check_input,
+    check_tensor,
+    dot,
+    dot_precision,
+    launch,
+    prune_wide_fp32_tiles,
+    rank_block,
+    token_bucket,
+)
 
 
 def _configs() -> list[triton.Config]:
@@ -24,13 +36,14 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def dropout_xa_kernel(
     x_ptr, a_ptr, xa_ptr,
-    M, K, R,
+    M, K, R, M_BUCKET,
     seed, p, keep_scale,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xar,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -43,29 +56,34 @@ def dropout_xa_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        keep = keep_mask(seed, offs_m, k0 + offs_k, K, p)
-        dropped = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
+        if DROPOUT:
+            keep = keep_mask(seed, offs_m, k0, BLOCK_K, p)
+            x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
         at = tl.load(at_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = dot(dropped, at, acc, DOT_PRECISION)
+        acc = dot(x, at, acc, DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         at_ptrs += BLOCK_K * stride_ak
     xa_ptrs = xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
     tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
-dropout_xa_tuned = triton.autotune(configs=_configs(), key=["K", "R_PAD"])(dropout_xa_kernel)
+dropout_xa_tuned = triton.autotune(
+    configs=_configs(),
+    key=["M_BUCKET", "K", "R_PAD", "DROPOUT"],
+    prune_configs_by={"early_config_prune": prune_wide_fp32_tiles("x_ptr", "BLOCK_K")},
+    cache_results=True,
+)(dropout_xa_kernel)
 
 
-def dropout_xa(
-    x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, config: triton.Config | None = None
+def lora_project(
+    x: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed: int = 0, config: triton.Config | None = None
 ) -> torch.Tensor:
-    """``drop(x)·Aᵀ``: x ``(M, K)``, lora_A ``(R, K)``, drop probability p in (0, 1) -> ``(M, R)``."""
-    check_input("x", x)
+    """``drop(x)·Aᵀ`` (``x·Aᵀ`` when p = 0): x ``(M, K)``, lora_A ``(R, K)`` (any strides) -> ``(M, R)``.
+
+    Checked arguments; p in [0, 1).
+    """
     M, K = x.shape
     R = lora_A.shape[0]
-    check_tensor("lora_A", lora_A, (R, K), x)
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"dropout probability {p} must be in (0, 1) here")
     xa = torch.empty(M, R, dtype=x.dtype, device=x.device)
     if M == 0:
         return xa
@@ -74,8 +92,21 @@ def dropout_xa(
         return (triton.cdiv(M, meta["BLOCK_M"]),)
 
     args = (
-        x, lora_A, xa, M, K, R, int(seed), float(p), 1.0 / (1.0 - p),
-        *x.stride(), *lora_A.stride(), *xa.stride(), rank_block(R), dot_precision(x.dtype),
+        x, lora_A, xa, M, K, R, token_bucket(M), int(seed), float(p), 1.0 / (1.0 - p),
+        *x.stride(), *lora_A.stride(), *xa.stride(), p > 0.0, rank_block(R), dot_precision(x.dtype),
     )  # fmt: skip
     launch(dropout_xa_kernel, dropout_xa_tuned, grid, args, config)
     return xa
+
+
+def dropout_xa(
+    x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, config: triton.Config | None = None
+) -> torch.Tensor:
+    """``drop(x)·Aᵀ``: x ``(M, K)``, lora_A ``(R, K)``, drop probability p in (0, 1) -> ``(M, R)``."""
+    check_input("x", x)
+    K = x.shape[1]
+    R = lora_A.shape[0]
+    check_tensor("lora_A", lora_A, (R, K), x)
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout probability {p} must be in (0, 1) here")
+    return lora_project(x, lora_A, p, seed, config)

@@ -1,18 +1,18 @@
-"""Fused LoRA matmul: ``C = U·V + b + s·keep ⊙ ((U·P)·Q)`` in one pass over U.
+"""Fused LoRA matmul: ``C = U·V + b + s·keep ⊙ (UP·Q)`` in one pass over U.
 
-Shapes: U ``(M, K)``, V ``(K, N)``, P ``(K, R)``, Q ``(R, N)``, b ``(N,)``, C ``(M, N)``,
-UP = U·P ``(M, R)``; s is a runtime scalar (a new alpha does not recompile) and keep the
-dropout mask of C's positions (``dropout_mask.keep_mask``), or all ones.
+Shapes: U ``(M, K)``, V ``(K, N)``, UP ``(M, R)``, Q ``(R, N)``, b ``(N,)``, C ``(M, N)``;
+s is a runtime scalar (a new alpha does not recompile) and keep the dropout mask of C's
+positions (``dropout_mask.keep_mask``), or all ones.
 
 Both big products of the LoRA linear have this form:
-- forward ``y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ``: U = x, V = W0ᵀ, P = Aᵀ, Q = Bᵀ, UP = xa;
-- input gradient ``dX = dY·W0 + s/(1-p)·keep ⊙ ((dY·B)·A)``: U = dY, V = W0, P = B, Q = A, UP = g.
+- forward ``y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ``: U = x, V = W0ᵀ, UP = xa = drop(x)·Aᵀ, Q = Bᵀ;
+- input gradient ``dX = dY·W0 + s/(1-p)·keep ⊙ ((dY·B)·A)``: U = dY, V = W0, UP = g = dY·B, Q = A.
 
-Each program owns a ``(BLOCK_M, BLOCK_N)`` tile of C. Every U tile it loads feeds both U·V
-and U·P (fp32 accumulators); after the K loop the rank-R product with the tile's columns of
-Q is added (masked, if dropout) with the bias before the tile is written. The programs of
-column 0 also write UP for later use. When UP is given instead (the forward under dropout,
-whose ``drop(x)·Aᵀ`` comes from ``dropout_xa``), the kernel only applies it.
+UP is computed once per row by the shrink kernel (``dropout_xa.lora_project``, a memory-bound
+pass over U) before the GEMM. Each program owns a ``(BLOCK_M, BLOCK_N)`` tile of C and starts
+its one fp32 accumulator from the scaled (and masked) rank-R product ``s·UP·Q`` plus the bias,
+then adds ``U·V`` over K: no second fp32 tile lives beside the accumulator, and no column of
+programs recomputes U·P.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .dropout_mask import keep_mask
+from .dropout_xa import lora_project
 from .launch import (
     check_input,
     check_tensor,
@@ -32,22 +33,22 @@ from .launch import (
     launch,
     prune_for_rank,
     rank_block,
+    token_bucket,
 )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def fused_lora_matmul_kernel(
-    u_ptr, v_ptr, p_ptr, q_ptr, bias_ptr, up_ptr, c_ptr,
+    u_ptr, v_ptr, up_ptr, q_ptr, bias_ptr, c_ptr,
     M, N, K, R,
     scale, seed, p,
-    stride_um, stride_uk, stride_vk, stride_vn, stride_pk, stride_pr, stride_qr, stride_qn,
-    stride_upm, stride_upr, stride_cm, stride_cn, stride_bias,
-    HAS_BIAS: tl.constexpr, UP_GIVEN: tl.constexpr, DROPOUT: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_um, stride_uk, stride_vk, stride_vn, stride_upm, stride_upr, stride_qr, stride_qn,
+    stride_cm, stride_cn, stride_bias, M_BUCKET,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
@@ -55,77 +56,68 @@ def fused_lora_matmul_kernel(
     n_mask = offs_n < N
     r_mask = offs_r < R
 
-    u_ptrs = u_ptr + offs_m[:, None] * stride_um + offs_k[None, :] * stride_uk
-    v_ptrs = v_ptr + offs_k[:, None] * stride_vk + offs_n[None, :] * stride_vn
-    p_ptrs = p_ptr + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - k0
-        u = tl.load(u_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = dot(u, v, acc, DOT_PRECISION)
-        if not UP_GIVEN:
-            pk = tl.load(p_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            up_acc = dot(u, pk, up_acc, DOT_PRECISION)
-            p_ptrs += BLOCK_K * stride_pk
-        u_ptrs += BLOCK_K * stride_uk
-        v_ptrs += BLOCK_K * stride_vk
-
-    up_ptrs = up_ptr + offs_m[:, None] * stride_upm + offs_r[None, :] * stride_upr
-    up_mask = m_mask[:, None] & r_mask[None, :]
-    if UP_GIVEN:
-        up = tl.load(up_ptrs, mask=up_mask, other=0.0)
-    else:
-        up = up_acc.to(up_ptr.dtype.element_ty)
-        if pid_n == 0:
-            tl.store(up_ptrs, up, mask=up_mask)
+    # The accumulator starts as s·keep ⊙ (UP·Q) + b; the mask and the rank-R operands are dead
+    # before the K loop, which then only holds the accumulator and its pipelined U, V tiles.
+    up = tl.load(
+        up_ptr + offs_m.to(tl.int64)[:, None] * stride_upm + offs_r[None, :] * stride_upr,
+        mask=m_mask[:, None] & r_mask[None, :],
+        other=0.0,
+    )
     q = tl.load(
         q_ptr + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
         mask=r_mask[:, None] & n_mask[None, :],
         other=0.0,
     )
-    low_rank = scale * dot(up, q, None, DOT_PRECISION)
+    acc = dot(up, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION) * scale
     if DROPOUT:
-        low_rank = tl.where(keep_mask(seed, offs_m, offs_n, N, p), low_rank, 0.0)
-    acc += low_rank
+        acc = tl.where(keep_mask(seed, offs_m, pid_n * BLOCK_N, BLOCK_N, p), acc, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+
+    # Rows and columns past the edge wrap around (their results are never stored), as in Triton's
+    # tutorial matmul: the K loop's loads need only the K mask, which keeps its registers free.
+    u_ptrs = u_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_um + offs_k[None, :] * stride_uk
+    v_ptrs = v_ptr + offs_k[:, None] * stride_vk + (offs_n % N)[None, :] * stride_vn
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        u = tl.load(u_ptrs, mask=k_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = dot(u, v, acc, DOT_PRECISION)
+        u_ptrs += BLOCK_K * stride_uk
+        v_ptrs += BLOCK_K * stride_vk
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 fused_lora_matmul_tuned = triton.autotune(
     configs=gemm_configs(),
-    key=["N", "K", "R_PAD", "HAS_BIAS", "UP_GIVEN", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "DROPOUT"],
     prune_configs_by={"early_config_prune": prune_for_rank},
+    cache_results=True,
 )(fused_lora_matmul_kernel)
 
 
-def _fused_lora_matmul(u, v, pk, q, bias, up, scale, dropout_p, seed, config):
-    """Launch the kernel for ``(M, K)·(K, N)`` operands (views with any strides); returns ``(C, UP)``."""
+def _fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config):
+    """Launch the kernel for ``(M, K)·(K, N)`` operands and UP ``(M, R)`` (views with any strides); returns C."""
     M, K = u.shape
-    N, R = v.shape[1], pk.shape[1]
-    up_given = up is not None
-    if not up_given:
-        up = torch.empty(M, R, dtype=u.dtype, device=u.device)
+    N, R = v.shape[1], up.shape[1]
     c = torch.empty(M, N, dtype=u.dtype, device=u.device)
     if M == 0:
-        return c, up
+        return c
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     args = (
-        u, v, pk, q, bias if bias is not None else v, up, c,
+        u, v, up, q, bias if bias is not None else v, c,
         M, N, K, R,
         float(scale), int(seed), float(dropout_p),
-        *u.stride(), *v.stride(), *pk.stride(), *q.stride(), *up.stride(), *c.stride(),
-        bias.stride(0) if bias is not None else 0,
-        bias is not None, up_given, dropout_p > 0.0, rank_block(R), dot_precision(u.dtype),
+        *u.stride(), *v.stride(), *up.stride(), *q.stride(), *c.stride(),
+        bias.stride(0) if bias is not None else 0, token_bucket(M),
+        bias is not None, dropout_p > 0.0, rank_block(R), dot_precision(u.dtype),
     )  # fmt: skip
     launch(fused_lora_matmul_kernel, fused_lora_matmul_tuned, grid, args, config)
-    return c, up
+    return c
 
 
 def fused_lora_forward(
@@ -138,14 +130,14 @@ def fused_lora_forward(
     xa: torch.Tensor | None = None,
     config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ`` in one pass over x.
+    """``y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ``: the shrink kernel (unless xa is given), then one GEMM pass over x.
 
     Args:
         x: ``(M, K)``, any strides.
         weight: W0 ``(N, K)``; bias: ``(N,)`` or None.
         lora_A: ``(R, K)``; lora_B: ``(N, R)``; scaling: s = alpha / r.
-        xa: precomputed ``drop(x)·Aᵀ`` ``(M, R)`` (dropout); None computes ``x·Aᵀ`` in the pass.
-        config: pin one of the kernel's configs (tests); None autotunes on CUDA.
+        xa: precomputed ``drop(x)·Aᵀ`` ``(M, R)`` (dropout); None computes ``x·Aᵀ`` first.
+        config: pin one of the GEMM kernel's configs (tests); None autotunes on CUDA.
 
     Returns:
         ``(y, xa)``: y ``(M, N)`` and xa ``(M, R)``, both in x's dtype.
@@ -160,7 +152,9 @@ def fused_lora_forward(
         check_tensor("bias", bias, (N,), x)
     if xa is not None:
         check_tensor("xa", xa, (M, R), x)
-    return _fused_lora_matmul(x, weight.t(), lora_A.t(), lora_B.t(), bias, xa, scaling, 0.0, 0, config)
+    if xa is None:
+        xa = lora_project(x, lora_A)
+    return _fused_lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling, 0.0, 0, config), xa
 
 
 def fused_lora_dx(
@@ -173,13 +167,13 @@ def fused_lora_dx(
     seed: int = 0,
     config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dX = dY·W0 + s/(1-p)·keep ⊙ ((dY·B)·A)`` in one pass over dY.
+    """``dX = dY·W0 + s/(1-p)·keep ⊙ ((dY·B)·A)``: the shrink kernel for g, then one GEMM pass over dY.
 
     Args:
         grad_y: dY ``(M, N)``, any strides.
         weight: W0 ``(N, K)``; lora_A: ``(R, K)``; lora_B: ``(N, R)``; scaling: s = alpha / r.
         dropout_p, seed: the forward's LoRA dropout (p = 0: none); keep is its mask over x.
-        config: pin one of the kernel's configs (tests); None autotunes on CUDA.
+        config: pin one of the GEMM kernel's configs (tests); None autotunes on CUDA.
 
     Returns:
         ``(dx, g)``: dX ``(M, K)`` and ``g = dY·B`` ``(M, R)``, both in dY's dtype.
@@ -193,4 +187,5 @@ def fused_lora_dx(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout probability {dropout_p} must be in [0, 1)")
     scale = scaling / (1.0 - dropout_p)
-    return _fused_lora_matmul(grad_y, weight, lora_B, lora_A, None, None, scale, dropout_p, seed, config)
+    g = lora_project(grad_y, lora_B.t())
+    return _fused_lora_matmul(grad_y, weight, g, lora_A, None, scale, dropout_p, seed, config), g

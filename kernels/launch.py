@@ -51,9 +51,35 @@ def rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def tf32_allowed() -> bool:
+    """Whether fp32 matmuls may use TF32, as torch's own CUDA matmuls would; never raises.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (then the global
+    ``torch.backends.fp32_precision``) where torch has that API, the legacy ``allow_tf32``
+    otherwise; reading the legacy flag raises once a user has set the new API, so it is last.
+    """
+    for owner in (torch.backends.cuda.matmul, torch.backends):
+        precision = getattr(owner, "fp32_precision", None)
+        if precision not in (None, "none"):
+            return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # legacy and new APIs mixed: no TF32 unless asked for through the new API
+        return False
+
+
+def token_bucket(m: int) -> int:
+    """The autotuners' key for a token count: m rounded up to a power of two in [16, 65536].
+
+    Tiles that suit 128 tokens (generation, eval) differ from those for 16k (training); one
+    bucket per power of two retunes rarely even when every batch has a different length.
+    """
+    return min(max(16, triton.next_power_of_2(m)), 65536)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: fp32 follows ``torch.backends.cuda.matmul.allow_tf32``."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """``tl.dot`` input precision: fp32 follows torch's TF32 permission (:func:`tf32_allowed`)."""
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 
@@ -122,9 +148,12 @@ def gemm_configs() -> list[triton.Config]:
         (128, 256, 64, 3, 8),
         (128, 128, 64, 4, 4),
         (128, 128, 32, 4, 4),
+        (128, 128, 32, 4, 8),
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
+        (64, 128, 32, 4, 8),  # 4-byte inputs
+        (64, 64, 32, 4, 4),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
@@ -132,12 +161,61 @@ def gemm_configs() -> list[triton.Config]:
     ]
 
 
+# Shared memory a block may use on an H100/H200; Ampere's A100 has 163 KiB.
+SHARED_MEMORY_BUDGET = 227 * 1024
+
+
 def prune_for_rank(configs, named_args, **kwargs):
-    """Large ranks add a (BLOCK_M, R_PAD) accumulator: keep the tiles that leave room for it."""
+    """The GEMM tiles that fit the inputs without spilling registers on Hopper.
+
+    4-byte inputs double the pipeline's shared memory and the registers of the operand tiles:
+    they take BLOCK_K = 32 (the bytes per row of a 2-byte BLOCK_K = 64) and 8 warps from
+    64×128 outputs up (and, from rank 64, 64×128 tiles at most); 2-byte inputs take 4 warps up
+    to 128×128, 8 at 128×128 when the GEMM draws a dropout mask. Large ranks add (BLOCK_M,
+    R_PAD) operands. Short inputs (``M_BUCKET``) and narrow outputs (N) drop tiles much larger
+    than themselves (``bench/kernel_report.py`` checks every config offline).
+    """
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
-    if r_pad < 128:
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128] or configs
+    u = named_args.get("u_ptr")
+    element_size = u.element_size() if isinstance(u, torch.Tensor) else 2
+
+    def fits(config):
+        kw = config.kwargs
+        area = kw["BLOCK_M"] * kw["BLOCK_N"]
+        pipeline = config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
+        if pipeline > SHARED_MEMORY_BUDGET or (r_pad >= 128 and area > 128 * 128):
+            return False
+        if element_size == 4:
+            if r_pad >= 64:  # the (BLOCK_M, R_PAD)·(R_PAD, BLOCK_N) start of the accumulator
+                return kw["BLOCK_K"] == 32 and area <= 64 * 128 and config.num_warps == 8
+            return kw["BLOCK_K"] == 32 and (area < 64 * 128 or config.num_warps == 8)
+        if area == 128 * 128 and named_args.get("DROPOUT", False):  # mask drawn beside the accumulator
+            return config.num_warps == 8
+        return config.num_warps == 4 or area > 128 * 128
+
+    kept = [c for c in configs if fits(c)] or configs
+    # Tiles far wider than the problem only idle threads: skip them when smaller ones remain.
+    m_bucket, n = named_args.get("M_BUCKET"), named_args.get("N")
+    snug = [
+        c
+        for c in kept
+        if (m_bucket is None or c.kwargs["BLOCK_M"] <= max(64, m_bucket))
+        and (n is None or c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n)))
+    ]
+    return snug or kept
+
+
+def prune_wide_fp32_tiles(pointer: str, width: str):
+    """An ``early_config_prune`` for the skinny kernels: with 4-byte data at ``pointer`` only
+    ``BLOCK_M × width`` tiles up to 64×64 are kept (the bytes of a 2-byte 64×128 tile)."""
+
+    def prune(configs, named_args, **kwargs):
+        data = named_args.get(pointer)
+        if not isinstance(data, torch.Tensor) or data.element_size() < 4:
+            return configs
+        return [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs[width] <= 64] or configs
+
+    return prune
 
 
 @triton.jit

@@ -3,10 +3,14 @@
 Same contract as ``lorafast.torch_backend`` (2-D x ``(n, in)``; see there), so the autograd
 Function can call either:
 
-- forward: ``fused_lora_forward`` (one pass over x computes ``x·W0ᵀ``, ``x·Aᵀ`` and the
-  rank-r update); with dropout, ``dropout_xa`` first projects the masked x;
-- backward: ``fused_lora_dx`` (one pass over dY computes ``dY·W0``, ``g = dY·B`` and the
-  masked rank-r update of dX), then the ``lora_weight_grad`` reductions for dA and dB.
+- forward: the shrink kernel projects ``xa = drop(x)·Aᵀ``, then ``fused_lora_forward`` (one
+  GEMM pass over x computes ``x·W0ᵀ + b`` onto the rank-r update);
+- backward: ``fused_lora_dx`` (``g = dY·B`` by the shrink kernel, then one GEMM pass over dY
+  computes ``dY·W0`` onto the masked rank-r update of dX), then the ``lora_weight_grad``
+  reductions for dA and dB.
+
+Under torch.compile both run as the PyTorch operators ``lorafast::lora_forward`` and
+``lorafast::lora_backward``, so the graph has no break at a LoRA layer.
 """
 
 from __future__ import annotations
@@ -18,8 +22,71 @@ from .fused_lora_matmul import fused_lora_dx, fused_lora_forward
 from .lora_weight_grad import lora_weight_grad
 
 
-# torch.compile runs these eagerly (a graph break) rather than tracing the launchers' checks.
-@torch.compiler.disable
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    xa = dropout_xa(x, lora_A, dropout_p, seed) if dropout_p > 0.0 else None
+    return fused_lora_forward(x, weight, bias, lora_A, lora_B, scaling, xa=xa)
+
+
+def _backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_da, need_db):
+    grad_x = grad_a = grad_b = g = None
+    if need_dx:
+        grad_x, g = fused_lora_dx(grad_y, weight, lora_A, lora_B, scaling, dropout_p, seed)
+    elif need_da:
+        g = torch.mm(grad_y, lora_B)
+    if need_da:
+        grad_a = lora_weight_grad(x, g, scaling / (1.0 - dropout_p), dropout_p, seed, transpose=True)
+    if need_db:
+        grad_b = lora_weight_grad(grad_y, xa, scaling)
+    return grad_x, grad_a, grad_b
+
+
+# The launchers as PyTorch operators: torch.compile puts them in its graph as opaque nodes (no
+# graph break, so neighbours still fuse and CUDA graphs still apply) and traces shapes through
+# the fake implementations. Eager calls skip the dispatcher and run the launchers directly.
+@torch.library.custom_op("lorafast::lora_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("lorafast::lora_backward", mutates_args=())
+def _backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_da, need_db)
+    return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)  # operators return no None
+
+
+@_backward_op.register_fake
+def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_da, need_db):
+    shapes = (x.shape, lora_A.shape, lora_B.shape)
+    return tuple(grad_y.new_empty(shape if need else (0,)) for shape, need in zip(shapes, (need_dx, need_da, need_db)))
+
+
 def lora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -31,11 +98,10 @@ def lora_forward(
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, xa)`` for x ``(n, in)``: y ``(n, out)``, ``xa = drop(x)·Aᵀ`` ``(n, r)``."""
-    xa = dropout_xa(x, lora_A, dropout_p, seed) if dropout_p > 0.0 else None
-    return fused_lora_forward(x, weight, bias, lora_A, lora_B, scaling, xa=xa)
+    run = _forward_op if torch.compiler.is_compiling() else _forward
+    return run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
-@torch.compiler.disable
 def lora_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -49,14 +115,8 @@ def lora_backward(
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dX, dA, dB)``, each None where ``needs_grad`` says it is not wanted."""
-    need_dx, need_da, need_db = needs_grad
-    grad_x = grad_a = grad_b = g = None
-    if need_dx:
-        grad_x, g = fused_lora_dx(grad_y, weight, lora_A, lora_B, scaling, dropout_p, seed)
-    elif need_da:
-        g = torch.mm(grad_y, lora_B)
-    if need_da:
-        grad_a = lora_weight_grad(x, g, scaling / (1.0 - dropout_p), dropout_p, seed).t().contiguous()
-    if need_db:
-        grad_b = lora_weight_grad(grad_y, xa, scaling)
-    return grad_x, grad_a, grad_b
+    args = (grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, *needs_grad)
+    if not torch.compiler.is_compiling():
+        return _backward(*args)
+    grads = _backward_op(*args)
+    return tuple(g if need else None for g, need in zip(grads, needs_grad, strict=True))

@@ -6,8 +6,10 @@ Shapes: U ``(M, P)``, V ``(M, R)``, C ``(P, R)``, with M the (long) token dimens
 - ``dB = s·dYᵀ·xa``: U = dY ``(M, out)``, V = xa, no mask.
 
 The grid is ``(P / BLOCK_P, SPLIT)``: each program reduces one slab of ``M / SPLIT`` tokens
-for ``BLOCK_P`` columns of U into fp32 and writes its partial sum; the partials are added in
-a fixed order afterwards, so the result is deterministic (no atomics).
+for ``BLOCK_P`` columns of U into fp32, scales it by s and writes it. With one slab that is
+the result, in U's dtype, written through C's strides (dA lands as ``(R, P)`` with no
+transposing copy); with more, the fp32 partial sums are added in a fixed order afterwards,
+so the result is deterministic (no atomics).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from .launch import (
     dot,
     dot_precision,
     launch,
+    prune_wide_fp32_tiles,
     rank_block,
+    token_bucket,
 )
 
 
@@ -37,11 +41,11 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def lora_weight_grad_kernel(
     u_ptr, v_ptr, partial_ptr,
-    M, P, R, rows_per_split,
-    seed, p,
+    M, P, R, rows_per_split, M_BUCKET,
+    scale, seed, p,
     stride_um, stride_up, stride_vm, stride_vr, stride_cs, stride_cp, stride_cr,
     DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -64,7 +68,7 @@ def lora_weight_grad_kernel(
             other=0.0,
         )
         if DROPOUT:
-            u = tl.where(keep_mask(seed, offs_m, offs_p, P, p), u, 0.0)
+            u = tl.where(keep_mask(seed, offs_m, pid_p * BLOCK_P, BLOCK_P, p), u, 0.0)
         v = tl.load(
             v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr,
             mask=m_mask[:, None] & r_mask[None, :],
@@ -72,10 +76,15 @@ def lora_weight_grad_kernel(
         )
         acc = dot(tl.trans(u), v, acc, DOT_PRECISION)
     c_ptrs = partial_ptr + split * stride_cs + offs_p[:, None] * stride_cp + offs_r[None, :] * stride_cr
-    tl.store(c_ptrs, acc, mask=p_mask[:, None] & r_mask[None, :])
+    tl.store(c_ptrs, (acc * scale).to(partial_ptr.dtype.element_ty), mask=p_mask[:, None] & r_mask[None, :])
 
 
-lora_weight_grad_tuned = triton.autotune(configs=_configs(), key=["P", "R_PAD", "DROPOUT"])(lora_weight_grad_kernel)
+lora_weight_grad_tuned = triton.autotune(
+    configs=_configs(),
+    key=["M_BUCKET", "P", "R_PAD", "DROPOUT"],
+    prune_configs_by={"early_config_prune": prune_wide_fp32_tiles("u_ptr", "BLOCK_P")},
+    cache_results=True,
+)(lora_weight_grad_kernel)
 
 
 @functools.cache
@@ -99,10 +108,12 @@ def lora_weight_grad(
     seed: int = 0,
     split: int | None = None,
     config: triton.Config | None = None,
+    transpose: bool = False,
 ) -> torch.Tensor:
     """``scale·(U ⊙ keep)ᵀ·V``: u ``(M, P)``, v ``(M, R)`` -> ``(P, R)`` in u's dtype.
 
-    ``dropout_p > 0`` applies the dropout keep mask of ``seed`` to U (dA); ``split`` pins the
+    ``dropout_p > 0`` applies the dropout keep mask of ``seed`` to U (dA); ``transpose``
+    returns the contiguous ``(R, P)`` transpose instead (dA ``(r, in)``); ``split`` pins the
     number of token slabs and ``config`` one of the kernel's configs (tests).
     """
     check_input("u", u)
@@ -111,20 +122,23 @@ def lora_weight_grad(
     check_tensor("v", v, (M, R), u)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout probability {dropout_p} must be in [0, 1)")
+    shape = (R, P) if transpose else (P, R)
     if M == 0:
-        return torch.zeros(P, R, dtype=u.dtype, device=u.device)
+        return torch.zeros(shape, dtype=u.dtype, device=u.device)
     if split is None:
         split = _split_count(M, triton.cdiv(P, 64), u.device)
     rows_per_split = triton.cdiv(M, split)
-    partial = torch.empty(split, P, R, dtype=torch.float32, device=u.device)
+    # One slab writes the result itself; more write fp32 partials, summed in order below.
+    out = torch.empty((split, *shape), dtype=torch.float32 if split > 1 else u.dtype, device=u.device)
+    out_pr = out.transpose(1, 2) if transpose else out  # the kernel writes (P, R) tiles
 
     def grid(meta):
         return (triton.cdiv(P, meta["BLOCK_P"]), split)
 
     args = (
-        u, v, partial, M, P, R, rows_per_split, int(seed), float(dropout_p),
-        *u.stride(), *v.stride(), *partial.stride(),
+        u, v, out_pr, M, P, R, rows_per_split, token_bucket(rows_per_split), float(scale), int(seed), float(dropout_p),
+        *u.stride(), *v.stride(), *out_pr.stride(),
         dropout_p > 0.0, rank_block(R), dot_precision(u.dtype),
     )  # fmt: skip
     launch(lora_weight_grad_kernel, lora_weight_grad_tuned, grid, args, config)
-    return partial.sum(0).mul_(scale).to(u.dtype)
+    return out[0] if split == 1 else out.sum(0).to(u.dtype)

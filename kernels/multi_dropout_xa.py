@@ -2,7 +2,7 @@
 
 Shapes: x ``(n, in)``, stacked A ``(K, R, in)``, dropout p ``(K,)`` float32 (runtime values in
 [0, 1)), xa ``(n, R)``; k = row_adapter[i], and ``xa_i = 0`` where k = −1. keep is the
-single-adapter mask of the same element for adapter k's p: ``keep_mask(seed, i, j, in, p_k)``
+single-adapter mask of the same element for adapter k's p: ``keep_mask`` of element (i, j)
 with i the row's index in x, so ``keep_i == dropout_keep_mask(seed, (n, in), p_k)[i]``.
 
 One program per row block of the ``adapter_segments`` table (``BLOCK_M`` rows of one adapter)
@@ -75,7 +75,7 @@ def multi_dropout_xa_kernel(
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            keep = keep_mask(seed, mask_rows, k0 + offs_k, K, p)
+            keep = keep_mask(seed, mask_rows, k0, BLOCK_K, p)
             dropped = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
             at = tl.load(at_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
             acc = dot(dropped, at, acc, DOT_PRECISION)

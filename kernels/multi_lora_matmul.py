@@ -162,7 +162,8 @@ def multi_lora_matmul_kernel(
                 scale = scale / (1.0 - p)  # exactly s_k where p_k = 0
             low_rank = scale * dot(up, q, None, DOT_PRECISION)
             if DROPOUT_C:  # padding slots (row −1) draw for row 0, never stored
-                low_rank = tl.where(keep_mask(seed, tl.maximum(rows, 0), offs_n, N, p), low_rank, 0.0)
+                keep = keep_mask(seed, tl.maximum(rows, 0), pid_n * BLOCK_N, BLOCK_N, p)
+                low_rank = tl.where(keep, low_rank, 0.0)
             acc += low_rank
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]

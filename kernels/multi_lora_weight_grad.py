@@ -75,7 +75,7 @@ def multi_lora_weight_grad_kernel(
             other=0.0,
         )
         if DROPOUT:
-            u = tl.where(keep_mask(seed, rows, offs_p, P, p), u, 0.0)
+            u = tl.where(keep_mask(seed, rows, pid_p * BLOCK_P, BLOCK_P, p), u, 0.0)
         v = tl.load(
             v_ptr + rows[:, None] * stride_vm + offs_r[None, :] * stride_vr,
             mask=m_mask[:, None] & r_mask[None, :],

@@ -32,7 +32,7 @@ def _forward_backward(model, x):
     [("torch", "train", 0.0), ("torch", "eval", 0.2), ("torch", "train", 0.2), ("triton", "train", 0.2)],
 )
 def test_compiled_model_matches_eager(backend, mode, dropout, monkeypatch):
-    """The PyTorch path is traced into the graph; the Triton launchers run eagerly inside it."""
+    """The PyTorch path is traced into the graph; the Triton launchers run as operators inside it."""
     monkeypatch.setenv("LORAFAST_BACKEND", backend)
     model = _model(dropout).train(mode == "train")
     x = torch.randn(3, 5, 16)
@@ -40,5 +40,23 @@ def test_compiled_model_matches_eager(backend, mode, dropout, monkeypatch):
     compiled = _forward_backward(torch.compile(model), x)
     torch.testing.assert_close(compiled[0], eager[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(compiled[1], eager[1], atol=1e-4, rtol=1e-4)
+    for got, want in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode,dropout", [("train", 0.0), ("eval", 0.2)])
+def test_compiled_model_has_no_graph_break(backend, mode, dropout, monkeypatch):
+    """fullgraph=True: a LoRA layer adds no graph break (training with dropout draws its seed
+    outside the graph, from torch's default generator)."""
+    monkeypatch.setenv("LORAFAST_BACKEND", backend)
+    torch._dynamo.reset()
+    model = _model(dropout).train(mode == "train")
+    x = torch.randn(3, 5, 16)
+    eager = _forward_backward(model, x)
+    compiled = _forward_backward(torch.compile(model, fullgraph=True), x)
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled[1], eager[1], atol=1e-4, rtol=1e-4)
+    assert len(compiled[2]) == len(eager[2]) == 4
     for got, want in zip(compiled[2], eager[2]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -1,5 +1,6 @@
 """Each Triton kernel, through Triton's interpreter, for every config its autotuner can pick."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,7 +8,7 @@ from conftest import TOLERANCES, make_inputs
 from lorafast import kernels
 from lorafast.kernels.dropout_xa import dropout_xa_tuned
 from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
-from lorafast.kernels.launch import prune_for_rank, rank_block
+from lorafast.kernels.launch import dot_precision, prune_for_rank, rank_block
 from lorafast.kernels.lora_weight_grad import lora_weight_grad_tuned
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests run in Triton's interpreter")
@@ -79,6 +80,9 @@ def test_weight_grad_every_config(config, split, dropout_p):
     c = kernels.lora_weight_grad(u, v, 0.8, dropout_p, seed=3, split=split, config=config)
     keep = kernels.dropout_keep_mask(3, (131, 70), dropout_p, "cpu").double() if dropout_p else 1.0
     _close(c, 0.8 * (u.double() * keep).T @ v.double())
+    ct = kernels.lora_weight_grad(u, v, 0.8, dropout_p, seed=3, split=split, config=config, transpose=True)
+    assert ct.shape == (5, 70) and ct.is_contiguous()
+    torch.testing.assert_close(ct, c.T)  # the same sums, written transposed
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -121,7 +125,38 @@ def test_rank_padding_and_limits():
 def test_large_ranks_prune_to_tiles_that_fit():
     kept = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 256})
     assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128 for c in kept)
-    assert prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16}) == GEMM_CONFIGS
+    bf16 = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": torch.empty(0, dtype=torch.bfloat16)})
+    area = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+    assert bf16 == [c for c in GEMM_CONFIGS if c.num_warps == 4 or area(c) > 128 * 128]
+    masked = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": torch.empty(0, dtype=torch.bfloat16), "DROPOUT": True})
+    assert [c for c in masked if area(c) == 128 * 128] == [
+        c for c in GEMM_CONFIGS if area(c) == 128 * 128 and c.num_warps == 8
+    ]
+
+
+def test_short_inputs_prune_to_small_tiles():
+    bf16 = torch.empty(0, dtype=torch.bfloat16)
+    kept = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": bf16, "M_BUCKET": 32, "N": 100})
+    assert kept and all(c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] <= 128 for c in kept)
+    big = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": bf16, "M_BUCKET": 8192, "N": 4096})
+    assert big == prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": bf16})
+
+
+def test_skinny_kernels_take_small_fp32_tiles():
+    configs = lora_weight_grad_tuned.configs
+    prune = lora_weight_grad_tuned.early_config_prune
+    assert prune(configs, {"u_ptr": torch.empty(0, dtype=torch.bfloat16)}) == configs
+    kept = prune(configs, {"u_ptr": torch.empty(0)})
+    assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_P"] <= 64 for c in kept)
+
+
+def test_fp32_tiles_fit_shared_memory_and_registers():
+    kept = prune_for_rank(GEMM_CONFIGS, {"R_PAD": 16, "u_ptr": torch.empty(0)})
+    assert len(kept) >= 2
+    for c in kept:
+        kw = c.kwargs
+        assert c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * 4 <= 227 * 1024
+        assert kw["BLOCK_K"] == 32 and (kw["BLOCK_M"] * kw["BLOCK_N"] < 64 * 128 or c.num_warps == 8)
 
 
 def test_dropout_mask_is_a_function_of_seed_and_position():
@@ -130,6 +165,56 @@ def test_dropout_mask_is_a_function_of_seed_and_position():
     assert not torch.equal(m1, kernels.dropout_keep_mask(8, (50, 90), 0.4, "cpu"))
     # Row m of a taller input has the same mask: positions, not tiling, decide.
     assert torch.equal(m1, kernels.dropout_keep_mask(7, (80, 90), 0.4, "cpu")[:50])
+
+
+def _philox4x32_10(counter, key):
+    """Philox-4x32-10 (Salmon et al., 2011) in numpy: counter (4, n) and key (2,) uint32 -> (4, n)."""
+    mask32 = np.uint64(0xFFFFFFFF)
+    c = [np.asarray(x, dtype=np.uint64) for x in counter]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        prod_b, prod_a = np.uint64(0xCD9E8D57) * c[2], np.uint64(0xD2511F53) * c[0]
+        c = [
+            (prod_b >> np.uint64(32)) ^ c[1] ^ k0,
+            prod_b & mask32,
+            (prod_a >> np.uint64(32)) ^ c[3] ^ k1,
+            prod_a & mask32,
+        ]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask32, (k1 + np.uint64(0xBB67AE85)) & mask32
+    return c
+
+
+def test_dropout_mask_matches_its_definition():
+    """keep(m, k) = philox(seed; k // 4, m, 0, 0)[k % 4] >= p·2³²: one Philox call per four columns."""
+    seed, p, rows, cols = 0x1234_5678_9ABC, 0.3, 5, 24
+    m, k = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    zeros = np.zeros(m.size, dtype=np.uint64)
+    outputs = _philox4x32_10((k.ravel() // 4, m.ravel(), zeros, zeros), (seed & 0xFFFFFFFF, seed >> 32))
+    chosen = np.choose(k.ravel() % 4, outputs).reshape(rows, cols)
+    threshold = int(np.float32(p) * np.float32(2.0**32))
+    expected = torch.from_numpy(chosen >= threshold)
+    assert torch.equal(kernels.dropout_keep_mask(seed, (rows, cols), p, "cpu"), expected)
+
+
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
+def test_fp32_dot_precision_follows_torch_tf32_permission(api):
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    try:
+        for allowed, expected in ((True, "tf32"), (False, "ieee")):
+            if api == "legacy":
+                matmul.allow_tf32 = allowed
+            elif hasattr(matmul, "fp32_precision"):
+                matmul.fp32_precision = "tf32" if allowed else "ieee"
+            else:
+                pytest.skip("this torch has no fp32_precision API")
+            assert dot_precision(torch.float32) == expected
+            assert dot_precision(torch.bfloat16) == "tf32"  # ignored for 16-bit inputs
+    finally:
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = saved
+        else:
+            matmul.allow_tf32 = saved
 
 
 def test_launcher_errors():

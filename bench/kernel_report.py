@@ -1,0 +1,355 @@
+"""Offline Hopper report of the Triton kernels: registers, spills and shared memory per config.
+
+``python bench/kernel_report.py`` compiles every lorafast kernel and every autotune config for
+sm_90a (H100/H200) on any machine, no GPU needed, and prints per config the registers, spill
+stores/loads (bytes per thread, from ``ptxas -v``) and shared memory, beside the Triton tutorial
+matmul (03-matrix-multiplication) built the same way for the same tile. A kernel that spills
+more than that plain GEMM at the same tile leaves tensor-core throughput on the table.
+
+The launchers themselves build each kernel's arguments (CPU tensors of a realistic layer shape
+stand in for CUDA ones), so the kernels are specialised exactly as Triton's JIT would specialise
+them on a GPU (``tt.divisibility=16`` on aligned pointers and strides, unit strides constant).
+Absolute figures from an offline build may differ from a live GPU's; the comparison with the
+tutorial kernel built the same way is what counts.
+
+Options: ``--dtype``, ``--rank`` and ``--kernel`` restrict the sweep; ``--widest`` keeps each
+kernel's widest tiles only (the quick check of ``tests/test_kernel_report.py``). The exit status
+is 1 when a config spills more than the tutorial matmul or needs more shared memory than an
+H100 has.
+
+Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; its default
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+HOPPER = GPUTarget("cuda", 90, 32)
+HOPPER_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block of an H100/H200
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# A layer shape of a 7B-class model; all sizes multiples of 16 as in practice.
+TOKENS, IN_FEATURES, OUT_FEATURES = 1024, 4096, 4096
+
+
+def bundled_ptxas() -> Path | None:
+    """The ptxas shipped in Triton's wheel that accepts the PTX this Triton emits, or None."""
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for name in ("ptxas-blackwell", "ptxas"):  # the newer one first: it reads newer PTX versions
+        path = bin_dir / name
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What one compiled config needs per thread / per block."""
+
+    registers: int
+    spill_stores: int  # bytes per thread
+    spill_loads: int
+    shared: int  # bytes per block
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher issues it: the plain and autotuned kernels and the arguments."""
+
+    kernel: object
+    configs: tuple  # those the autotuner would try for these arguments (after its pruning)
+    args: tuple
+
+
+def _ptxas_resources(ptx: str, ptxas: Path) -> tuple[int, int, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        out = subprocess.run(
+            [str(ptxas), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    info = out.stderr + out.stdout
+    registers = int(re.search(r"Used (\d+) registers", info).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return registers, int(spills.group(1)), int(spills.group(2))
+
+
+def compile_for_hopper(kernel, args: tuple, config: triton.Config, ptxas: Path) -> Resources:
+    """Compile ``kernel`` for sm_90a with the launch arguments ``args`` and ``config``."""
+    backend = make_backend(HOPPER)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = config.all_kwargs()
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=HOPPER, options=options.__dict__)
+    registers, stores, loads = _ptxas_resources(compiled.asm["ptx"], ptxas)
+    return Resources(registers, stores, loads, compiled.metadata.shared)
+
+
+@triton.jit
+def tutorial_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+):  # fmt: skip
+    """The Triton tutorial's matmul (03-matrix-multiplication, no activation): the yardstick."""
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    offs_am = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)) % M
+    offs_bn = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)) % N
+    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    a_ptrs = a_ptr + (offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_ptrs = b_ptr + (offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn)
+    accumulator = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_SIZE_K)):
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BLOCK_SIZE_K, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k * BLOCK_SIZE_K, other=0.0)
+        accumulator = tl.dot(a, b, accumulator)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += BLOCK_SIZE_K * stride_bk
+    c = accumulator.to(c_ptr.dtype.element_ty)
+    offs_cm = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    offs_cn = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    c_ptrs = c_ptr + stride_cm * offs_cm[:, None] + stride_cn * offs_cn[None, :]
+    tl.store(c_ptrs, c, mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
+
+
+def output_tile(config: triton.Config, r_pad: int) -> tuple[int, int, int]:
+    """``(tile_m, tile_n, tile_k)`` of a config: the output tile and the reduction step of its dots."""
+    kw = config.kwargs
+    if "BLOCK_N" in kw:  # the big GEMMs
+        return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    if "BLOCK_P" in kw:  # weight gradients: (BLOCK_P, R_PAD) reduced over BLOCK_M tokens
+        return kw["BLOCK_P"], r_pad, kw["BLOCK_M"]
+    return kw["BLOCK_M"], r_pad, kw["BLOCK_K"]  # rank-r projections
+
+
+@functools.cache
+def tutorial_resources(dtype: torch.dtype, tile: tuple[int, int, int], stages: int, warps: int) -> Resources:
+    """The tutorial matmul compiled for ``tile`` with the same stages and warps."""
+    bm, bn, bk = tile
+    a = torch.empty(TOKENS, IN_FEATURES, dtype=dtype)
+    b = torch.empty(IN_FEATURES, OUT_FEATURES, dtype=dtype)
+    c = torch.empty(TOKENS, OUT_FEATURES, dtype=dtype)
+    args = (a, b, c, TOKENS, OUT_FEATURES, IN_FEATURES, *a.stride(), *b.stride(), *c.stride())
+    config = triton.Config(
+        {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 8},
+        num_stages=stages,
+        num_warps=warps,
+    )
+    return compile_for_hopper(tutorial_matmul_kernel, args, config, bundled_ptxas())
+
+
+@contextlib.contextmanager
+def captured_launches() -> Iterator[list[Launch]]:
+    """Record the launches the kernel launchers issue instead of running them (CPU tensors allowed)."""
+    import lorafast.kernels as kernels
+    from lorafast.kernels import launch as launch_module
+
+    launches: list[Launch] = []
+
+    def record(kernel, tuned_kernel, grid, args, config):
+        configs = tuned_kernel.configs
+        if tuned_kernel.early_config_prune is not None:
+            configs = tuned_kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)))
+        launches.append(Launch(kernel, tuple(configs), tuple(args)))
+
+    fakes = {launch_module.launch: record, launch_module.check_device: lambda *args: None}
+    originals = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(kernels.__name__ + "."):
+            continue
+        for attr in ("launch", "check_device"):
+            fake = fakes.get(getattr(module, attr, None))
+            if fake is not None:
+                originals.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, fake)
+    try:
+        yield launches
+    finally:
+        for module, attr, original in originals:
+            setattr(module, attr, original)
+
+
+def _one_adapter_cases(dtype, r) -> dict[str, Callable[[], object]]:
+    from lorafast import kernels
+
+    x = torch.empty(TOKENS, IN_FEATURES, dtype=dtype)
+    dy = torch.empty(TOKENS, OUT_FEATURES, dtype=dtype)
+    w = torch.empty(OUT_FEATURES, IN_FEATURES, dtype=dtype)
+    bias = torch.empty(OUT_FEATURES, dtype=dtype)
+    a = torch.empty(r, IN_FEATURES, dtype=dtype)
+    b = torch.empty(OUT_FEATURES, r, dtype=dtype)
+    xa = torch.empty(TOKENS, r, dtype=dtype)
+    return {
+        "forward": lambda: kernels.lora_forward(x, w, bias, a, b, 2.0, 0.0, 0),
+        "forward, dropout": lambda: kernels.lora_forward(x, w, bias, a, b, 2.0, 0.1, 7),
+        "dX": lambda: kernels.fused_lora_dx(dy, w, a, b, 2.0),
+        "dX, dropout": lambda: kernels.fused_lora_dx(dy, w, a, b, 2.0, 0.1, 7),
+        "dA, dropout": lambda: kernels.lora_weight_grad(x, xa, 2.0, 0.1, 7, split=1),
+        "dB": lambda: kernels.lora_weight_grad(dy, xa, 2.0, split=1),
+    }
+
+
+def _multi_adapter_cases(dtype, r) -> dict[str, Callable[[], object]]:
+    from lorafast import kernels
+
+    n_adapters = 4
+    x = torch.empty(TOKENS, IN_FEATURES, dtype=dtype)
+    dy = torch.empty(TOKENS, OUT_FEATURES, dtype=dtype)
+    w = torch.empty(OUT_FEATURES, IN_FEATURES, dtype=dtype)
+    bias = torch.empty(OUT_FEATURES, dtype=dtype)
+    a = torch.empty(n_adapters, r, IN_FEATURES, dtype=dtype)
+    b = torch.empty(n_adapters, OUT_FEATURES, r, dtype=dtype)
+    g = torch.empty(TOKENS, r, dtype=dtype)
+    scalings = torch.full((n_adapters,), 2.0)
+    dropout = torch.full((n_adapters,), 0.1)
+    ids = torch.arange(TOKENS) % n_adapters
+    return {
+        "multi forward": lambda: kernels.fused_multi_lora_forward(x, w, bias, a, b, scalings, ids),
+        "multi forward, dropout": lambda: kernels.fused_multi_lora_forward(
+            x, w, bias, a, b, scalings, ids, dropout=dropout, seed=7
+        ),
+        "multi dX, dropout": lambda: kernels.fused_multi_lora_dx(dy, w, a, b, scalings, ids, dropout=dropout, seed=7),
+        "multi dA, dropout": lambda: kernels.multi_lora_weight_grad(
+            x, g, scalings, ids, transpose=True, split=1, dropout=dropout, seed=7
+        ),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    case: str
+    kernel: str
+    dtype: str
+    r_pad: int
+    config: triton.Config
+    ours: Resources
+    tutorial: Resources
+
+    @property
+    def spills_more(self) -> bool:
+        return self.ours.spill_stores > self.tutorial.spill_stores
+
+    @property
+    def too_much_shared(self) -> bool:
+        return self.ours.shared > HOPPER_SHARED_BYTES
+
+
+def _widest(configs: tuple, r_pad: int) -> list[triton.Config]:
+    """The configs with the largest output tile (ties: all of them)."""
+    area = [output_tile(c, r_pad)[0] * output_tile(c, r_pad)[1] for c in configs]
+    return [c for c, a in zip(configs, area, strict=True) if a == max(area)]
+
+
+def report_rows(dtypes, ranks, kernel_filter: str = "", widest: bool = False, progress=None) -> Iterator[Row]:
+    """Compile every selected (case, launch, config) and yield its row."""
+    from lorafast.kernels.launch import rank_block
+
+    ptxas = bundled_ptxas()
+    seen = set()
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for r in ranks:
+            r_pad = rank_block(r)
+            cases = {**_one_adapter_cases(dtype, r), **_multi_adapter_cases(dtype, r)}
+            for case, run in cases.items():
+                if kernel_filter and kernel_filter not in case:
+                    continue
+                with captured_launches() as launches:
+                    run()
+                for launch in launches:
+                    configs = _widest(launch.configs, r_pad) if widest else launch.configs
+                    for config in configs:
+                        name = launch.kernel.__name__
+                        key = (name, dtype_name, r_pad, str(config), _constexpr_key(launch))
+                        if key in seen:  # one kernel launched the same way by two cases
+                            continue
+                        seen.add(key)
+                        ours = compile_for_hopper(launch.kernel, launch.args, config, ptxas)
+                        tile = output_tile(config, r_pad)
+                        tutorial = tutorial_resources(dtype, tile, config.num_stages, config.num_warps)
+                        if progress is not None:
+                            progress.update()
+                        yield Row(case, name, dtype_name, r_pad, config, ours, tutorial)
+
+
+def _constexpr_key(launch: Launch) -> tuple:
+    return tuple(a for a in launch.args if isinstance(a, (bool, str)))
+
+
+def format_row(row: Row) -> str:
+    tile = "×".join(map(str, output_tile(row.config, row.r_pad)))
+    flag = " SPILLS MORE" if row.spills_more else ""
+    flag += " SHARED > H100" if row.too_much_shared else ""
+    return (
+        f"| {row.case} | {row.kernel} | {row.dtype} | {row.r_pad} | {tile}, {row.config.num_stages}, "
+        f"{row.config.num_warps} | {row.ours.registers} | {row.ours.spill_stores} / {row.ours.spill_loads} | "
+        f"{row.ours.shared // 1024} | {row.tutorial.registers} | {row.tutorial.spill_stores} |{flag}"
+    )
+
+
+HEADER = (
+    "| case | kernel | dtype | R_PAD | tile (M×N×K), stages, warps | regs | spill st / ld (B) | smem (KiB) "
+    "| tutorial regs | tutorial spill st (B) | |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="default: bf16 and fp32")
+    parser.add_argument("--rank", type=int, action="append", help="LoRA rank(s) (default: 16 and 64)")
+    parser.add_argument("--kernel", default="", help="only the cases whose name contains this")
+    parser.add_argument("--widest", action="store_true", help="each kernel's widest tiles only")
+    opts = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    if bundled_ptxas() is None:
+        parser.error("Triton's bundled ptxas (triton/backends/nvidia/bin) is missing")
+    from tqdm import tqdm
+
+    rows = []
+    with tqdm(desc="compiling for sm_90a", unit="config", file=sys.stderr) as progress:
+        rows = list(
+            report_rows(opts.dtype or ["bf16", "fp32"], opts.rank or [16, 64], opts.kernel, opts.widest, progress)
+        )
+    print(HEADER)
+    for row in rows:
+        print(format_row(row))
+    spilling = sum(row.spills_more for row in rows)
+    oversized = sum(row.too_much_shared for row in rows)
+    print(f"\n{spilling} of {len(rows)} configs spill more than the tutorial matmul at the same tile; "
+          f"{oversized} need more shared memory than an H100 ({HOPPER_SHARED_BYTES // 1024} KiB).")  # fmt: skip
+    return 1 if spilling or oversized else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
