@@ -1,5 +1,6 @@
 """train/: BART's denoising corruption, pretraining on the training split only, pretrain → fine-tune."""
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def test_infilling_masks_30_percent_in_separate_spans(seed):
     lengths = _spans(original, source)
     assert sum(lengths) == 12 and source.count(MASK) == len(lengths)
     assert [t for t in source if t != MASK] == [t for t in original if t in source]  # order kept
-    assert all(not (a == b == MASK) for a, b in zip(source, source[1:]))  # every span is one mask
+    assert all(not (a == b == MASK) for a, b in itertools.pairwise(source))  # every span is one mask
 
 
 def test_infilling_on_a_known_input():

@@ -46,7 +46,7 @@ class Preset:
     steps: int
     batch_size: int = 16
     max_length: int = 256  # passage tokens, <s> and </s> included
-    lr: float = 1e-3
+    lr: float = 4e-4
     sentences_per_document: int = 64  # the corpus: each training text's first sentences
 
 
@@ -180,7 +180,7 @@ def pretrain(
     corpus = sentence_ids(tokenizer, sentences)
     model = new_model(preset, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
+    warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.05, (steps - s) / max(1, steps - warmup)))
     )
