@@ -178,7 +178,8 @@ def pretrain(
         tokenizer = model_setup.train_tokenizer([" ".join(group) for group in sentences], preset.vocab_size)
         tokenizer.save_pretrained(tokenizer_dir)
     corpus = sentence_ids(tokenizer, sentences)
-    model = new_model(preset, tokenizer)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = new_model(preset, tokenizer).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -186,11 +187,11 @@ def pretrain(
     )
     step, losses, train_seconds, tokens = 0, [], 0.0, 0
     if resume:
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
         step, losses, train_seconds, tokens = state["step"], state["losses"], state["seconds"], state["tokens"]
         print(f"resumed from {checkpoint} at step {step}")
     log_path = output_dir / "log.jsonl"
@@ -201,7 +202,7 @@ def pretrain(
     bar = tqdm(total=steps, initial=step, desc=f"pretraining BART ({preset_name}, denoising)")
     while step < steps:
         start = time.perf_counter()
-        batch = make_batch(corpus, tokenizer, preset, seed, step)
+        batch = {k: v.to(device) for k, v in make_batch(corpus, tokenizer, preset, seed, step).items()}
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
