@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="learning rate of the LoRA runs (default finetune.py's)")
     p.add_argument("--full-lr", type=float, default=None, help="learning rate of full fine-tuning")
     p.add_argument("--latency-rounds", type=int, default=20)
-    p.add_argument("--finetune-args", nargs=argparse.REMAINDER, default=[], help="passed to every finetune.py run")
+    p.add_argument("--finetune-args", nargs=argparse.REMAINDER, default=[],
+                   help="passed to every finetune.py run (sources, targets: 128 tokens unless set)")  # fmt: skip
     args = p.parse_args(argv)
     if args.steps < 1 or args.eval_docs < 1:
         p.error("--steps and --eval-docs must be at least 1")
@@ -74,7 +75,8 @@ def run_finetuning(name: str, args: argparse.Namespace) -> dict:
     command = [
         sys.executable, str(Path(__file__).with_name("finetune.py")), "--data", str(args.data), "--model", args.model,
         "--split", "test", "--eval-docs", str(args.eval_docs), "--max-steps", str(args.steps),
-        "--output-dir", str(out), *RUNS[name], *args.finetune_args,
+        "--output-dir", str(out), "--max-source-length", "128", "--max-target-length", "128", *RUNS[name],
+        *args.finetune_args,
     ]  # fmt: skip
     lr = args.full_lr if name == "full" else args.lr
     if lr is not None:
