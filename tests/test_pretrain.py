@@ -199,3 +199,21 @@ def test_lead_baseline_cuts_to_the_reference_length():
     assert lead_baseline.lead_summary(text, "one two three four five") == "first sentence here.\nsecond one"
     scores = lead_baseline.lead_rouge([text], ["first sentence here."])
     assert scores["rouge1"] == pytest.approx(100.0)
+
+
+def test_reproduction_table_compares_each_run_with_full_finetuning(tmp_path):
+    import reproduce
+
+    def run(trainable, rouge_l, tokens_per_second, saved):
+        rouge = {"rouge1": 30.0, "rouge2": 10.0, "rougeL": rouge_l, "rougeLsum": 28.0}
+        return {"trainable_parameters": trainable, "rouge": rouge, "tokens_per_second": tokens_per_second,
+                "peak_memory_bytes": 2**30, "saved_bytes": saved}  # fmt: skip
+
+    results = {"full": run(1000, 20.0, 100.0, 4000), "lora-qv-r8": run(10, 18.0, 150.0, 40)}
+    lead = {"rouge1": 40.0, "rouge2": 12.0, "rougeL": 19.0, "rougeLsum": 38.0}
+    args = reproduce.parse_args(["--data", "x", "--output-dir", str(tmp_path), "--steps", "5", "--eval-docs", "3"])
+    table = reproduce.report_table(results, lead, 4000, None, args)
+    lora_row = next(line for line in table.splitlines() if line.startswith("| LoRA q,v r=8"))
+    assert "| 0.900 |" in lora_row and "| 1.50 |" in lora_row and "1/100" in lora_row  # ROUGE-L, speed, size
+    reproduce.plot(results, lead, tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 0
