@@ -37,6 +37,9 @@ RANGES = {
     "gen_max_tokens": _AT_LEAST_1,
     "eval_batch_size": _AT_LEAST_1,
     "samples": _AT_LEAST_0,
+    "no_repeat_ngram_size": _AT_LEAST_0,
+    "gen_min_tokens": _AT_LEAST_0,
+    "length_penalty": (lambda v: True, "a number"),  # any finite exponent: <1 favours short beams, >1 long ones
 }
 
 # The arguments that decide the trained weights: a resumed run must be given the same ones.

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import arguments
 import checkpoints
+import lead_baseline
 import model_setup
 import summary_scoring
 import sumpubmed
@@ -95,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     start.add_argument("--overwrite-output-dir", action="store_true", help="replace the previous run in --output-dir "
                        "(its checkpoints and outputs are deleted once --data has loaded)")  # fmt: skip
     g.add_argument("--merge", action="store_true", help="also write the merged model (plain transformers)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=3, help="never repeat an n-gram (0: off)")
+    g.add_argument("--gen-min-tokens", type=int, default=0, help="summary tokens generated at least")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score exponent on length")
     args = p.parse_args(argv)
     arguments.check_ranges(p, args)
     if args.lr is None:
@@ -180,14 +185,21 @@ def evaluate_model(model, tokenizer, documents, args, ctx, step, log) -> dict:
     predictions = summary_scoring.summarize(
         model, tokenizer, [d.text for d in documents], device=ctx.device, batch_size=args.eval_batch_size,
         max_source_length=args.max_source_length, max_new_tokens=args.gen_max_tokens, num_beams=args.num_beams,
-        progress=progress,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.gen_min_tokens,
+        length_penalty=args.length_penalty, progress=progress,
     )  # fmt: skip
     progress.close()
     references = [summary_scoring.sentence_lines(d.summary) for d in documents]
     scores = summary_scoring.rouge(predictions, references)
-    log({"step": step, "eval": scores, "split": args.split, "documents": len(documents)})
+    lead = lead_baseline.lead_rouge([d.text for d in documents], [d.summary for d in documents])
+    degenerate = sum(summary_scoring.repeated_phrase(p) is not None for p in predictions)
+    log({"step": step, "eval": scores, "lead": lead, "degenerate": degenerate, "split": args.split,
+         "documents": len(documents)})  # fmt: skip
     tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-    return {"scores": scores, "predictions": predictions, "references": references}
+    tqdm.write("  lead baseline: " + ", ".join(f"{k} {v:.2f}" for k, v in lead.items()))
+    tqdm.write(f"  summaries with a phrase repeated 3 times in a row: {degenerate} of {len(predictions)}")
+    return {"scores": scores, "predictions": predictions, "references": references, "lead": lead,
+            "degenerate": degenerate}  # fmt: skip
 
 
 def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None = None) -> dict:
@@ -363,6 +375,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
             "peak_memory_bytes": peak_memory_bytes(ctx.device),
             "trainable_parameters": counts.trainable, "total_parameters": counts.total, "world_size": ctx.world,
         }  # fmt: skip
+        metrics |= {"lead_rouge": result["lead"], "degenerate_summaries": result["degenerate"]} if result else {}
         write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         with atomic_path(out / "loss_curve.png") as path:
             plot_losses(list(range(1, len(history) + 1)), history, path, f"{args.model}, {args.method}")

@@ -3,6 +3,8 @@
 ``random:tiny`` and ``random:base`` build ``BartForConditionalGeneration`` from a ``BartConfig`` with
 random weights (tiny: small and fast, for smoke runs; base: facebook/bart-base's shapes) and a
 byte-level BPE tokenizer trained on the training texts, so a run needs no download at all.
+``pretrained:tiny`` is a small BART pretrained here with BART's denoising objective on the training
+split (``train/pretrain.py``): built into a cache folder on first use, reused afterwards.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ RANDOM_PRESETS = {
     },
 }  # fmt: skip
 _TOKENIZER_DOCS = 1000  # training texts the random presets' tokenizer learns from
+PRETRAINED_PREFIX = "pretrained:"
+_BASE_POINTER = "pretrained_base.txt"  # in the run's tokenizer folder: where the cached base is
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -53,7 +57,18 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def ensure_tokenizer(name: str, documents, directory: Path) -> None:
-    """For a random preset, train its tokenizer on ``documents`` into ``directory`` unless one is there."""
+    """Prepare a preset's tokenizer in ``directory`` from the training ``documents``.
+
+    A random preset trains its tokenizer here unless one is there. A ``pretrained:`` preset builds
+    (first use) or reuses the cached pretrained base, and ``directory`` records where it is.
+    """
+    if name.startswith(PRETRAINED_PREFIX):
+        import pretrain
+
+        folder = pretrain.cached_base(name.removeprefix(PRETRAINED_PREFIX), documents)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / _BASE_POINTER).write_text(str(folder))
+        return
     if name not in RANDOM_PRESETS or (directory / "tokenizer.json").is_file():
         return
     texts = [t for d in documents[:_TOKENIZER_DOCS] for t in (d.text, d.summary)]
@@ -81,6 +96,11 @@ def load_model(
         if model_dropout is not None:
             config.dropout = model_dropout
         return BartForConditionalGeneration(config), tokenizer, True
+    if name.startswith(PRETRAINED_PREFIX):
+        pointer = Path(tokenizer_dir) / _BASE_POINTER
+        if not pointer.is_file():
+            raise FileNotFoundError(f"{name}: call ensure_tokenizer first ({pointer} is missing)")
+        name = pointer.read_text()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         kwargs = {} if model_dropout is None else {"dropout": model_dropout}
@@ -89,7 +109,7 @@ def load_model(
         raise OSError(
             f"could not load model {name!r} ({exc}). Without network access, give a local folder saved with "
             f"save_pretrained, or one of the random presets {sorted(RANDOM_PRESETS)} (random weights, for "
-            "smoke runs and benchmarks)"
+            "smoke runs and benchmarks), or pretrained:tiny (a small BART pretrained here on the training split)"
         ) from exc
     return model, tokenizer, False
 

@@ -29,6 +29,20 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     return {kind: 100 * total / len(predictions) for kind, total in totals.items()}
 
 
+def repeated_phrase(summary: str, times: int = 3, longest: int = 8) -> str | None:
+    """The first phrase (1 to ``longest`` words) that ``summary`` repeats ``times`` times in a row, or None.
+
+    Such loops (``cep cep cep``, ``the cells of the cells of the cells of``) mark a degenerate summary.
+    """
+    words = summary.split()
+    for n in range(1, longest + 1):
+        for i in range(len(words) - n * times + 1):
+            phrase = words[i : i + n]
+            if all(words[i + k * n : i + (k + 1) * n] == phrase for k in range(1, times)):
+                return " ".join(phrase)
+    return None
+
+
 @torch.no_grad()
 def summarize(
     model,
@@ -40,9 +54,16 @@ def summarize(
     max_source_length: int = 512,
     max_new_tokens: int = 128,
     num_beams: int = 4,
+    no_repeat_ngram_size: int = 3,
+    min_new_tokens: int = 0,
+    length_penalty: float = 1.0,
     progress=None,
 ) -> list[str]:
-    """Beam-search summaries of ``texts``, one sentence a line."""
+    """Beam-search summaries of ``texts``, one sentence a line.
+
+    ``no_repeat_ngram_size``, ``min_new_tokens`` and ``length_penalty`` are the settings BART's
+    summarization configs use against repetition and too-short summaries (0: off).
+    """
     was_training = model.training
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -55,7 +76,8 @@ def summarize(
         with autocast:
             output = model.generate(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=num_beams,
-                max_new_tokens=max_new_tokens, early_stopping=True,
+                max_new_tokens=max_new_tokens, early_stopping=True, no_repeat_ngram_size=no_repeat_ngram_size,
+                min_new_tokens=min_new_tokens, length_penalty=length_penalty,
             )  # fmt: skip
         summaries += [sentence_lines(s) for s in tokenizer.batch_decode(output, skip_special_tokens=True)]
         if progress is not None:
