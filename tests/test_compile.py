@@ -1,5 +1,8 @@
 """torch.compile of a small model built from FusedLoRALinear runs on CPU and matches eager."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -92,5 +95,25 @@ def test_compiled_mixed_adapter_call_has_no_graph_break(backend, monkeypatch):
     inputs = _mixed_inputs()
     eager = _mixed_forward_backward(apply_multi_lora, *inputs, None)
     compiled = _mixed_forward_backward(torch.compile(apply_multi_lora, fullgraph=True), *inputs, None)
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_import_does_not_load_dynamo():
+    """``import lorafast`` leaves torch._dynamo unloaded (importing it takes seconds); torch.compile loads it."""
+    code = "import sys, lorafast; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_mixed_adapter_dropout_matches_eager(backend, monkeypatch):
+    """Under dropout the seed is drawn eagerly from torch's generator: compiled masks are eager's."""
+    monkeypatch.setenv("LORAFAST_BACKEND", backend)
+    torch._dynamo.reset()
+    inputs = _mixed_inputs()
+    dropout = torch.tensor([0.0, 0.3, 0.5])
+    eager = _mixed_forward_backward(apply_multi_lora, *inputs, dropout)
+    compiled = _mixed_forward_backward(torch.compile(apply_multi_lora), *inputs, dropout)
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
