@@ -31,7 +31,16 @@ from .adapter_segments import (
     resolve_segments,
 )
 from .dropout_mask import keep_mask
-from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block
+from .launch import (
+    check_input,
+    check_tensor,
+    dot,
+    dot_precision,
+    launch,
+    prune_wide_fp32_tiles,
+    rank_block,
+    token_bucket,
+)
 
 _UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
 
@@ -44,11 +53,11 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def multi_dropout_xa_kernel(
     x_ptr, a_ptr, dropout_ptr, block_adapter_ptr, block_rows_ptr, xa_ptr,
     K, R, seed,
-    stride_xm, stride_xk, stride_aa, stride_ar, stride_ak, stride_dropout, stride_xam, stride_xar,
+    stride_xm, stride_xk, stride_aa, stride_ar, stride_ak, stride_dropout, stride_xam, stride_xar, M_BUCKET,
     DROPPED_ONLY: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -85,9 +94,12 @@ def multi_dropout_xa_kernel(
     tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
 
-multi_dropout_xa_tuned = triton.autotune(configs=_configs(), key=["K", "R_PAD", "DROPPED_ONLY"])(
-    multi_dropout_xa_kernel
-)
+multi_dropout_xa_tuned = triton.autotune(
+    configs=_configs(),
+    key=["M_BUCKET", "K", "R_PAD", "DROPPED_ONLY"],
+    prune_configs_by={"early_config_prune": prune_wide_fp32_tiles("x_ptr", "BLOCK_K")},
+    cache_results=True,
+)(multi_dropout_xa_kernel)
 
 
 def launch_multi_dropout_xa(
@@ -110,7 +122,7 @@ def launch_multi_dropout_xa(
     args = (
         x, lora_A, dropout, segments.block_adapter, segments.block_rows, xa,
         K, R, int(seed),
-        *x.stride(), *lora_A.stride(), dropout.stride(0), *xa.stride(),
+        *x.stride(), *lora_A.stride(), dropout.stride(0), *xa.stride(), token_bucket(n),
         dropped_only, rank_block(R), dot_precision(x.dtype),
     )  # fmt: skip
     launch(multi_dropout_xa_kernel, multi_dropout_xa_tuned, lambda meta: (num_blocks,), args, config)

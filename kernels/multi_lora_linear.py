@@ -23,13 +23,15 @@ One launch per kernel for all adapters:
 
 The rows sorted by adapter and the block table (:func:`batch_segments`) are built once per
 batch by the caller and passed to forward and backward alike (built here when not given).
+Under torch.compile both run as the PyTorch operators ``lorafast::multi_lora_forward`` and
+``lorafast::multi_lora_backward``, so the graph has no break at a mixed-adapter layer.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .adapter_segments import BLOCK_M, AdapterSegments, adapter_segments
+from .adapter_segments import BLOCK_M, AdapterSegments, RowChunks, adapter_segments
 from .multi_lora_matmul import fused_multi_lora_dx, fused_multi_lora_forward
 from .multi_lora_weight_grad import multi_lora_weight_grad
 
@@ -39,8 +41,112 @@ def batch_segments(row_adapter: torch.Tensor, num_adapters: int) -> AdapterSegme
     return adapter_segments(row_adapter, num_adapters, BLOCK_M)
 
 
-# torch.compile runs these eagerly (a graph break) rather than tracing the launchers' checks.
-@torch.compiler.disable
+def _forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segments):
+    return fused_multi_lora_forward(
+        x, weight, bias, lora_A, lora_B, scalings, row_adapter, segments=segments, dropout=dropout, seed=seed
+    )
+
+
+def _backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, needs_grad, dropout, seed, segments):
+    need_dx, need_da, need_db = needs_grad
+    grad_x = grad_a = grad_b = None
+    if not (need_dx or need_da or need_db):
+        return grad_x, grad_a, grad_b
+    if segments is None:
+        segments = batch_segments(row_adapter, lora_A.shape[0])
+    if need_dx or need_da:
+        grad_x, g = fused_multi_lora_dx(
+            grad_y, weight, lora_A, lora_B, scalings, row_adapter, with_dx=need_dx, segments=segments,
+            dropout=dropout, seed=seed,
+        )  # fmt: skip
+        if need_da:
+            grad_a = multi_lora_weight_grad(
+                x, g, scalings, row_adapter, transpose=True, segments=segments, dropout=dropout, seed=seed
+            )
+    if need_db:
+        grad_b = multi_lora_weight_grad(grad_y, xa, scalings, row_adapter, segments=segments)
+    return grad_x, grad_a, grad_b
+
+
+# Operators take tensors, numbers and lists of them: the row tables travel as their tensors
+# plus (block_m, chunk_rows), an empty list when the operator builds them itself.
+def _flatten(segments: AdapterSegments | None) -> tuple[list[torch.Tensor], int, int]:
+    if segments is None:
+        return [], 0, 0
+    s, chunks = segments, segments.chunks
+    tensors = [s.order, s.bounds, s.block_adapter, s.block_rows, chunks.chunk_adapter, chunks.chunk_bounds]
+    return tensors, s.block_m, chunks.chunk_rows
+
+
+def _unflatten(tensors: list[torch.Tensor], block_m: int, chunk_rows: int) -> AdapterSegments | None:
+    if not tensors:
+        return None
+    order, bounds, block_adapter, block_rows, chunk_adapter, chunk_bounds = tensors
+    return AdapterSegments(
+        order, bounds, block_adapter, block_rows, block_m, RowChunks(chunk_adapter, chunk_bounds, chunk_rows)
+    )
+
+
+# As ``lora_linear``'s operators: opaque graph nodes under torch.compile, shapes from the fake
+# implementations; eager calls skip the dispatcher and run the launchers directly.
+@torch.library.custom_op("lorafast::multi_lora_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: torch.Tensor,
+    row_adapter: torch.Tensor,
+    dropout: torch.Tensor | None,
+    seed: int,
+    segment_tensors: list[torch.Tensor],
+    block_m: int,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    segments = _unflatten(segment_tensors, block_m, chunk_rows)
+    return _forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segments)
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segment_tensors, block_m, chunk_rows):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[1])
+
+
+@torch.library.custom_op("lorafast::multi_lora_backward", mutates_args=())
+def _backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scalings: torch.Tensor,
+    row_adapter: torch.Tensor,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+    dropout: torch.Tensor | None,
+    seed: int,
+    segment_tensors: list[torch.Tensor],
+    block_m: int,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    segments = _unflatten(segment_tensors, block_m, chunk_rows)
+    needs = (need_dx, need_da, need_db)
+    grads = _backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, needs, dropout, seed, segments)
+    return tuple(g if g is not None else grad_y.new_empty(0) for g in grads)  # operators return no None
+
+
+@_backward_op.register_fake
+def _(
+    grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, need_dx, need_da, need_db, dropout, seed,
+    segment_tensors, block_m, chunk_rows,
+):  # fmt: skip
+    shapes = (x.shape, lora_A.shape, lora_B.shape)
+    return tuple(grad_y.new_empty(shape if need else (0,)) for shape, need in zip(shapes, (need_dx, need_da, need_db)))
+
+
 def multi_lora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -59,12 +165,12 @@ def multi_lora_forward(
     no dropout for adapter k); ``seed``: ``lorafast.dropout.draw_seed()``; ``segments``:
     :func:`batch_segments` of row_adapter if already built.
     """
-    return fused_multi_lora_forward(
-        x, weight, bias, lora_A, lora_B, scalings, row_adapter, segments=segments, dropout=dropout, seed=seed
-    )
+    args = (x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed)
+    if not torch.compiler.is_compiling():
+        return _forward(*args, segments)
+    return _forward_op(*args, *_flatten(segments))
 
 
-@torch.compiler.disable
 def multi_lora_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -84,21 +190,8 @@ def multi_lora_backward(
     Each adapter's dA and dB sum over its own rows only (zeros for an adapter without rows).
     ``dropout``, ``seed`` and ``segments`` are the forward's; xa is the forward's (it holds the dropout).
     """
-    need_dx, need_da, need_db = needs_grad
-    grad_x = grad_a = grad_b = None
-    if not (need_dx or need_da or need_db):
-        return grad_x, grad_a, grad_b
-    if segments is None:
-        segments = batch_segments(row_adapter, lora_A.shape[0])
-    if need_dx or need_da:
-        grad_x, g = fused_multi_lora_dx(
-            grad_y, weight, lora_A, lora_B, scalings, row_adapter, with_dx=need_dx, segments=segments,
-            dropout=dropout, seed=seed,
-        )  # fmt: skip
-        if need_da:
-            grad_a = multi_lora_weight_grad(
-                x, g, scalings, row_adapter, transpose=True, segments=segments, dropout=dropout, seed=seed
-            )
-    if need_db:
-        grad_b = multi_lora_weight_grad(grad_y, xa, scalings, row_adapter, segments=segments)
-    return grad_x, grad_a, grad_b
+    args = (grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter)
+    if not torch.compiler.is_compiling():
+        return _backward(*args, needs_grad, dropout, seed, segments)
+    grads = _backward_op(*args, *needs_grad, dropout, seed, *_flatten(segments))
+    return tuple(g if need else None for g, need in zip(grads, needs_grad, strict=True))

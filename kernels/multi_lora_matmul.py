@@ -44,6 +44,7 @@ from .launch import (
     launch,
     prune_for_rank,
     rank_block,
+    token_bucket,
 )
 from .multi_dropout_xa import launch_multi_dropout_xa
 
@@ -58,11 +59,29 @@ def _configs() -> list[triton.Config]:
     fits the 227 KiB of shared memory of an H100/H200 up to rank 256 (the wider tiles' do not).
     """
     configs = {}
-    for c in gemm_configs():
+    # + an 8-warp 64×64 tile: 4-byte inputs from rank 64 with the dX mask (see _prune)
+    extra = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8)
+    for c in [*gemm_configs(), extra]:
         kwargs = {**c.kwargs, "BLOCK_M": BLOCK_M}
         key = (tuple(sorted(kwargs.items())), c.num_warps, c.num_stages)
         configs.setdefault(key, triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
     return sorted(configs.values(), key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) != (128, 32))
+
+
+def _prune(configs, named_args, **kwargs):
+    """``prune_for_rank``, and from rank 64 with 4-byte inputs 64×64×32 tiles only (8 warps
+    when dX draws a mask): the (BLOCK_M, R_PAD) accumulator of U·P_k sits beside the
+    output's in the K loop (``bench/kernel_report.py`` checks every config offline)."""
+    u = named_args.get("u_ptr")
+    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
+    if isinstance(u, torch.Tensor) and u.element_size() == 4 and r_pad >= 64:
+        warps = 8 if named_args.get("DROPOUT_C", False) else 4  # the mask drawn beside both accumulators
+        narrow = [
+            c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_K"] == 32 and c.num_warps == warps
+        ]
+        if narrow:
+            return narrow
+    return prune_for_rank(configs, named_args, **kwargs)
 
 
 @triton.jit
@@ -90,12 +109,12 @@ def _k_loop(
     return acc, up_acc
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def multi_lora_matmul_kernel(
     u_ptr, v_ptr, p_ptr, q_ptr, bias_ptr, scale_ptr, dropout_ptr, block_adapter_ptr, block_rows_ptr, up_ptr, c_ptr,
     num_blocks, N, K, R, seed,
     stride_um, stride_uk, stride_vk, stride_vn, stride_pa, stride_pk, stride_pr, stride_qa, stride_qr, stride_qn,
-    stride_upm, stride_upr, stride_cm, stride_cn, stride_bias, stride_scale, stride_dropout,
+    stride_upm, stride_upr, stride_cm, stride_cn, stride_bias, stride_scale, stride_dropout, M_BUCKET,
     HAS_BIAS: tl.constexpr, WRITE_C: tl.constexpr, DROPOUT_UP: tl.constexpr, DROPOUT_C: tl.constexpr,
     R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -173,8 +192,9 @@ def multi_lora_matmul_kernel(
 
 multi_lora_matmul_tuned = triton.autotune(
     configs=_configs(),
-    key=["N", "K", "R_PAD", "HAS_BIAS", "WRITE_C", "DROPOUT_UP", "DROPOUT_C"],
-    prune_configs_by={"early_config_prune": prune_for_rank},
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "WRITE_C", "DROPOUT_UP", "DROPOUT_C"],
+    prune_configs_by={"early_config_prune": _prune},
+    cache_results=True,
 )(multi_lora_matmul_kernel)
 
 
@@ -220,6 +240,7 @@ def _multi_lora_matmul(
         num_blocks, N, K, R, int(seed),
         *u.stride(), *v.stride(), *pk.stride(), *q.stride(), *up.stride(), *out.stride(),
         bias.stride(0) if bias is not None else 0, scalings.stride(0), dropout.stride(0) if has_dropout else 0,
+        token_bucket(M),
         bias is not None, write_c, has_dropout and dropout_up, has_dropout and write_c and not dropout_up,
         rank_block(R), dot_precision(u.dtype),
     )  # fmt: skip

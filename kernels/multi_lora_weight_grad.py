@@ -35,17 +35,26 @@ from .adapter_segments import (
     row_chunks,
 )
 from .dropout_mask import keep_mask
-from .launch import check_input, check_tensor, dot, dot_precision, launch, rank_block
+from .launch import (
+    check_input,
+    check_tensor,
+    dot,
+    dot_precision,
+    launch,
+    prune_wide_fp32_tiles,
+    rank_block,
+    token_bucket,
+)
 from .lora_weight_grad import lora_weight_grad_tuned
 from .multi_lora_matmul import BLOCK_M
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def multi_lora_weight_grad_kernel(
     u_ptr, v_ptr, scale_ptr, dropout_ptr, order_ptr, bounds_ptr, chunk_adapter_ptr, chunk_bounds_ptr, partial_ptr,
     P, R, seed, chunk_rows,
     stride_um, stride_up, stride_vm, stride_vr, stride_scale, stride_dropout,
-    stride_cs, stride_cp, stride_cr,
+    stride_cs, stride_cp, stride_cr, M_BUCKET,
     DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
@@ -104,7 +113,10 @@ _SUM_BLOCK = 1024
 
 
 multi_lora_weight_grad_tuned = triton.autotune(
-    configs=list(lora_weight_grad_tuned.configs), key=["P", "R_PAD", "DROPOUT"]
+    configs=list(lora_weight_grad_tuned.configs),
+    key=["M_BUCKET", "P", "R_PAD", "DROPOUT"],
+    prune_configs_by={"early_config_prune": prune_wide_fp32_tiles("u_ptr", "BLOCK_P")},
+    cache_results=True,
 )(multi_lora_weight_grad_kernel)
 
 
@@ -169,6 +181,7 @@ def multi_lora_weight_grad(
         chunks.chunk_adapter, chunks.chunk_bounds, partial_pr,
         P, R, int(seed), chunks.chunk_rows,
         *u.stride(), *v.stride(), scalings.stride(0), dropout.stride(0) if has_dropout else 0, *partial_pr.stride(),
+        token_bucket(n),
         has_dropout, rank_pad, dot_precision(u.dtype),
     )  # fmt: skip
     launch(multi_lora_weight_grad_kernel, multi_lora_weight_grad_tuned, grid, args, config)

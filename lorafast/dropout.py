@@ -15,7 +15,8 @@ instead; ``lorafast.kernels.dropout_keep_mask`` regenerates those.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,7 +25,23 @@ _LANES_PER_DRAW = 4  # 16-bit lanes in one 64-bit draw
 _LANE_LEVELS = 1 << 16
 
 
-@torch.compiler.disable  # compiled code would draw from Inductor's own generator instead
+def run_eagerly(fn: Callable) -> Callable:
+    """``fn`` that torch.compile runs eagerly, as ``torch.compiler.disable(fn)`` would.
+
+    ``torch.compiler.disable`` imports ``torch._dynamo`` (seconds) when it decorates; here it is
+    applied only while torch.compile traces a call, by which time torch.compile has imported it.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@run_eagerly  # compiled code would draw from Inductor's own generator instead
 def draw_seed() -> int:
     """Draw a dropout seed from torch's default CPU generator.
 
@@ -60,7 +77,7 @@ class MaskStream:
             self._gen.manual_seed(seed)
 
     # NumPy bit-casts confuse torch.compile's NumPy tracing; the draw runs eagerly instead.
-    @torch.compiler.disable
+    @run_eagerly
     def _lanes(self, rows: int) -> torch.Tensor:
         """Random int16 lanes, uniform on [-32768, 32767], for the next ``rows`` rows: ``(rows, cols)``."""
         if self.device.type == "cpu":

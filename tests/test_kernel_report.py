@@ -26,12 +26,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_widest_tiles_spill_no_more_than_the_tutorial_matmul():
+MULTI_KERNELS = {name for name in KERNELS if name.startswith("multi_")}
+
+
+@pytest.mark.parametrize(
+    "dtype,rank,case,kernels",
+    [
+        ("bf16", "16", "", KERNELS),  # every kernel; the script covers fp32 and more ranks
+        ("fp32", "64", "multi", MULTI_KERNELS),  # the mixed-adapter kernels' 4-byte tiles beside a rank-64 accumulator
+    ],
+)
+def test_widest_tiles_spill_no_more_than_the_tutorial_matmul(dtype, rank, case, kernels):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
-    # bf16 at rank 16 keeps this to about a minute; the script covers fp32 and more ranks.
-    command = [sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--widest", "--dtype", "bf16", "--rank", "16"]
-    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    command = [sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--widest", "--dtype", dtype, "--rank", rank]
+    out = subprocess.run([*command, "--kernel", case], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "_kernel" in line]
-    assert {row[2].strip() for row in rows} == KERNELS, out.stderr[-3000:]
+    assert {row[2].strip() for row in rows} == kernels, out.stderr[-3000:]
     assert {row[1].strip().endswith("dropout") for row in rows} == {True, False}  # with and without dropout
     assert out.returncode == 0, out.stdout

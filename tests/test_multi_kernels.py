@@ -529,3 +529,25 @@ def test_dropout_errors():
         kernels.multi_dropout_xa(x, a, row_adapter, None, SEED)
     with pytest.raises(ValueError, match="config has BLOCK_M=128"):
         kernels.multi_dropout_xa(x, a, row_adapter, DROPOUT, SEED, config=fused_lora_matmul_tuned.configs[0])
+
+
+@pytest.mark.parametrize("tuned", [multi_lora_matmul_tuned, multi_dropout_xa_tuned, multi_lora_weight_grad_tuned])
+def test_mixed_autotuners_key_on_the_token_bucket(tuned):
+    """Each batch-size bucket (``launch.token_bucket``) is tuned on its own."""
+    assert "M_BUCKET" in tuned.keys
+
+
+def test_mixed_kernels_take_small_fp32_tiles():
+    fp32, bf16 = torch.empty(0), torch.empty(0, dtype=torch.bfloat16)
+    gemm = multi_lora_matmul_tuned.early_config_prune
+    for dropout_c, warps in ((False, 4), (True, 8)):
+        kept = gemm(GEMM_CONFIGS, {"u_ptr": fp32, "R_PAD": 64, "DROPOUT_C": dropout_c})
+        assert kept and all(c.kwargs["BLOCK_N"] <= 64 and c.num_warps == warps for c in kept)
+    assert any(c.kwargs["BLOCK_N"] == 128 for c in gemm(GEMM_CONFIGS, {"u_ptr": bf16, "R_PAD": 64}))
+    for tuned, pointer, width in (
+        (multi_dropout_xa_tuned, "x_ptr", "BLOCK_K"),
+        (multi_lora_weight_grad_tuned, "u_ptr", "BLOCK_P"),
+    ):
+        kept = tuned.early_config_prune(tuned.configs, {pointer: fp32})
+        assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs[width] <= 64 for c in kept)
+        assert tuned.early_config_prune(tuned.configs, {pointer: bf16}) == tuned.configs
