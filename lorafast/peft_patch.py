@@ -158,10 +158,10 @@ def __getattr__(name: str):
 def patch_peft(model: nn.Module) -> nn.Module:
     """Run lorafast's fused LoRA linear in every supported PEFT LoRA ``Linear`` of ``model``; returns it.
 
-    ``model``: a ``PeftModel`` or any module holding PEFT LoRA layers. Supported: a frozen floating ``nn.Linear`` or GPT-2 ``Conv1D`` base, adapters without DoRA, other variants or
-    ``lora_bias``. Others (Embedding, Conv, quantized bases, ...) keep PEFT's forward; one ``lorafast.peft_patch``
-    log line counts the patched layers and why others are not. Calling again patches layers added since.
-    ValueError if ``model`` holds no PEFT LoRA layer.
+    ``model``: a ``PeftModel`` or any module holding PEFT LoRA layers. Supported: a frozen floating ``nn.Linear``
+    or GPT-2 ``Conv1D`` base, adapters without DoRA, other variants or ``lora_bias``. Others (Embedding, Conv,
+    quantized bases, ...) keep PEFT's forward; one ``lorafast.peft_patch`` log line counts the patched layers
+    and why others are not. Calling again patches layers added since. ValueError if it holds no PEFT LoRA layer.
     """
     from peft.tuners.lora.layer import LoraLayer
 
