@@ -1,8 +1,6 @@
-"""Triton kernels of lorafast, installed as ``lorafast.kernels``.
+"""Triton kernels of lorafast (``lorafast.kernels``): LoRA forward in one pass over x; dX, dA, dB (never dW0).
 
-``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` forward in one pass over x, and its backward for dX,
-dA and dB (never dW0). Set ``TRITON_INTERPRET=1`` before importing to run them on CPU
-tensors through Triton's interpreter (tests).
+``TRITON_INTERPRET=1`` before importing runs them on CPU tensors through Triton's interpreter (tests).
 """
 
 from .adapter_segments import AdapterSegments, adapter_segments

@@ -1,29 +1,20 @@
 """The rows of a mixed-adapter batch grouped by adapter, for the segment kernels (SGMV style).
 
-Built on the device from ``row_adapter`` ``(n,)`` (ids in [-1, K), any order) without a host
-synchronisation, so that every size below follows from n, K and BLOCK_M alone:
+Built on the device from ``row_adapter`` ``(n,)`` (any order; ids outside [-1, K) count as −1, unchecked) with
+no host synchronisation, so every size follows from n, K and BLOCK_M alone:
 
-- ``order`` ``(n,)``: the row numbers sorted by adapter (stable), the rows without adapter
-  (−1) first; ``bounds`` ``(K + 1,)``: adapter k's rows are ``order[bounds[k]:bounds[k + 1]]``.
-  The weight-gradient reductions walk these segments.
-- the block table of the GEMM-shaped kernels: each segment (the −1 rows included) padded to a
-  multiple of BLOCK_M rows and cut into blocks of one adapter each. ``block_adapter``
-  ``(num_blocks,)`` is the adapter of each block (−1: base only, ``UNUSED_BLOCK``: past the
-  last segment) and ``block_rows`` ``(num_blocks · BLOCK_M,)`` the row of each slot (−1:
-  padding). ``num_blocks = cdiv(n, BLOCK_M) + K + 1`` is an upper bound of the blocks used
-  (each of the K + 1 segments adds less than one block of padding); the kernels launch that
-  many row blocks and the surplus ones exit at once.
+- ``order`` ``(n,)``: row numbers stably sorted by adapter, −1 rows first; adapter k's rows are
+  ``order[bounds[k]:bounds[k + 1]]`` (``bounds`` ``(K + 1,)``).
+- the GEMM kernels' block table: each segment (−1 included) padded to a multiple of BLOCK_M rows, cut into
+  one-adapter blocks. ``block_adapter`` ``(num_blocks,)`` (−1: base only, ``UNUSED_BLOCK``: past the end),
+  ``block_rows`` ``(num_blocks · BLOCK_M,)`` (−1: padding); ``num_blocks = cdiv(n, BLOCK_M) + K + 1`` bounds the
+  blocks used (each segment pads less than one block) and surplus programs exit at once.
+- the weight-gradient reductions' chunk table (:class:`RowChunks`): each adapter's segment cut into chunks of
+  ``chunk_rows`` (−1 rows in none), so one adapter holding most rows still fills the GPU;
+  ``num_chunks = cdiv(n, chunk_rows) + K``.
 
-- the chunk table of the weight-gradient reductions (:class:`RowChunks`): each adapter's
-  segment of ``order`` cut into chunks of ``chunk_rows`` rows (the −1 rows into none), so that
-  the reductions split over row blocks of the sorted order, not over adapters: a batch where
-  one adapter holds most rows still fills the GPU. ``num_chunks = cdiv(n, chunk_rows) + K``.
-
-Ids outside [-1, K) are not checked here (that would synchronise) and count as −1.
-
-The kernels' optional per-adapter dropout ``dropout`` ``(K,)`` float32 (p_k in [0, 1)) is
-checked by :func:`check_dropout`: its shape, dtype and device only, as its values stay on the
-device (no synchronisation); each kernel loads ``dropout[k]`` for its block's adapter k.
+Per-adapter ``dropout`` ``(K,)`` float32 (p_k in [0, 1)): :func:`check_dropout` checks shape, dtype and device
+only (its values stay on the device); each kernel loads ``dropout[k]`` for its block's adapter.
 """
 
 from __future__ import annotations
@@ -42,12 +33,9 @@ BLOCK_M = 64
 
 
 class RowChunks(NamedTuple):
-    """Each adapter's rows of the sorted order cut into chunks of ``chunk_rows`` (see the module docstring).
-
-    Chunk j of adapter k = ``chunk_adapter[j]`` (``UNUSED_BLOCK`` past the last) holds the rows
-    ``order[start:end]`` with ``start = bounds[k] + (j − chunk_bounds[k])·chunk_rows`` and
-    ``end = min(start + chunk_rows, bounds[k + 1])``; adapter k's chunks are
-    ``chunk_bounds[k]..chunk_bounds[k + 1] − 1``, in row order.
+    """Chunk j of adapter k = ``chunk_adapter[j]`` (``UNUSED_BLOCK`` past the last) holds ``order[start:end]``,
+    ``start = bounds[k] + (j − chunk_bounds[k])·chunk_rows``, ``end = min(start + chunk_rows, bounds[k + 1])``;
+    adapter k's chunks are ``chunk_bounds[k]..chunk_bounds[k + 1] − 1``, in row order.
     """
 
     chunk_adapter: torch.Tensor  # (num_chunks,) int32
@@ -107,17 +95,8 @@ def row_chunks(bounds: torch.Tensor, n: int, chunk_rows: int) -> RowChunks:
 def adapter_segments(
     row_adapter: torch.Tensor, num_adapters: int, block_m: int, chunk_rows: int | None = None
 ) -> AdapterSegments:
-    """Sort the rows of ``row_adapter`` ``(n,)`` by adapter, build the block table for ``block_m`` and the chunk table.
-
-    Args:
-        row_adapter: ``(n,)`` integer ids in [-1, num_adapters) (others count as −1), any order.
-        num_adapters: K, the number of stacked adapters.
-        block_m: rows per block of the GEMM-shaped kernels.
-        chunk_rows: rows per chunk of the weight-gradient reductions (None: :func:`default_chunk_rows`).
-
-    Returns:
-        :class:`AdapterSegments` on row_adapter's device, for this n, K and block_m.
-    """
+    """:class:`AdapterSegments` of ``row_adapter`` ``(n,)`` ids in [-1, K), on its device: ``block_m`` rows a GEMM
+    block, ``chunk_rows`` a reduction chunk (None: :func:`default_chunk_rows`)."""
     if row_adapter.dim() != 1 or row_adapter.dtype.is_floating_point or row_adapter.dtype == torch.bool:
         raise ValueError(
             f"row_adapter must be a 1-D integer tensor, got {row_adapter.dtype} of shape {tuple(row_adapter.shape)}"
@@ -222,10 +201,7 @@ def check_ids(row_adapter: torch.Tensor, n: int, like: torch.Tensor) -> None:
 
 
 def check_dropout(dropout: torch.Tensor | None, seed: int, num_adapters: int, like: torch.Tensor) -> None:
-    """Raise ValueError unless ``dropout`` is None or a ``(K,)`` float32 tensor on like's device, and seed an int.
-
-    The values (each p_k in [0, 1)) are not checked: that would synchronise with the device.
-    """
+    """ValueError unless ``dropout`` is None or ``(K,)`` float32 on like's device (values unchecked), seed an int."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be a non-negative Python int (lorafast.dropout.draw_seed()), got {seed!r}")
     if dropout is None:

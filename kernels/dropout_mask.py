@@ -1,11 +1,8 @@
-"""Dropout keep mask of the LoRA branch, regenerated from a seed wherever it is needed.
+"""Dropout keep mask of the LoRA branch, regenerated from a seed wherever it is needed, never stored.
 
-``keep(m, k) = philox(seed; k // 4, m, 0, 0)[k % 4] >= p·2³²`` for element (m, k) of an input:
-one 32-bit Philox-4x32-10 call per four columns of a row, all four outputs used. A pure
-function of the seed and the element's logical position (row, column), independent of the
-input's width, strides, tiling and kernel, so every kernel that needs the mask (the shrink
-kernel, the dX GEMM, dA, and their mixed-adapter forms) regenerates the same one and nothing
-is stored between them.
+``keep(m, k) = philox(seed; k // 4, m, 0, 0)[k % 4] >= p·2³²`` (one Philox-4x32-10 call per four columns): a
+pure function of the seed and element (m, k), whatever the width, strides, tiling or kernel, so the shrink
+kernel, the dX GEMM, dA and their mixed-adapter forms all regenerate the same mask.
 """
 
 from __future__ import annotations
@@ -19,10 +16,7 @@ from .launch import check_device
 
 @triton.jit
 def keep_mask(seed, offs_m, col_start, BLOCK_COLS: tl.constexpr, p):
-    """Keep mask (True = kept) for rows ``offs_m`` (BM,) and the columns ``col_start + arange(BLOCK_COLS)``.
-
-    Returns ``(BM, BLOCK_COLS)``; col_start must be a multiple of 4 and BLOCK_COLS of 4.
-    """
+    """``(BM, BLOCK_COLS)`` keep mask of rows ``offs_m`` and columns ``col_start + arange(BLOCK_COLS)`` (both ×4)."""
     quads = (col_start // 4 + tl.arange(0, BLOCK_COLS // 4)).to(tl.uint32)
     zeros = tl.zeros((offs_m.shape[0], BLOCK_COLS // 4), dtype=tl.uint32)
     c0 = quads[None, :] + zeros
@@ -46,10 +40,7 @@ def _keep_mask_kernel(out_ptr, seed, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device="cuda") -> torch.Tensor:
-    """Materialise the keep mask the kernels use for ``seed``: bool ``(M, K)``.
-
-    For tests and debugging; the kernels never store it.
-    """
+    """The kernels' bool ``(M, K)`` keep mask for ``seed``, materialised (tests and debugging)."""
     M, K = shape
     check_device("mask", device)
     out = torch.empty(M, K, dtype=torch.int8, device=device)

@@ -1,13 +1,8 @@
-"""The LoRA shrink kernel: ``xa = (x ⊙ keep / (1 - p))·Aᵀ``, or without dropout ``x·Aᵀ``.
+"""The LoRA shrink kernel: ``xa = (x ⊙ keep / (1 - p))·Aᵀ`` (``x·Aᵀ`` at p = 0), keep from ``dropout_mask``.
 
-Shapes: x ``(M, K)``, A ``(R, K)`` (any strides: ``dY·B`` is the same product with A = Bᵀ),
-xa ``(M, R)``; keep is ``dropout_mask.keep_mask(seed, ...)``.
-
-One program per ``BLOCK_M`` rows walks K once: each x tile is read once, masked in registers
-(the mask is generated once per element and never stored) and multiplied into an fp32
-``(BLOCK_M, R_PAD)`` accumulator. Memory-bound: one read of x, one small write. The fused GEMM
-(``fused_lora_matmul``) then applies the result, so the rank-R projection is computed once
-per row rather than once per column tile of the output.
+x ``(M, K)``, A ``(R, K)`` (any strides: ``dY·B`` is this with A = Bᵀ), xa ``(M, R)``. One program per
+``BLOCK_M`` rows reads x once, masks it in registers and accumulates an fp32 ``(BLOCK_M, R_PAD)`` tile
+(memory-bound), so the fused GEMM gets the rank-R projection once per row, not once per output column tile.
 """
 
 from __future__ import annotations
@@ -78,10 +73,7 @@ dropout_xa_tuned = triton.autotune(
 def lora_project(
     x: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed: int = 0, config: triton.Config | None = None
 ) -> torch.Tensor:
-    """``drop(x)·Aᵀ`` (``x·Aᵀ`` when p = 0): x ``(M, K)``, lora_A ``(R, K)`` (any strides) -> ``(M, R)``.
-
-    Checked arguments; p in [0, 1).
-    """
+    """x ``(M, K)``, lora_A ``(R, K)`` (any strides, checked), p in [0, 1) -> ``drop(x)·Aᵀ`` ``(M, R)``."""
     M, K = x.shape
     R = lora_A.shape[0]
     xa = torch.empty(M, R, dtype=x.dtype, device=x.device)

@@ -1,18 +1,10 @@
-"""Fused LoRA matmul: ``C = U·V + b + s·keep ⊙ (UP·Q)`` in one pass over U.
+"""Fused LoRA matmul ``C = U·V + b + s·keep ⊙ (UP·Q)`` in one pass over U: both big products of the LoRA linear.
 
-Shapes: U ``(M, K)``, V ``(K, N)``, UP ``(M, R)``, Q ``(R, N)``, b ``(N,)``, C ``(M, N)``;
-s is a runtime scalar (a new alpha does not recompile) and keep the dropout mask of C's
-positions (``dropout_mask.keep_mask``), or all ones.
-
-Both big products of the LoRA linear have this form:
-- forward ``y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ``: U = x, V = W0ᵀ, UP = xa = drop(x)·Aᵀ, Q = Bᵀ;
-- input gradient ``dX = dY·W0 + s/(1-p)·keep ⊙ ((dY·B)·A)``: U = dY, V = W0, UP = g = dY·B, Q = A.
-
-UP is computed once per row by the shrink kernel (``dropout_xa.lora_project``, a memory-bound
-pass over U) before the GEMM. Each program owns a ``(BLOCK_M, BLOCK_N)`` tile of C and starts
-its one fp32 accumulator from the scaled (and masked) rank-R product ``s·UP·Q`` plus the bias,
-then adds ``U·V`` over K: no second fp32 tile lives beside the accumulator, and no column of
-programs recomputes U·P.
+Forward ``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``: U = x, V = W0ᵀ, UP = xa, Q = Bᵀ. Input gradient
+``dX = dY·W0 + s/(1-p)·keep ⊙ ((dY·B)·A)``: U = dY, V = W0, UP = g = dY·B, Q = A. Shapes: U ``(M, K)``,
+V ``(K, N)``, UP ``(M, R)``, Q ``(R, N)``, b ``(N,)``, C ``(M, N)``; s a runtime scalar (no recompile), keep the
+mask of C's positions (``dropout_mask``) or ones. UP comes once per row from the shrink kernel; a program's one
+fp32 ``(BLOCK_M, BLOCK_N)`` accumulator starts from ``s·UP·Q`` + b, then adds ``U·V`` over K (no second fp32 tile).
 """
 
 from __future__ import annotations
@@ -130,18 +122,9 @@ def fused_lora_forward(
     xa: torch.Tensor | None = None,
     config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ``: the shrink kernel (unless xa is given), then one GEMM pass over x.
-
-    Args:
-        x: ``(M, K)``, any strides.
-        weight: W0 ``(N, K)``; bias: ``(N,)`` or None.
-        lora_A: ``(R, K)``; lora_B: ``(N, R)``; scaling: s = alpha / r.
-        xa: precomputed ``drop(x)·Aᵀ`` ``(M, R)`` (dropout); None computes ``x·Aᵀ`` first.
-        config: pin one of the GEMM kernel's configs (tests); None autotunes on CUDA.
-
-    Returns:
-        ``(y, xa)``: y ``(M, N)`` and xa ``(M, R)``, both in x's dtype.
-    """
+    """Forward: x ``(M, K)`` any strides, W0 ``(N, K)``, bias ``(N,)``/None, A ``(R, K)``, B ``(N, R)`` -> ``(y (M, N),
+    xa (M, R))`` in x's dtype. ``xa``: precomputed ``drop(x)·Aᵀ`` (None: ``x·Aᵀ``); ``config`` pins a GEMM config
+    (tests; None autotunes on CUDA)."""
     check_input("x", x)
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -167,17 +150,8 @@ def fused_lora_dx(
     seed: int = 0,
     config: triton.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dX = dY·W0 + s/(1-p)·keep ⊙ ((dY·B)·A)``: the shrink kernel for g, then one GEMM pass over dY.
-
-    Args:
-        grad_y: dY ``(M, N)``, any strides.
-        weight: W0 ``(N, K)``; lora_A: ``(R, K)``; lora_B: ``(N, R)``; scaling: s = alpha / r.
-        dropout_p, seed: the forward's LoRA dropout (p = 0: none); keep is its mask over x.
-        config: pin one of the GEMM kernel's configs (tests); None autotunes on CUDA.
-
-    Returns:
-        ``(dx, g)``: dX ``(M, K)`` and ``g = dY·B`` ``(M, R)``, both in dY's dtype.
-    """
+    """Input gradient: dY ``(M, N)`` any strides, W0 ``(N, K)``, A ``(R, K)``, B ``(N, R)``, the forward's dropout_p
+    and seed -> ``(dX (M, K), g = dY·B (M, R))`` in dY's dtype; ``config`` as in :func:`fused_lora_forward`."""
     check_input("grad_y", grad_y)
     N = grad_y.shape[1]
     K, R = weight.shape[1], lora_A.shape[0]

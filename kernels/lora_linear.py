@@ -1,16 +1,8 @@
-"""The LoRA linear's forward and backward composed from the Triton kernels.
+"""The LoRA linear's forward and backward from the Triton kernels, with ``lorafast.torch_backend``'s contract.
 
-Same contract as ``lorafast.torch_backend`` (2-D x ``(n, in)``; see there), so the autograd
-Function can call either:
-
-- forward: the shrink kernel projects ``xa = drop(x)·Aᵀ``, then ``fused_lora_forward`` (one
-  GEMM pass over x computes ``x·W0ᵀ + b`` onto the rank-r update);
-- backward: ``fused_lora_dx`` (``g = dY·B`` by the shrink kernel, then one GEMM pass over dY
-  computes ``dY·W0`` onto the masked rank-r update of dX), then the ``lora_weight_grad``
-  reductions for dA and dB.
-
-Under torch.compile both run as the PyTorch operators ``lorafast::lora_forward`` and
-``lorafast::lora_backward``, so the graph has no break at a LoRA layer.
+Forward: the shrink kernel, then ``fused_lora_forward``. Backward: ``fused_lora_dx`` (shrink for g = dY·B, one
+GEMM pass over dY), then ``lora_weight_grad`` for dA and dB. Under torch.compile they run as the operators
+``lorafast::lora_forward`` and ``lorafast::lora_backward``: no graph break at a LoRA layer.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
-"""LoRA weight gradients as one skinny reduction over the tokens: ``C = s·(U ⊙ keep)ᵀ·V``.
+"""LoRA weight gradients as one skinny reduction over the M tokens: ``C = s·(U ⊙ keep)ᵀ·V``.
 
-Shapes: U ``(M, P)``, V ``(M, R)``, C ``(P, R)``, with M the (long) token dimension:
-- ``dA = s/(1-p)·gᵀ·(x ⊙ keep)``: U = x ``(M, in)``, V = g = dY·B, C = dAᵀ, keep = the
-  forward's dropout mask (regenerated from the seed);
-- ``dB = s·dYᵀ·xa``: U = dY ``(M, out)``, V = xa, no mask.
-
-The grid is ``(P / BLOCK_P, SPLIT)``: each program reduces one slab of ``M / SPLIT`` tokens
-for ``BLOCK_P`` columns of U into fp32, scales it by s and writes it. With one slab that is
-the result, in U's dtype, written through C's strides (dA lands as ``(R, P)`` with no
-transposing copy); with more, the fp32 partial sums are added in a fixed order afterwards,
-so the result is deterministic (no atomics).
+U ``(M, P)``, V ``(M, R)``, C ``(P, R)``: ``dA = s/(1-p)·gᵀ·(x ⊙ keep)`` (U = x, V = g = dY·B, C = dAᵀ, keep the
+forward's mask) and ``dB = s·dYᵀ·xa`` (U = dY, V = xa). Grid ``(P / BLOCK_P, SPLIT)``: each program reduces
+``M / SPLIT`` tokens of ``BLOCK_P`` columns in fp32. One slab is the result, written through C's strides (dA
+as ``(R, P)``, no transposing copy); more are summed in a fixed order afterwards (deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -110,12 +104,8 @@ def lora_weight_grad(
     config: triton.Config | None = None,
     transpose: bool = False,
 ) -> torch.Tensor:
-    """``scale·(U ⊙ keep)ᵀ·V``: u ``(M, P)``, v ``(M, R)`` -> ``(P, R)`` in u's dtype.
-
-    ``dropout_p > 0`` applies the dropout keep mask of ``seed`` to U (dA); ``transpose``
-    returns the contiguous ``(R, P)`` transpose instead (dA ``(r, in)``); ``split`` pins the
-    number of token slabs and ``config`` one of the kernel's configs (tests).
-    """
+    """u ``(M, P)``, v ``(M, R)`` -> ``(P, R)`` in u's dtype, or contiguous ``(R, P)`` with ``transpose`` (dA);
+    ``dropout_p > 0`` masks U with ``seed``'s mask; ``split`` (token slabs) and ``config`` pin the launch (tests)."""
     check_input("u", u)
     M, P = u.shape
     R = v.shape[1]

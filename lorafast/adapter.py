@@ -1,8 +1,6 @@
-"""Adapters in Hugging Face PEFT's on-disk format, so that PEFT (and vLLM) can load lorafast's and back.
-
-A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``) and ``adapter_model.safetensors``
-with one ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight``
-``(out, r)`` per adapted linear layer.
+"""Adapters in PEFT's on-disk format (PEFT and vLLM load lorafast's, and back): ``adapter_config.json`` (a
+``LoraConfig``) and ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight`` ``(r, in)``
+and ``...lora_B.weight`` ``(out, r)`` per adapted linear layer.
 """
 
 from __future__ import annotations
@@ -56,15 +54,11 @@ def _is_off(value, off) -> bool:
 def save_adapter(
     model: nn.Module, directory: str | Path, *, task_type: str | None = None, adapter_name: str | None = None
 ) -> Path:
-    """Write the model's LoRA factors and config in PEFT's format to ``directory``; returns it.
+    """Write the LoRA factors and config to ``directory`` (returned), for ``PeftModel.from_pretrained``.
 
-    ``peft.PeftModel.from_pretrained(base_model, directory)`` then reproduces the lorafast
-    model's outputs. ``task_type`` (e.g. ``"SEQ_2_SEQ_LM"``) is recorded for PEFT's auto classes.
-    ``adapter_name`` picks one of a model's named adapters (``lorafast.add_adapter``).
-
-    Raises:
-        ValueError: if the model has no LoRA layers (or no adapter ``adapter_name``), or its
-            layers differ in r, alpha or dropout (one PEFT config describes them all).
+    ``task_type`` (e.g. ``"SEQ_2_SEQ_LM"``) is recorded for PEFT's auto classes; ``adapter_name`` picks a named
+    adapter. ValueError with no LoRA layers (or no such adapter), or layers that differ in r, alpha or dropout
+    (one PEFT config describes them all).
     """
     from safetensors.torch import save
 
@@ -136,10 +130,8 @@ def _names_pattern(names) -> str:
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """``(config, {module name: {"A": (r, in), "B": (out, r)}})`` of a PEFT LoRA adapter directory.
 
-    Raises:
-        FileNotFoundError: if the directory, its config or its weights are missing.
-        ValueError: on a corrupt config, an adapter type other than LoRA, an option lorafast does
-            not support (named in the message), or weights that are not plain LoRA factors.
+    FileNotFoundError if the directory, config or weights are missing; ValueError on a corrupt config, a
+    non-LoRA adapter, an unsupported option (named), or weights that are not plain LoRA factors.
     """
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
@@ -212,19 +204,12 @@ def _check_config_numbers(config: dict, config_path: Path) -> None:
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> nn.Module:
-    """Load a PEFT LoRA adapter (saved by PEFT or by :func:`save_adapter`) into ``model``.
+    """Load a PEFT LoRA adapter (saved by PEFT or :func:`save_adapter`) into ``model``; returns ``model``.
 
-    Without ``adapter_name``: a model without LoRA layers gets them first, on exactly the
-    modules the adapter covers (with its r, alpha and dropout); a model with LoRA layers must
-    have them on those same modules. The adapter's alpha and dropout replace the layers' own.
-
-    With ``adapter_name``: the adapter is added as a new named adapter
-    (:func:`lorafast.add_adapter`), beside any the model has (which must cover the same modules).
-    Returns ``model``.
-
-    Raises:
-        FileNotFoundError, ValueError: see :func:`read_adapter`; also ValueError when the
-            adapter's modules or shapes do not fit the model's (the message names them).
+    Without ``adapter_name``, a model without LoRA layers gets them on exactly the adapter's modules (its r, alpha,
+    dropout); one with LoRA layers must have them on those modules, and takes the adapter's alpha and dropout.
+    With ``adapter_name`` it is added as a named adapter beside the others (same modules). Errors as
+    :func:`read_adapter`, and ValueError naming the modules or shapes that do not fit the model.
     """
     config, factors = read_adapter(directory)
     r, alpha, dropout = config["r"], config["lora_alpha"], float(config.get("lora_dropout") or 0.0)

@@ -1,8 +1,6 @@
-"""Atomic file and folder writes: a reader (or a process killed mid-write) sees the old version or the new
-one, never a part of either.
+"""Atomic file and folder writes: a reader (or a process killed mid-write) sees the old or new version, never part.
 
-Everything is written under a temporary name in the destination's own folder (so the final rename stays on
-one file system), flushed to disk with ``fsync`` and then renamed into place with ``os.replace``.
+Written under a temporary name in the destination's folder (one file system), ``fsync``-ed, then ``os.replace``-d.
 """
 
 from __future__ import annotations
@@ -36,10 +34,7 @@ def fsync_path(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file path beside ``path``; once the block has written it, it replaces ``path``.
-
-    If the block raises, the temporary file is removed and ``path`` is left as it was.
-    """
+    """Yield a temporary path beside ``path`` that replaces it after the block (removed if the block raises)."""
     path = Path(path)
     temporary = temporary_sibling(path)
     try:
@@ -59,11 +54,8 @@ def write_atomically(path: str | Path, data: bytes | str) -> None:
 
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; once the block has filled it, it replaces ``path``.
-
-    ``path`` appears only complete: a folder already there is moved aside and deleted after the swap.
-    If the block raises, the temporary folder is deleted and ``path`` is left as it was.
-    """
+    """Yield an empty folder beside ``path`` that replaces it, complete, after the block (an old one is moved aside
+    and deleted after the swap); if the block raises it is deleted and ``path`` left as it was."""
     path = Path(path)
     temporary = temporary_sibling(path)
     temporary.mkdir(parents=True)

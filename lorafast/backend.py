@@ -1,10 +1,7 @@
-"""Which implementation runs a call: the Triton kernels or the PyTorch path.
+"""Which implementation runs a call: ``auto`` (default) takes the Triton kernels on CUDA, else the PyTorch path.
 
-``auto`` (default): CUDA tensors use the Triton kernels, every other device the PyTorch path.
-The environment variable ``LORAFAST_BACKEND=auto|triton|torch`` overrides the choice; it is
-read on every call, so it can be changed between calls. ``triton`` on CPU tensors needs
-``TRITON_INTERPRET=1`` set before ``lorafast.kernels`` is first imported (Triton decides at
-kernel definition whether a kernel is compiled or interpreted).
+``LORAFAST_BACKEND=auto|triton|torch`` overrides it, read on every call. ``triton`` on CPU needs
+``TRITON_INTERPRET=1`` before ``lorafast.kernels`` is first imported (Triton decides at kernel definition).
 """
 
 from __future__ import annotations
@@ -35,11 +32,7 @@ def requested_backend() -> str:
 
 
 def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """``"triton"`` or ``"torch"`` for tensors on ``device`` of ``dtype``.
-
-    Raises ValueError when the Triton kernels are asked for (explicitly, or by ``auto`` for a
-    CUDA tensor) but cannot run there.
-    """
+    """``"triton"`` or ``"torch"`` for ``device`` and ``dtype``; ValueError if Triton is asked for but cannot run."""
     choice = requested_backend()
     if choice == "torch" or (choice == "auto" and device.type != "cuda"):
         return "torch"

@@ -1,8 +1,7 @@
-"""The LoRA linear as a custom autograd Function, and its functional entry point ``lora_linear``.
+"""``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` as an autograd Function, and its entry point ``lora_linear``.
 
-For backward the Function keeps the caller's x itself (no copy: layers that share an input
-share it), ``xa = drop(x)·Aᵀ`` ``(n, r)`` and the dropout seed; the frozen weight and the
-LoRA factors are parameters, not activations. Gradients are computed for x, A and B only.
+Backward keeps the caller's x (no copy: layers sharing an input share it), ``xa = drop(x)·Aᵀ`` ``(n, r)`` and
+the dropout seed; W0 and the factors are parameters, not activations. Gradients for x, A and B only.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from .validation import autocast_inputs, check_lora_inputs
 
 
 def _implementation(backend: str):
-    """The module with ``lora_forward``/``lora_backward`` for ``backend``."""
+    """The module with ``lora_forward``/``lora_backward``."""
     if backend == "triton":
         from . import kernels
 
@@ -25,12 +24,8 @@ def _implementation(backend: str):
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with gradients for x, A and B only.
-
-    Inputs: x ``(..., in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(r, in)``,
-    lora_B ``(out, r)``, scaling s, dropout_p, seed (ignored when dropout_p is 0) and
-    backend (``"triton"`` or ``"torch"``). Output: ``(..., out)``. Inputs are not checked
-    here; :func:`lora_linear` checks them.
+    """x ``(..., in)``, weight ``(out, in)``, bias ``(out,)``/None, lora_A ``(r, in)``, lora_B ``(out, r)``, scaling,
+    dropout_p, seed (unused at p = 0), backend ``"triton"``/``"torch"`` -> ``(..., out)``; unchecked (see lora_linear).
     """
 
     @staticmethod
@@ -72,28 +67,18 @@ def lora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """LoRA linear layer: ``y = x·W0ᵀ + b + scaling·(drop(x)·Aᵀ)·Bᵀ``.
+    """The LoRA linear: x ``(..., in)`` any strides -> ``(..., out)`` in x's dtype.
 
     Args:
-        x: ``(..., in_features)``, any strides.
-        weight: frozen W0 ``(out_features, in_features)``; bias: frozen ``(out_features,)`` or None.
-        lora_A: ``(r, in_features)``; lora_B: ``(out_features, r)``.
+        weight: frozen W0 ``(out, in)``; bias: frozen ``(out,)`` or None; lora_A ``(r, in)``; lora_B ``(out, r)``.
         scaling: ``alpha / r``, a runtime number (changing it never recompiles a kernel).
-        dropout_p: dropout probability on the LoRA branch's input, in [0, 1).
-        training: apply dropout (with a seed drawn from torch's default generator, so
-            ``torch.manual_seed`` makes it reproducible); False means no dropout.
+        dropout_p: dropout on the LoRA branch's input, in [0, 1), applied only when ``training``, with a seed
+            from torch's default generator (``torch.manual_seed`` makes it reproducible).
 
-    Returns:
-        ``(..., out_features)`` in x's dtype.
-
-    CUDA tensors run the Triton kernels, others the PyTorch path (``LORAFAST_BACKEND``
-    overrides, see :mod:`lorafast.backend`). Under ``torch.autocast`` all inputs are cast to the
-    autocast dtype first, as ``torch.nn.functional.linear`` would be.
-
-    Raises:
-        ValueError: on a shape, dtype or device mismatch, r outside [1, min(in, out)],
-            dropout_p outside [0, 1), a weight or bias that requires grad (lorafast computes
-            no gradient for them), or a backend that cannot run these tensors.
+    CUDA tensors run the Triton kernels, others the PyTorch path (``LORAFAST_BACKEND`` overrides, see
+    :mod:`lorafast.backend`). Under ``torch.autocast`` all inputs are first cast as ``F.linear``'s would be.
+    Raises ValueError on a shape, dtype or device mismatch, r outside [1, min(in, out)], dropout_p outside
+    [0, 1), a weight or bias that requires grad (no gradient is computed for them), or an unusable backend.
     """
     cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
     if cast is not None:

@@ -15,28 +15,15 @@ from .validation import check_dropout, check_rank, check_scaling
 
 
 class FusedLoRALinear(nn.Module):
-    """``y = x·Wᵀ + b + (alpha/r)·(drop(x)·Aᵀ)·Bᵀ`` with W and b frozen, A and B trained.
+    """``y = x·Wᵀ + b + (alpha/r)·(drop(x)·Aᵀ)·Bᵀ``, x ``(..., in_features)`` -> ``(..., out_features)``; W, b frozen.
 
-    Keeps ``nn.Linear``'s names and state_dict keys (``weight``, ``bias``) so a base checkpoint
-    loads unchanged (the missing ``lora_A``/``lora_B`` keep their initialisation), and adds
-    ``lora_A`` ``(r, in_features)`` (Kaiming-uniform, as in PEFT) and ``lora_B``
-    ``(out_features, r)`` (zeros, so the layer starts equal to the base layer).
-
-    Args:
-        in_features, out_features, bias: as ``nn.Linear``.
-        r: LoRA rank, 1 <= r <= min(in_features, out_features).
-        alpha: LoRA alpha; the update is scaled by ``scaling = alpha / r``.
-        dropout: dropout probability on the LoRA branch's input in training, in [0, 1).
-        device, dtype: as ``nn.Linear``.
-        adapter_dtype: dtype of lora_A and lora_B; None: fp32 on an fp16/bf16 weight (as PEFT,
-            so optimizer updates keep their precision), else the weight's dtype. The factors are
-            cast to the compute dtype inside the forward; their gradients arrive in adapter_dtype.
-
-    Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
-
-    ``from_linear`` also wraps a transformers ``Conv1D`` (GPT-2), whose weight is ``(in, out)``:
-    it is kept in that layout (and state_dict key), read transposed without a copy, and
-    ``fan_in_fan_out`` is True, as in PEFT.
+    Keeps ``nn.Linear``'s state_dict keys (``weight``, ``bias``), so a base checkpoint loads unchanged (the
+    missing factors keep their init), and adds ``lora_A`` ``(r, in)`` (Kaiming-uniform, as PEFT) and ``lora_B``
+    ``(out, r)`` (zeros: the layer starts equal to the base layer). ``r`` in [1, min(in, out)], ``dropout`` (on
+    the LoRA input in training) in [0, 1). ``adapter_dtype`` of the factors, None: fp32 on an fp16/bf16 weight
+    (as PEFT, so optimizer updates keep their precision), else the weight's; they are cast to the compute
+    dtype in forward and their gradients arrive in adapter_dtype. ``from_linear`` also wraps GPT-2's ``Conv1D``
+    (weight ``(in, out)``), kept in that layout and key, read transposed without a copy (``fan_in_fan_out``).
     """
 
     fan_in_fan_out = False  # True: the weight is stored (in_features, out_features), as a Conv1D's
@@ -76,8 +63,7 @@ class FusedLoRALinear(nn.Module):
         dropout: float = 0.0,
         adapter_dtype: torch.dtype | None = None,
     ):
-        """Wrap ``linear`` (an ``nn.Linear`` or a transformers ``Conv1D``): its weight and bias
-        Parameters are reused (not copied) and frozen."""
+        """Wrap an ``nn.Linear`` or ``Conv1D``, reusing (not copying) and freezing its weight and bias."""
         conv1d = is_conv1d(linear)
         if not (conv1d or isinstance(linear, nn.Linear)):
             raise ValueError(
@@ -107,7 +93,7 @@ class FusedLoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        """``alpha / r``, the factor of the low-rank update."""
+        """``alpha / r``."""
         return self.alpha / self.r
 
     def reset_parameters(self) -> None:
@@ -129,12 +115,11 @@ class FusedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def get_delta_weight(self) -> torch.Tensor:
-        """``scaling·B·A`` in the weight's dtype and layout (computed in fp32): ``(out_features,
-        in_features)``, or ``(in_features, out_features)`` with ``fan_in_fan_out``, as PEFT's."""
+        """``scaling·B·A`` (fp32 math) in the weight's dtype and layout, ``(out, in)`` or ``(in, out)``, as PEFT's."""
         return self._in_weight_layout(_scaled_product(self.lora_A, self.lora_B, self.scaling))
 
     def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
-        """An ``(out, in)`` fp32 update in the weight's dtype and layout."""
+        """``delta`` ``(out, in)`` in the weight's dtype and layout."""
         return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
 
     @torch.no_grad()
@@ -150,10 +135,7 @@ class FusedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update that :meth:`merge` added back out of the weight (exact in fp32; rounded in fp16/bf16).
-
-        It is the update of the factors and alpha as they were at the merge, whatever changed since.
-        """
+        """Subtract what :meth:`merge` added (the factors and alpha as merged; exact in fp32, rounded in fp16/bf16)."""
         if not self.merged:
             warnings.warn("FusedLoRALinear is not merged; nothing to do", stacklevel=2)
             return
@@ -232,11 +214,7 @@ def _scaled_product(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) 
 
 
 def _allow_missing_lora_keys(module: FusedLoRALinear, incompatible_keys) -> None:
-    """Let a plain ``nn.Linear`` state_dict (no LoRA keys) load with ``strict=True``.
-
-    Only a layer missing both ``lora_A`` and ``lora_B`` is excused: one factor without the other is
-    a damaged checkpoint, and stays a missing key.
-    """
+    """Let a plain ``nn.Linear`` state_dict load strictly; one factor without the other stays a missing key."""
     missing = incompatible_keys.missing_keys
     for key in [k for k in missing if k.rsplit(".", 1)[-1] == "lora_A"]:
         if key[: -len("lora_A")] + "lora_B" in missing:

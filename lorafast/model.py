@@ -1,9 +1,8 @@
 """LoRA on a whole model: put FusedLoRALinear in place of chosen nn.Linear modules, and undo it.
 
-Targets are chosen as in PEFT: a sequence of names matches every module whose name is one of
-them or ends with ``"." + name`` (``"q_proj"`` matches ``model.encoder.layers.0.self_attn.q_proj``);
-a single string is a regular expression that must match the whole module name; ``"all-linear"``
-selects every linear layer except the output head (``get_output_embeddings()``).
+Targets as in PEFT: a sequence of names matches every module named one of them or ending with ``"." + name``
+(``"q_proj"`` matches ``model.encoder.layers.0.self_attn.q_proj``); a single string is a regular expression
+matching the whole module name; ``"all-linear"``: every linear layer but the output head (``get_output_embeddings()``).
 """
 
 from __future__ import annotations
@@ -40,12 +39,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def select_targets(
     model: nn.Module, target_modules: str | Sequence[str], allowed: tuple[type, ...] = (nn.Linear,)
 ) -> dict[str, nn.Module]:
-    """``{module name: module}`` of the modules ``target_modules`` selects (see :func:`apply_lora`).
-
-    Raises:
-        ValueError: if a target matches no module (the message lists the model's linear
-            layers) or a matched module is not one of ``allowed``.
-    """
+    """``{name: module}`` that ``target_modules`` selects; ValueError (listing the model's linear layers) if a
+    target matches nothing, or if a matched module is not one of ``allowed``."""
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
@@ -108,21 +103,10 @@ def apply_lora(
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` (and GPT-2 ``Conv1D``) modules of ``model`` in place by FusedLoRALinear.
 
-    The new layers reuse the linears' weights (no copy); every other parameter of the model is
-    frozen, so only the LoRA factors train. Returns ``model``.
-
-    Args:
-        model: any module, e.g. a transformers model.
-        target_modules: names matched by suffix (a sequence) or one regular expression that
-            must match the whole module name (a string), as in PEFT; ``"all-linear"``: every
-            linear layer except the output head (PEFT's meaning).
-        r, alpha, dropout: as in :class:`FusedLoRALinear`.
-        adapter_dtype: dtype of the LoRA factors; None: fp32 on an fp16/bf16 model (as PEFT),
-            else the weights' dtype (see :class:`FusedLoRALinear`).
-
-    Raises:
-        ValueError: if LoRA is already applied, if a target matches no module (the message
-            lists the model's linear layers), or if a matched module is not an ``nn.Linear``.
+    The layers reuse the linears' weights (no copy); every other parameter is frozen, so only the factors train.
+    ``target_modules`` as in the module docstring; r, alpha, dropout, adapter_dtype as in FusedLoRALinear.
+    Returns ``model``. ValueError if LoRA is already applied, a target matches no module (the message lists
+    the model's linear layers), or a matched module is not an ``nn.Linear``.
     """
     if next(lora_layers(model), None) is not None:
         raise ValueError("the model already has LoRA layers; call merge_lora() or remove_lora() before applying again")
@@ -145,10 +129,7 @@ def apply_lora(
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Put plain ``nn.Linear`` modules back, with the original (unmerged) weights. Returns ``model``.
-
-    Named adapters (``lorafast.add_adapter``) are all dropped too.
-    """
+    """Put plain ``nn.Linear`` modules back with the unmerged weights, dropping named adapters too; returns model."""
     for name, layer in list(lora_layers(model)):
         if layer.merged:
             layer.unmerge()
@@ -161,13 +142,9 @@ def remove_lora(model: nn.Module) -> nn.Module:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put plain ``nn.Linear`` modules in place.
 
-    The result has no lorafast code in it: ``save_pretrained`` of a transformers model then
-    loads in plain transformers and gives the same outputs, at the base model's inference cost.
-    A model with named adapters has its active adapter (``lorafast.set_adapter``) merged and
-    the others dropped.
-
-    Raises:
-        ValueError: named adapters with none active (which one to merge is ambiguous).
+    The result holds no lorafast code: its ``save_pretrained`` loads in plain transformers, same outputs, base
+    inference cost. With named adapters the active one is merged and the others dropped; ValueError if none
+    is active.
     """
     multi = list(_multi_layers(model))
     if multi:
@@ -207,8 +184,7 @@ def _as_linear(layer: FusedLoRALinear | MultiLoRALinear) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA factors of ``model``'s state_dict: ``{"<module>.lora_A": ..., "<module>.lora_B": ...}``
-    (named adapters: ``"<module>.lora_A.<adapter>"``)."""
+    """The LoRA factors of the state_dict: ``"<module>.lora_A"`` (named adapters: ``"<module>.lora_A.<adapter>"``)."""
     return {k: v for k, v in model.state_dict().items() if {"lora_A", "lora_B"} & set(k.split("."))}
 
 

@@ -5,8 +5,7 @@
     with lorafast.adapter_ids(model, ["medical", None, "legal"]):   # one per sequence
         model.generate(**batch)
 
-Every adapter of a model covers the same modules (its target set). Integer adapter ids refer
-to :func:`list_adapters`'s order; −1 or None means the base model for that sequence.
+Every adapter covers the same modules. Integer ids follow :func:`list_adapters`; −1 or None: the base model.
 """
 
 from __future__ import annotations
@@ -44,20 +43,12 @@ def add_adapter(
     alpha: float = 16,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """Add a named LoRA adapter to ``model`` (in place); returns ``model``.
+    """Add a named LoRA adapter (its own r, alpha, dropout) to ``model`` in place; returns ``model``.
 
-    The first adapter turns the targeted ``nn.Linear`` modules into :class:`MultiLoRALinear`
-    (sharing their weights) and freezes every other parameter; it becomes the active adapter.
-    Later adapters must target the same modules. Every adapter's factors are trainable, so
-    several adapters can train in one mixed batch.
-
-    Args:
-        target_modules: as in :func:`lorafast.apply_lora` (suffixes, or one regular expression).
-        r, alpha, dropout: this adapter's rank, alpha and dropout.
-
-    Raises:
-        ValueError: the model has single-adapter LoRA layers (``apply_lora``), the name exists,
-            the targets match nothing, are not linear layers, or differ from the other adapters'.
+    The first one turns the targeted ``nn.Linear`` modules (``target_modules`` as in ``apply_lora``) into
+    MultiLoRALinear (sharing their weights), freezes every other parameter and becomes active; later ones must
+    target the same modules. All factors train, so several adapters can train in one mixed batch. ValueError
+    on ``apply_lora`` layers, an existing name, or targets that match nothing, are not linear, or differ.
     """
     if next(lora_layers(model), None) is not None:
         raise ValueError(
@@ -119,11 +110,7 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
 
 
 def adapter_index(model: nn.Module, ids: torch.Tensor | Sequence[str | int | None]) -> RowAdapters:
-    """Adapter ids checked on the host: names become their index in :func:`list_adapters`, None −1.
-
-    Raises:
-        ValueError: no ids, an unknown name, an id out of [-1, K), or ids that are not 1-D.
-    """
+    """1-D ids checked on the host (names -> their index, None -> −1); ValueError if empty, unknown, out of [-1, K)."""
     names = list_adapters(model)
     if isinstance(ids, torch.Tensor):
         return RowAdapters(ids, names)
@@ -146,21 +133,13 @@ def adapter_index(model: nn.Module, ids: torch.Tensor | Sequence[str | int | Non
 def adapter_ids(model: nn.Module, ids: torch.Tensor | Sequence[str | int | None]):
     """Within the block, sequence i of every batch uses adapter ``ids[i]`` (a name, an index, or None).
 
-    Carries the ids past forward signatures that know nothing of them (``model(...)``,
-    ``model.generate(...)``). The ids belong to the block, not to the model: they live in a
-    context variable, so concurrent blocks on one model (other threads, other asyncio tasks)
-    never see each other's ids, and the model is as before once the block ends, even on an
-    exception. Threads started inside the block do not inherit it.
-
-    A batch of b sequences needs b ids; inputs with a multiple of b rows (beam search's
-    repeated sequences) repeat each id. Gradients of a mixed batch reach each adapter from its
-    own sequences only. With gradient checkpointing, call ``backward()`` inside the block too:
-    recomputation runs the layers again and reads the ids then. The ids are checked here, on
-    the host (a tensor of ids is copied to the CPU once); removing an adapter they refer to
-    makes the layers refuse them.
-
-    Raises:
-        ValueError: the model has no named adapters, no ids, an unknown name or an id out of range.
+    The ids reach layers past forward signatures that know nothing of them (``model(...)``, ``generate``). They
+    live in a context variable: concurrent blocks on one model (threads, asyncio tasks) never see each other's,
+    and the model is as before once the block ends, even on an exception; threads started inside do not inherit
+    them. b sequences need b ids; a multiple of b rows (beam search) repeats each id. Each adapter gets gradients
+    from its own sequences only; with gradient checkpointing call ``backward()`` inside the block, as
+    recomputation reads the ids. Checked here on the host (a tensor is copied to the CPU once): ValueError with
+    no named adapters, no ids, an unknown name or an id out of range; layers refuse ids of a removed adapter.
     """
     layers = _layers_or_error(model)
     row_adapters = adapter_index(model, ids)

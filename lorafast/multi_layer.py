@@ -1,15 +1,9 @@
 """``MultiLoRALinear``: an ``nn.Linear`` with several named LoRA adapters, one per row if asked.
 
-The layer holds the frozen ``weight``/``bias`` (``nn.Linear``'s names) and, per adapter name,
-``lora_A[name]`` ``(r, in_features)`` and ``lora_B[name]`` ``(out_features, r)`` with their own
-r, alpha and dropout. It runs in one of three ways:
-
-- rows with adapter ids set (the model-level context manager ``lorafast.adapter_ids``, whose
-  ids belong to the call, or :meth:`set_row_adapters`): every row uses its own adapter, all in one mixed batch
-  (:func:`lorafast.multi_lora_linear`); the adapters are stacked, zero-padded to the largest
-  rank, for the one launch, and the stacked copy is kept until an adapter changes;
-- otherwise the active adapter (:meth:`set_adapter`) runs as :class:`FusedLoRALinear` would;
-- no active adapter: the plain base layer.
+It runs in one of three ways: rows with adapter ids (``lorafast.adapter_ids``, whose ids belong to the call, or
+:meth:`set_row_adapters`) each use their adapter in one mixed batch (:func:`lorafast.multi_lora_linear`, the
+adapters stacked and zero-padded to the largest rank, kept until one changes); otherwise the active adapter
+(:meth:`set_adapter`) runs as :class:`FusedLoRALinear` would; with none active, the plain base layer.
 """
 
 from __future__ import annotations
@@ -29,13 +23,11 @@ from .validation import autocast_inputs, check_dropout, check_rank, check_scalin
 
 
 class MultiLoRALinear(nn.Module):
-    """``y = x·Wᵀ + b + (alpha_k/r_k)·(drop(x)·A_kᵀ)·B_kᵀ`` with adapter k chosen per layer or per row.
+    """``y = x·Wᵀ + b + (alpha_k/r_k)·(drop(x)·A_kᵀ)·B_kᵀ``, x ``(..., in)`` -> ``(..., out)``, k per layer or row.
 
-    Build it with :meth:`from_linear` (reuses the linear's weight and bias, no copy) and add
-    adapters with :meth:`add_adapter`; ``adapter_names`` gives their order, which is what
-    integer adapter ids refer to.
-
-    Shapes: input ``(..., in_features)``, output ``(..., out_features)``.
+    Frozen ``weight``/``bias`` (``nn.Linear``'s names); per adapter ``lora_A[name]`` ``(r, in)`` and
+    ``lora_B[name]`` ``(out, r)``. Build with :meth:`from_linear` (no copy), then :meth:`add_adapter`;
+    integer ids follow ``adapter_names``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None):
@@ -109,13 +101,10 @@ class MultiLoRALinear(nn.Module):
         self.active_adapter = name
 
     def set_row_adapters(self, ids: torch.Tensor | None) -> None:
-        """Per-row adapters for this layer's next calls: int ids into ``adapter_names`` (−1: none), or None to stop.
+        """Per-row adapters for the next calls: ids ``(b,)`` into ``adapter_names`` (−1: none), or None to stop.
 
-        ``ids`` ``(b,)`` gives one id per sequence: for x ``(m·b, ...)`` (e.g. beam search, which
-        repeats each sequence m times in a row) each id is repeated m times. Ids are checked here,
-        once, on the host. This is state of the layer, shared by every caller: for a model, and
-        for concurrent requests, use ``lorafast.adapter_ids``, whose ids belong to the call (they
-        take precedence over these).
+        x ``(m·b, ...)`` (beam search) repeats each id m times. Checked once here, on the host. This is layer
+        state shared by every caller; ``lorafast.adapter_ids`` (per call) takes precedence over it.
         """
         if ids is None:
             self.row_adapters = self._layer_row_adapters = None
@@ -130,11 +119,9 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
 
     def stacked_adapters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-        """``(A (K, R, in), B (K, out, R), scalings)``: the adapters stacked, zero-padded to the largest rank R.
+        """``(A (K, R, in), B (K, out, R), scalings)`` in ``dtype`` (None: the adapters'), zero-padded to rank R.
 
-        Kept between calls and rebuilt only when an adapter changes (``lorafast.multi_stack``);
-        with grad enabled, gradients of A and B reach the adapters' own Parameters. ``dtype``:
-        the stacked factors' dtype (None: the adapters' own).
+        Rebuilt only when an adapter changes (``lorafast.multi_stack``); gradients reach the adapters' Parameters.
         """
         names = self.adapter_names
         lora_A = [self.lora_A[n] for n in names]
@@ -188,11 +175,8 @@ class MultiLoRALinear(nn.Module):
             return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
 
     def _adapter_values(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(scalings (K,), dropout (K,) float32 or None)`` on ``device``: made when the adapters change, not per call.
-
-        Kept on the device so that the mixed forward reads no number from the host and copies
-        none to the device.
-        """
+        """``(scalings (K,), dropout (K,) float32 or None)`` on ``device``, rebuilt when adapters change, not per call
+        (so the mixed forward copies no number between host and device)."""
         names = self.adapter_names
         key = (device, dtype, tuple((n, self.alphas[n], self.lora_A[n].shape[0], self.dropouts[n]) for n in names))
         cached = self._values_cache

@@ -1,15 +1,9 @@
-"""The adapters of a ``MultiLoRALinear`` stacked for the mixed-adapter call, kept until they change.
+"""A ``MultiLoRALinear``'s adapters stacked as one ``(K, R, in)`` A and ``(K, out, R)`` B (zero-padded to rank R).
 
-The mixed-adapter kernels read K adapters as one ``(K, R, in)`` A and one ``(K, out, R)`` B,
-zero-padded to the largest rank R. Each adapter stays its own pair of Parameters (what
-optimizers, ``state_dict`` and PEFT files see, unchanged); :class:`StackedFactorsCache` keeps
-the stacked copy and rebuilds it only when an adapter is added or removed, or a factor is
-changed in place (its version counter moves: optimizer steps, ``copy_``, ``load_state_dict``)
-or replaced (``.to()``, another dtype). A change made through ``param.data`` does not move
-the version counter: call :meth:`StackedFactorsCache.clear` after one.
-
-Gradients reach the Parameters through :class:`StackedFactors`, whose backward cuts the
-stacked gradient back into each adapter's ``(r, in)`` and ``(out, r)`` blocks.
+Each adapter stays its own Parameters (for optimizers, ``state_dict``, PEFT files). :class:`StackedFactorsCache`
+rebuilds the stack only when an adapter is added or removed, or a factor changes in place (its version counter
+moves: optimizer steps, ``copy_``, ``load_state_dict``) or is replaced (``.to()``); after a ``param.data`` change
+call :meth:`StackedFactorsCache.clear`. :class:`StackedFactors`' backward cuts the gradient back per adapter.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
-"""PyTorch implementation of the mixed-adapter LoRA linear: every row of x has its own adapter.
+"""PyTorch mixed-adapter LoRA linear: ``y_i = x_i·W0ᵀ + b + s_k·(drop_k(x_i)·A_kᵀ)·B_kᵀ``, k = row_adapter[i].
 
-``y_i = x_i·W0ᵀ + b + s_k·(drop_k(x_i)·A_kᵀ)·B_kᵀ`` with ``k = row_adapter[i]`` (−1: base only),
-for K adapters stacked and zero-padded to one rank R, each with its own dropout probability p_k
-(``drop_k(x_i) = x_i ⊙ keep_i / (1 − p_k)``, the mask regenerated from a seed in backward, row
-by row as :func:`lorafast.dropout.keep_mask` draws it for p_k). No loop over adapters and no gather of x: the
-K adapters act as one adapter of rank K·R whose rank-R block k is kept, for row i, only where
-``k = row_adapter[i]`` (a block-one-hot mask on the skinny ``(n, K·R)`` products). That costs
-K times the skinny LoRA products of one adapter, a small share of the frozen ``x·W0ᵀ`` for the
-few adapters a batch mixes; every product stays one large GEMM.
-
-Shapes: x ``(n, in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(K, R, in)``,
-lora_B ``(K, out, R)``, scalings ``(K,)``, row_adapter ``(n,)`` integers in [-1, K), dropout
-``(K,)`` float32 or None, y ``(n, out)``, xa ``(n, R)`` (``drop_k(x_i)·A_kᵀ``, zero for rows
-without adapter).
+K adapters stacked, zero-padded to rank R, each with its dropout p_k (``drop_k(x_i) = x_i ⊙ keep_i / (1 − p_k)``,
+rows masked as ``lorafast.dropout.keep_mask`` draws for p_k, regenerated in backward); k = −1: base only. No loop
+over adapters, no gather of x: they act as one rank-K·R adapter whose block k a block-one-hot mask keeps for the
+rows of k, so every product stays one GEMM, at K times one adapter's skinny products (small beside x·W0ᵀ).
+Shapes: x ``(n, in)``, weight ``(out, in)``, bias ``(out,)``/None, lora_A ``(K, R, in)``, lora_B ``(K, out, R)``,
+scalings ``(K,)``, row_adapter ``(n,)`` in [-1, K), dropout ``(K,)`` float32/None, y ``(n, out)``, xa ``(n, R)``
+(zero without adapter).
 """
 
 from __future__ import annotations
@@ -24,10 +18,7 @@ from .torch_backend import input_and_down_grads, matmul_wt, rows_transposed_matm
 
 
 def _row_blocks(row_adapter: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rows, adapter, present)``: row numbers, each row's adapter (−1 read as 0), and whether it has one.
-
-    An id outside [-1, K) counts as −1, as in the Triton kernels.
-    """
+    """``(rows, adapter, present)``: row numbers, adapters (−1 read as 0), has one; ids outside [-1, K) count as −1."""
     rows = torch.arange(row_adapter.shape[0], device=row_adapter.device)
     present = (row_adapter >= 0) & (row_adapter < num_adapters)
     return rows, row_adapter.clamp(0, num_adapters - 1), present
@@ -47,10 +38,7 @@ def _row_scalings(scalings: torch.Tensor, adapter, present, dtype) -> torch.Tens
 
 
 def _row_dropout(dropout: torch.Tensor | None, adapter, present) -> torch.Tensor | None:
-    """``(n,)`` each row's drop probability (0 without adapter: kept whole), or None without dropout.
-
-    Not tested for all zeros (that would read the device): the callers pass None then.
-    """
+    """``(n,)`` drop probability per row (0 without adapter), or None without dropout (callers pass None for zeros)."""
     if dropout is None:
         return None
     return torch.where(present, dropout[adapter], 0.0).float()
@@ -106,11 +94,8 @@ def multi_lora_backward(
     dropout: torch.Tensor | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dX (n, in), dA (K, R, in), dB (K, out, R))``, None where ``needs_grad`` says not wanted.
-
-    Each adapter's dA and dB sum over its own rows only: exactly the gradient it would get if
-    its rows were run alone (with the same dropout mask). ``dW0`` and ``db`` are never formed.
-    """
+    """``(dX (n, in), dA (K, R, in), dB (K, out, R))``, None where not ``needs_grad``; dW0 and db never formed.
+    Each adapter's dA, dB sum over its own rows: the gradient of its rows run alone."""
     need_dx, need_da, need_db = needs_grad
     num_adapters, rank, in_features = lora_A.shape
     rows, adapter, present = _row_blocks(row_adapter, num_adapters)

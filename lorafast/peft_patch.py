@@ -1,13 +1,11 @@
 """``patch_peft``: run lorafast's fused LoRA linear inside a ``peft.PeftModel``, on PEFT's own parameters.
 
-Every PEFT LoRA ``Linear`` whose configuration lorafast implements gets its class swapped for a
-subclass whose ``forward`` calls :func:`lorafast.lora_linear` (one active adapter) or
-:func:`lorafast.multi_lora_linear` (PEFT's mixed batch, ``adapter_names=``) on the base layer's
-weight and ``lora_A[name].weight`` / ``lora_B[name].weight``. Nothing is copied or renamed, so
-the state_dict, ``save_pretrained``, ``set_adapter``, ``disable_adapter()``, merging and the
-Trainer integration are PEFT's own. Whenever a call needs something lorafast does not implement
-(a merged or disabled layer, several active adapters, DoRA or another variant, ``lora_bias``,
-a trainable base weight), that call runs PEFT's forward unchanged.
+Each supported PEFT LoRA ``Linear`` gets a subclass whose ``forward`` calls :func:`lorafast.lora_linear` (one
+active adapter) or :func:`lorafast.multi_lora_linear` (``adapter_names=``) on the base weight and
+``lora_A[name].weight`` / ``lora_B[name].weight``. Nothing is copied or renamed: state_dict, ``save_pretrained``,
+``set_adapter``, ``disable_adapter()``, merging and the Trainer stay PEFT's. A call that needs what lorafast lacks
+(merged or disabled layer, several active adapters, DoRA or another variant, ``lora_bias``, trainable base)
+runs PEFT's forward unchanged.
 """
 
 from __future__ import annotations
@@ -158,17 +156,12 @@ def __getattr__(name: str):
 
 
 def patch_peft(model: nn.Module) -> nn.Module:
-    """Run lorafast's fused LoRA linear in every PEFT LoRA ``Linear`` of ``model`` that it supports.
+    """Run lorafast's fused LoRA linear in every supported PEFT LoRA ``Linear`` of ``model``; returns it.
 
-    ``model``: a ``peft.PeftModel`` or any module holding PEFT LoRA layers. Supported: a plain
-    ``nn.Linear`` or GPT-2 ``Conv1D`` base (floating weight, frozen), and adapters without DoRA or
-    other variants, without ``lora_bias``, with dropout p >= 0. Other LoRA layers (Embedding,
-    Conv, quantized bases, ...) keep PEFT's forward; one log line (logger ``lorafast.peft_patch``)
-    counts the patched layers and the reasons for the others. Parameters, state_dict and every
-    PEFT API are unchanged. Calling it again patches layers added since. Returns ``model``.
-
-    Raises:
-        ValueError: ``model`` holds no PEFT LoRA layer.
+    ``model``: a ``PeftModel`` or any module holding PEFT LoRA layers. Supported: a frozen floating ``nn.Linear``
+    or GPT-2 ``Conv1D`` base, adapters without DoRA, other variants or ``lora_bias``. Others (Embedding, Conv,
+    quantized bases, ...) keep PEFT's forward; one ``lorafast.peft_patch`` log line counts the patched layers
+    and why others are not. Calling again patches layers added since. ValueError if it holds no PEFT LoRA layer.
     """
     from peft.tuners.lora.layer import LoraLayer
 

@@ -8,11 +8,7 @@ import torch
 
 
 def saved_activation_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs.
-
-    Tensors sharing a storage (x and its views, or one x saved by two layers) count once; the
-    storages of ``exclude`` (typically the model's parameters) do not count at all.
-    """
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs (shared storages once, ``exclude``'s not)."""
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 

@@ -1,13 +1,9 @@
 """Which adapter each sequence of a batch uses, scoped to the call rather than stored on the layers.
 
-:func:`lorafast.adapter_ids` puts a :class:`RowAdapters` into a :class:`contextvars.ContextVar`
-for the duration of its ``with`` block: each thread and each asyncio task sees only the ids
-of its own block, and the block leaves nothing behind when it ends, even on an exception.
-A layer looks up the innermost block that covers it (:func:`active_row_adapters`).
-
-The ids are checked once, on the host, when the block begins; the device copy of the ids, the
-per-row ids of each input size and the row tables built from them (``AdapterSegments``) are
-made on first use inside the block and shared by every layer of the model and by backward.
+:func:`lorafast.adapter_ids` puts a :class:`RowAdapters` in a ``ContextVar`` for its ``with`` block: each thread
+and asyncio task sees only its own block's ids, none left behind after it, even on an exception; a layer reads
+the innermost (:func:`active_row_adapters`). Ids are checked once on the host; their device copy, per-row ids
+per input size and ``AdapterSegments`` are made on first use and shared by every layer and by backward.
 """
 
 from __future__ import annotations
@@ -26,13 +22,9 @@ _ACTIVE: ContextVar[tuple[tuple[frozenset[int], RowAdapters], ...]] = ContextVar
 
 
 class RowAdapters:
-    """One batch's adapter ids, one per sequence: ``ids`` ``(b,)`` int64 on the CPU, −1 for none.
+    """One batch's adapter ids: ``ids`` ``(b,)`` int64 on the CPU (−1: none), into ``names`` as they were then.
 
-    ``names`` are the adapters the integer ids refer to, in order, when the ids were made; a
-    layer whose adapters no longer start with them (one was removed) refuses the ids.
-
-    Raises:
-        ValueError: no ids, or ids that are not a 1-D integer tensor in [-1, len(names)).
+    A layer whose adapters no longer start with ``names`` refuses them. ValueError unless 1-D ints in [-1, K).
     """
 
     def __init__(self, ids: torch.Tensor, names: Sequence[str]):
@@ -71,13 +63,9 @@ class RowAdapters:
         )
 
     def rows(self, x_shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        """``(n,)`` int64 on ``device``: each row's adapter for an input of shape ``x_shape`` ``(..., in)``.
+        """``(n,)`` int64 on ``device``, each row's adapter for x ``x_shape`` ``(..., in)``.
 
-        The input's first dimension is the number of ids or a multiple m of it (beam search
-        repeats each sequence m times in a row); every row of a sequence takes its id.
-
-        Raises:
-            ValueError: the input's first dimension is not a multiple of the number of ids.
+        x's first dimension is b or m·b (beam search: m rows per sequence); ValueError if not a multiple of b.
         """
         count = len(self)
         if len(x_shape) < 2 or x_shape[0] % count != 0:

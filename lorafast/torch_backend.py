@@ -1,16 +1,10 @@
-"""PyTorch implementation of the LoRA linear forward and backward (CPU, and fallback).
+"""PyTorch LoRA linear (CPU, and fallback): ``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` and dX, dA, dB.
 
-Computes ``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` and its gradients for x, A and B without
-materialising ``B·A``, a dropped copy of x or a mask beyond one cache-sized row block:
-
-- forward writes the rank-r term (and the bias) into ``y`` first and lets the big GEMM
-  accumulate onto it (``addmm_`` with beta=1), so the LoRA branch costs one skinny matmul
-  over x and no extra pass over y; backward does the same for dX;
-- the dropout mask is regenerated from the seed block by block, in forward for ``xa`` and
-  in backward for ``dA`` and the masked part of ``dX``.
-
-Shapes: x ``(n, in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(r, in)``,
-lora_B ``(out, r)``, y ``(n, out)``, xa ``(n, r)``.
+No ``B·A``, dropped copy of x or mask beyond one cache-sized row block is materialised: forward writes the
+rank-r term and bias into y, then the big GEMM accumulates onto it (``addmm_``, beta=1; backward likewise for dX);
+the dropout mask is regenerated from the seed block by block (forward for xa, backward for dA and dX).
+Shapes: x ``(n, in)``, weight ``(out, in)``, bias ``(out,)``/None, lora_A ``(r, in)``, lora_B ``(out, r)``,
+y ``(n, out)``, xa ``(n, r)``.
 """
 
 from __future__ import annotations
@@ -25,11 +19,7 @@ _SLABS = 8  # row slabs of a batched uᵀ·v; see rows_transposed_matmul
 
 
 def rows_transposed_matmul(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``uᵀ·v`` for u ``(n, p)``, v ``(n, q)`` with few columns in u or v -> ``(p, q)``.
-
-    On CPU, MKL runs a GEMM with so few output rows on one thread; summing a batched matmul
-    over row slabs uses every core.
-    """
+    """``uᵀ·v`` ``(p, q)`` for skinny u ``(n, p)`` or v ``(n, q)``; summed over row slabs (MKL would use one core)."""
     n = u.shape[0]
     if u.device.type != "cpu" or n < 4 * _SLABS:
         return torch.mm(u.t(), v)
@@ -44,12 +34,8 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 
 def matmul_wt(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a·wᵀ`` for a ``(m, k)`` and a rank-sized w ``(r, k)`` -> ``(m, r)``.
-
-    On CPU in fp32 this is oneDNN's linear, up to 2-3 times faster than MKL's GEMM for these
-    shapes; elsewhere (and under torch.compile, which cannot lower that op on plain weights)
-    ``torch.mm`` with wᵀ column-major, the fast layout for MKL.
-    """
+    """``a·wᵀ`` ``(m, r)`` for a ``(m, k)``, w ``(r, k)``: oneDNN's linear on CPU fp32 (2-3× MKL's GEMM here), else
+    (and under torch.compile, which cannot lower it on plain weights) ``torch.mm`` with wᵀ column-major."""
     w = w.contiguous()
     if (
         _ONEDNN_LINEAR
@@ -81,10 +67,7 @@ def lora_forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of the LoRA linear on 2-D x ``(n, in)``.
-
-    Returns ``(y, xa)``: y ``(n, out)`` and ``xa = drop(x)·Aᵀ`` ``(n, r)``, kept for backward.
-    """
+    """x ``(n, in)`` -> ``(y (n, out), xa = drop(x)·Aᵀ (n, r))``, xa kept for backward."""
     if dropout_p > 0.0:
         xa = _dropout_project(x, lora_A, dropout_p, seed)
     else:
@@ -109,11 +92,8 @@ def lora_backward(
     seed: int,
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients ``(dX, dA, dB)`` of the LoRA linear; ``dW0`` and ``db`` are never formed.
-
-    grad_y ``(n, out)``, x ``(n, in)``, xa ``(n, r)`` as returned by :func:`lora_forward`.
-    ``needs_grad`` says which of dX, dA, dB to compute; the others come back as None.
-    """
+    """``(dX, dA, dB)`` from grad_y ``(n, out)``, x ``(n, in)``, xa ``(n, r)``; None where not ``needs_grad``.
+    dW0 and db are never formed."""
     need_dx, need_da, need_db = needs_grad
     grad_x = grad_a = grad_b = None
     if need_db:
@@ -138,12 +118,8 @@ def input_and_down_grads(
     need_da: bool,
     masks: Iterable[tuple[slice, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(dX, dA)`` given ``g`` ``(n, r)``, dY·B already scaled (by s/(1-p)): ``dX = dY·W0 + keep ⊙ (g·A)``,
-    ``dA = gᵀ·(x ⊙ keep)`` ``(r, in)``; each None unless needed.
-
-    ``masks``: None (no dropout), or the ``(rows, keep)`` blocks of :func:`lorafast.dropout.keep_blocks`
-    for x, applied block by block so that no whole mask or masked x is ever held.
-    """
+    """``dX = dY·W0 + keep ⊙ (g·A)``, ``dA = gᵀ·(x ⊙ keep)`` ``(r, in)`` (None unless needed), g ``(n, r)`` = dY·B
+    scaled by s/(1-p); ``masks``: None, or ``keep_blocks``' ``(rows, keep)`` blocks, applied one at a time."""
     grad_x = grad_a = None
     if masks is None:
         if need_da:

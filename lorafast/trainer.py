@@ -1,10 +1,8 @@
-"""Adapter-only checkpoints for a ``transformers.Trainer`` training a model prepared with ``apply_lora``.
+"""Adapter-only checkpoints for a ``transformers.Trainer`` training an ``apply_lora`` model.
 
-A Trainer saves ``model.save_pretrained`` (the whole model) at every checkpoint; for a lorafast
-model only the LoRA factors change, so :func:`adapter_checkpoints` makes it save and resume the
-adapter alone, in PEFT's format (``save_adapter`` / ``load_adapter``). The optimizer, scheduler,
-RNG and trainer state are saved and restored by the Trainer as usual. (A ``peft.PeftModel``, e.g.
-one passed through :func:`lorafast.patch_peft`, needs none of this: the Trainer saves its adapter.)
+Only the LoRA factors change, so :func:`adapter_checkpoints` saves and resumes the adapter alone in PEFT's format
+instead of the whole model; the Trainer keeps optimizer, scheduler, RNG and state as usual. (A ``PeftModel``,
+patched or not, needs none of this: the Trainer saves its adapter.)
 """
 
 from __future__ import annotations
@@ -16,18 +14,11 @@ from .model import lora_layers
 
 
 def adapter_checkpoints(trainer, task_type: str | None = None):
-    """Make ``trainer`` (a ``transformers.Trainer`` or subclass: ``Seq2SeqTrainer``, TRL's trainers)
-    save and load only the LoRA adapter of its lorafast model. Returns ``trainer``.
+    """Make ``trainer`` (``Trainer``, ``Seq2SeqTrainer``, TRL's) save and load only the LoRA adapter; returns it.
 
-    Checkpoints (``checkpoint-<step>/``) and ``trainer.save_model()`` then hold
-    ``adapter_config.json`` and ``adapter_model.safetensors`` (loadable by
-    ``peft.PeftModel.from_pretrained`` and ``lorafast.load_adapter``) besides the Trainer's own
-    optimizer/scheduler/state files; ``trainer.train(resume_from_checkpoint=...)`` and
-    ``load_best_model_at_end`` load the adapter back into the model. ``task_type`` (e.g.
-    ``"SEQ_2_SEQ_LM"``) is recorded for PEFT's auto classes.
-
-    Raises:
-        ValueError: the trainer's model has no ``apply_lora`` LoRA layers.
+    Checkpoints and ``save_model()`` hold ``adapter_config.json`` and ``adapter_model.safetensors`` (for PEFT and
+    ``load_adapter``) beside the Trainer's files; ``resume_from_checkpoint`` and ``load_best_model_at_end`` load
+    the adapter back. ``task_type`` is recorded for PEFT's auto classes. ValueError without ``apply_lora`` layers.
     """
     if next(lora_layers(trainer.model), None) is None:
         raise ValueError(

@@ -41,11 +41,8 @@ def check_lora_inputs(
     scaling: float,
     dropout_p: float,
 ) -> None:
-    """Check shapes, dtypes and devices of a LoRA linear call.
-
-    Expected: x ``(..., in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(r, in)``,
-    lora_B ``(out, r)``, all of one floating dtype and on one device.
-    """
+    """Check x ``(..., in)``, weight ``(out, in)``, bias ``(out,)``/None, lora_A ``(r, in)``, lora_B ``(out, r)``: one
+    floating dtype, one device."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     out_features, in_features = check_base_inputs(named, x, weight, bias)
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:

@@ -36,6 +36,16 @@ def backend(request, monkeypatch):
     return request.param
 
 
+def assert_close_scaled(actual, expected, dtype=torch.float32, rel=None):
+    """``assert_close`` at ``dtype``'s TOLERANCES (or ``rel`` for both), atol scaled by ``max(1, |expected|)``.
+
+    Gradients of A and B sum over every token, so an absolute tolerance must grow with their magnitude.
+    """
+    atol, rtol = TOLERANCES[dtype] if rel is None else (rel, rel)
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol)
+
+
 def reference_lora(x, weight, bias, lora_A, lora_B, scaling, keep=None, p=0.0):
     """Naive LoRA linear under plain autograd: ``x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``."""
     dropped = x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
@@ -60,6 +70,21 @@ def make_inputs(n_shape, in_f, out_f, r, dtype=torch.float32, bias=True, seed=0)
     lora_B = torch.randn(out_f, r, generator=g) / r**0.5
     to = lambda t: None if t is None else t.to(dtype)
     return to(x), to(weight), to(b), to(lora_A), to(lora_B)
+
+
+RANK_CYCLE = [3, 8, 5, 1, 6, 2, 7, 4]  # different ranks per adapter, padded to the largest
+
+
+def make_adapter_list(num_adapters, in_f, out_f, dtype=torch.float32, seed=0):
+    """K adapters of ranks cycling through RANK_CYCLE: ``[(A_k (r_k, in), B_k (out, r_k), scaling_k)]``, leaves."""
+    g = torch.Generator().manual_seed(seed)
+    adapters = []
+    for k in range(num_adapters):
+        r = RANK_CYCLE[k % len(RANK_CYCLE)]
+        a = (torch.randn(r, in_f, generator=g) / in_f**0.5).to(dtype).requires_grad_()
+        b = (torch.randn(out_f, r, generator=g) / r**0.5).to(dtype).requires_grad_()
+        adapters.append((a, b, 0.5 + 0.75 * k))
+    return adapters
 
 
 # --- small BART models and real SumPubMed text (integration tests) ---------------------------------

@@ -6,6 +6,7 @@ same optimizer, 30 AdamW steps each; per-step losses and the final adapters must
 
 import copy
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -29,6 +30,7 @@ def _train(model, batches):
     return losses
 
 
+@pytest.mark.slow
 def test_losses_and_adapters_match_peft(tokenizer):
     batches = summarization_batches(tokenizer, STEPS)
     base = tiny_bart(vocab_size=len(tokenizer))

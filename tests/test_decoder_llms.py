@@ -2,6 +2,7 @@
 
 import copy
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import MODELS, TASK_TYPES, lm_batch
 
 import lorafast
+from conftest import assert_close_scaled
 
 
 def _lora_module_names(model):
@@ -103,8 +105,7 @@ def _out_and_lora_grads(model, batch):
     return out.logits, grads
 
 
-def _close(got, want, rel=1e-5):
-    torch.testing.assert_close(got, want, rtol=rel, atol=rel * max(1.0, want.abs().max().item()))
+_close = partial(assert_close_scaled, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -256,6 +256,7 @@ def _script(argv, stderr: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
+@pytest.mark.slow
 def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_run(data, reference, tmp_path):
     seed = int(os.environ.get("FAULT_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)

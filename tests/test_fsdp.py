@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from fsdp_worker import STEPS, build_model, make_batch, train
 
@@ -10,6 +11,7 @@ from conftest import run_torchrun
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
+@pytest.mark.slow
 def test_fully_shard_two_processes_match_one(tmp_path):
     out = tmp_path / "fsdp.pt"
     run_torchrun([str(WORKER), str(out)])

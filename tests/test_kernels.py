@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TOLERANCES, make_inputs
+from conftest import assert_close_scaled, make_inputs
 from lorafast import kernels
 from lorafast.kernels.dropout_xa import dropout_xa_tuned
 from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
@@ -19,12 +19,6 @@ GEMM_CONFIGS = fused_lora_matmul_tuned.configs
 ids = lambda c: "-".join(f"{k}{v}" for k, v in c.kwargs.items()) + f"-w{c.num_warps}-s{c.num_stages}"
 
 
-def _close(actual, expected, dtype=torch.float32):
-    atol, rtol = TOLERANCES[dtype]
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol)
-
-
 @pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
@@ -34,8 +28,8 @@ def test_fused_forward_every_config(config, shape, bias):
     y, xa = kernels.fused_lora_forward(x, w, b, a, bb, 1.7, config=config)
     xa_ref = x.double() @ a.double().T
     y_ref = x.double() @ w.double().T + 1.7 * xa_ref @ bb.double().T + (0 if b is None else b.double())
-    _close(xa, xa_ref)
-    _close(y, y_ref)
+    assert_close_scaled(xa, xa_ref)
+    assert_close_scaled(y, y_ref)
 
 
 @pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
@@ -44,7 +38,7 @@ def test_fused_forward_with_given_xa(config):
     xa = torch.randn(37, 3)
     y, xa_out = kernels.fused_lora_forward(x, w, b, a, bb, 0.5, xa=xa, config=config)
     assert xa_out is xa
-    _close(y, x.double() @ w.double().T + 0.5 * xa.double() @ bb.double().T + b.double())
+    assert_close_scaled(y, x.double() @ w.double().T + 0.5 * xa.double() @ bb.double().T + b.double())
 
 
 @pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
@@ -58,8 +52,8 @@ def test_fused_dx_every_config(config, shape, dropout_p):
     keep = kernels.dropout_keep_mask(99, (n, d_in), dropout_p, "cpu").double() if dropout_p else 1.0
     g_ref = gy.double() @ bb.double()
     dx_ref = gy.double() @ w.double() + keep * (1.7 / (1 - dropout_p)) * (g_ref @ a.double())
-    _close(g, g_ref)
-    _close(dx, dx_ref)
+    assert_close_scaled(g, g_ref)
+    assert_close_scaled(dx, dx_ref)
 
 
 @pytest.mark.parametrize("config", dropout_xa_tuned.configs, ids=ids)
@@ -69,7 +63,7 @@ def test_dropout_xa_every_config(config, shape):
     x, _, _, a, _ = make_inputs((n,), d_in, 8, r)
     xa = kernels.dropout_xa(x, a, 0.3, seed=5, config=config)
     keep = kernels.dropout_keep_mask(5, (n, d_in), 0.3, "cpu").double()
-    _close(xa, (x.double() * keep / 0.7) @ a.double().T)
+    assert_close_scaled(xa, (x.double() * keep / 0.7) @ a.double().T)
 
 
 @pytest.mark.parametrize("config", lora_weight_grad_tuned.configs, ids=ids)
@@ -79,7 +73,7 @@ def test_weight_grad_every_config(config, split, dropout_p):
     u, v = torch.randn(131, 70), torch.randn(131, 5)
     c = kernels.lora_weight_grad(u, v, 0.8, dropout_p, seed=3, split=split, config=config)
     keep = kernels.dropout_keep_mask(3, (131, 70), dropout_p, "cpu").double() if dropout_p else 1.0
-    _close(c, 0.8 * (u.double() * keep).T @ v.double())
+    assert_close_scaled(c, 0.8 * (u.double() * keep).T @ v.double())
     ct = kernels.lora_weight_grad(u, v, 0.8, dropout_p, seed=3, split=split, config=config, transpose=True)
     assert ct.shape == (5, 70) and ct.is_contiguous()
     torch.testing.assert_close(ct, c.T)  # the same sums, written transposed
@@ -91,11 +85,11 @@ def test_kernels_half_precision(dtype):
     y, xa = kernels.fused_lora_forward(x, w, b, a, bb, 2.0)
     assert y.dtype == dtype and xa.dtype == dtype
     xa_ref = x.float() @ a.float().T
-    _close(xa, xa_ref, dtype)
-    _close(y, x.float() @ w.float().T + 2.0 * xa.float() @ bb.float().T + b.float(), dtype)
+    assert_close_scaled(xa, xa_ref, dtype)
+    assert_close_scaled(y, x.float() @ w.float().T + 2.0 * xa.float() @ bb.float().T + b.float(), dtype)
     gy = torch.randn(37, 50).to(dtype)
     dx, g = kernels.fused_lora_dx(gy, w, a, bb, 2.0)
-    _close(dx, gy.float() @ w.float() + 2.0 * g.float() @ a.float(), dtype)
+    assert_close_scaled(dx, gy.float() @ w.float() + 2.0 * g.float() @ a.float(), dtype)
 
 
 def test_strided_inputs():
@@ -106,14 +100,14 @@ def test_strided_inputs():
     a = torch.randn(70, 3).T
     bb = torch.randn(3, 50).T
     y, _ = kernels.fused_lora_forward(x, w, None, a, bb, 2.0)
-    _close(y, x.double() @ w.double().T + 2.0 * (x.double() @ a.double().T) @ bb.double().T)
+    assert_close_scaled(y, x.double() @ w.double().T + 2.0 * (x.double() @ a.double().T) @ bb.double().T)
 
 
 @pytest.mark.parametrize("r", [1, 3, 16, 17, 100, 256])
 def test_every_rank_up_to_256(r):
     x, w, b, a, bb = make_inputs((20,), 260, 270, r)
     y, _ = kernels.fused_lora_forward(x, w, b, a, bb, 1.0)
-    _close(y, x.double() @ w.double().T + (x.double() @ a.double().T) @ bb.double().T + b.double())
+    assert_close_scaled(y, x.double() @ w.double().T + (x.double() @ a.double().T) @ bb.double().T + b.double())
 
 
 def test_rank_padding_and_limits():

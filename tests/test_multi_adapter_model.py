@@ -66,6 +66,7 @@ def test_add_list_select_remove_adapters():
     assert isinstance(model.model.encoder.layers[0].self_attn.q_proj, torch.nn.Linear)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)], indirect=True)
 def test_mixed_batch_equals_each_adapter_alone_logits_and_gradients(batch, backend):
     model = three_adapter_bart()
     ids = ["legal", None, "medical", "legal", "news"]
@@ -186,6 +187,7 @@ def test_errors(tmp_path):
     assert list_adapters(model) == list(NAMES)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)], indirect=True)
 def test_gradient_checkpointing_inside_the_block_gives_the_same_gradients(batch, backend):
     """Recomputation regenerates the same per-adapter dropout masks (checkpointing restores the RNG)."""
     ids = ["news", "legal", None, "medical", "legal"]

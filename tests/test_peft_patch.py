@@ -2,6 +2,7 @@
 
 import copy
 import logging
+from functools import partial
 
 import pytest
 import torch
@@ -10,12 +11,11 @@ from safetensors.torch import load_file
 from tiny_models import MODELS, TASK_TYPES, lm_batch
 
 import lorafast
+from conftest import assert_close_scaled
 from lorafast import patch_peft, unpatch_peft
 from lorafast.peft_patch import patched_layer_count
 
-
-def _close(got, want, rel=1e-5):
-    torch.testing.assert_close(got, want, rtol=rel, atol=rel * max(1.0, want.abs().max().item()))
+_close = partial(assert_close_scaled, rel=1e-5)
 
 
 def _peft(kind, r=4, alpha=8, targets="all-linear", adapter="default", model=None, **options):

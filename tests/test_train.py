@@ -137,6 +137,7 @@ def test_length_bucketed_batches():
 # --- training ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_end_to_end_smoke_run(tmp_path):
     """A repeated small batch: the loss goes down, every output is written and loads where it should."""
     metrics, args = _run(
@@ -180,6 +181,7 @@ def test_end_to_end_smoke_run(tmp_path):
         assert not torch.allclose(base()(**batch).logits, want, atol=1e-3)  # the adapter did train
 
 
+@pytest.mark.slow  # tests/test_faults.py resumes (from damaged checkpoints too) in the default run
 @pytest.mark.parametrize("method", ["lorafast", "peft", "full"])
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, method):
     common = ["--method", method, "--max-docs", "24", "--batch-size", "4", "--max-steps", "6", "--save-every", "3",
@@ -206,6 +208,7 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path):
         _run(tmp_path, "--resume", "--max-steps", "1")
 
 
+@pytest.mark.slow
 def test_model_from_a_local_folder(tmp_path):
     """A model saved with save_pretrained goes through the real from_pretrained path."""
     torch.manual_seed(0)
@@ -228,6 +231,7 @@ def test_unreachable_hub_model_names_the_alternatives(tmp_path, monkeypatch):
         model_setup.load_model("facebook/bart-base", tmp_path)
 
 
+@pytest.mark.slow  # tests/test_ddp.py covers DDP over two processes
 def test_torchrun_two_processes_match_one(tmp_path):
     """DDP over 2 processes (gloo), data sharded by rank: the loss curve of 1 process, same global batch."""
     common = ["--max-docs", "32", "--max-steps", "4", "--eval-docs", "0", "--model-dropout", "0", "--dropout", "0"]
