@@ -4,6 +4,7 @@ per-adapter LoRA dropout."""
 
 import pytest
 import torch
+import triton
 
 from conftest import TOLERANCES
 from lorafast import kernels
@@ -152,8 +153,13 @@ def test_ids_out_of_range_count_as_base():
 CONFIG_CASES = [(3, (3, 8, 5), "mixed", True), (8, (4, 1, 6, 2, 5, 3, 7, 5), "mixed", False)]
 
 
-def test_every_config_keeps_the_block_tables_rows():
-    assert GEMM_CONFIGS and all(c.kwargs["BLOCK_M"] == BLOCK_M for c in GEMM_CONFIGS)
+def test_a_config_with_other_rows_per_block_is_refused():
+    x, w, b, a, bb, s, row_adapter, gy = _case(3, [2, 4, 3])
+    config = triton.Config({**GEMM_CONFIGS[0].kwargs, "BLOCK_M": BLOCK_M // 2}, num_warps=4)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        kernels.fused_multi_lora_forward(x, w, b, a, bb, s, row_adapter, config=config)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        kernels.fused_multi_lora_dx(gy, w, a, bb, s, row_adapter, config=config)
 
 
 @pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
