@@ -1,7 +1,8 @@
 """Measuring LoRA layers side by side: the candidates, interleaved timing, memory, and the machine.
 
 Candidates share one frozen base weight: a frozen ``nn.Linear`` (its backward computes dX only),
-Hugging Face PEFT's LoRA ``Linear`` and lorafast's ``FusedLoRALinear``, with the same adapter.
+Hugging Face PEFT's LoRA ``Linear``, the same PEFT layer after ``lorafast.patch_peft`` and lorafast's
+``FusedLoRALinear``, with the same adapter.
 Every timing round runs each candidate once, in a rotating order, so that a noisy machine slows
 them alike; figures are medians over rounds, and ratios are medians of per-round ratios.
 """
@@ -18,26 +19,31 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lorafast import FusedLoRALinear
+from lorafast import FusedLoRALinear, patch_peft
 from lorafast.profiling import saved_activation_bytes
 
-FROZEN, PEFT, LORAFAST = "frozen nn.Linear", "PEFT LoRA", "lorafast"
+FROZEN, PEFT, PATCHED, LORAFAST = "frozen nn.Linear", "PEFT LoRA", "PEFT + patch_peft", "lorafast"
 
 
 def make_candidates(d_in: int, d_out: int, r: int, alpha: float, dropout: float, dtype, device) -> dict:
-    """``{name: module}`` for the frozen linear, PEFT LoRA and lorafast, in training mode."""
+    """``{name: module}`` for the frozen linear, PEFT LoRA, patched PEFT LoRA and lorafast, in training mode."""
     from peft import LoraConfig, get_peft_model
 
+    def peft_layer():
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["0"])
+        # autocast_adapter_dtype=False keeps PEFT's factors in the layer's dtype, like lorafast's
+        return get_peft_model(nn.Sequential(base), config, autocast_adapter_dtype=False)
+
     base = nn.Linear(d_in, d_out, device=device, dtype=dtype)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["0"])
-    # autocast_adapter_dtype=False keeps PEFT's factors in the layer's dtype, like lorafast's
-    peft = get_peft_model(nn.Sequential(base), config, autocast_adapter_dtype=False).base_model.model[0]
+    peft = peft_layer().base_model.model[0]
+    patched = patch_peft(peft_layer()).base_model.model[0]
     ours = FusedLoRALinear.from_linear(base, r=r, alpha=alpha, dropout=dropout)
-    with torch.no_grad():  # the same non-zero adapter in both
+    with torch.no_grad():  # the same non-zero adapter in all three
         nn.init.normal_(ours.lora_B, std=0.02)
-        peft.lora_A["default"].weight.copy_(ours.lora_A)
-        peft.lora_B["default"].weight.copy_(ours.lora_B)
-    return {FROZEN: base.train(), PEFT: peft.train(), LORAFAST: ours.train()}
+        for layer in (peft, patched):
+            layer.lora_A["default"].weight.copy_(ours.lora_A)
+            layer.lora_B["default"].weight.copy_(ours.lora_B)
+    return {FROZEN: base.train(), PEFT: peft.train(), PATCHED: patched.train(), LORAFAST: ours.train()}
 
 
 class Timer:
