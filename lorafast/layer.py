@@ -153,7 +153,8 @@ class FusedLoRALinear(nn.Module):
                     "for inference)"
                 )
             return F.linear(x, self.base_weight(), self.bias)
-        lora_A, lora_B = in_compute_dtype(self.lora_A, x.dtype), in_compute_dtype(self.lora_B, x.dtype)
+        # fp32 factors on a half-precision base are cast here (differentiable: their gradients stay fp32)
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return lora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, self.scaling, self.dropout, self.training)
 
     def extra_repr(self) -> str:
@@ -172,11 +173,6 @@ def default_adapter_dtype(weight_dtype: torch.dtype, adapter_dtype: torch.dtype 
             raise ValueError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
         return adapter_dtype
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
-
-
-def in_compute_dtype(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``factor`` cast to the compute dtype; the cast is differentiable, so the gradient keeps the factor's dtype."""
-    return factor if factor.dtype == dtype else factor.to(dtype)
 
 
 def conv1d_class() -> type | None:

@@ -39,11 +39,11 @@ class StackedFactors(torch.autograd.Function):
 
 
 def stack_factors(lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor], dtype: torch.dtype):
-    """``(A (K, R, in), B (K, out, R))`` in ``dtype`` from K A's ``(r_k, in)`` and B's ``(out, r_k)``, no autograd."""
+    """``(A (K, R, in), B (K, out, R))`` in ``dtype`` from K A's ``(r_k, in)`` and B's ``(out, r_k)``, zero-padded to
+    the largest rank R (differentiable)."""
     rank = max(a.shape[0] for a in lora_A)
-    with torch.no_grad():
-        stacked_a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a in lora_A])
-        stacked_b = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for b in lora_B])
+    stacked_a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a in lora_A])
+    stacked_b = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for b in lora_B])
     return stacked_a, stacked_b
 
 
@@ -65,7 +65,8 @@ class StackedFactorsCache:
         key = (dtype, tuple((id(f), f.data_ptr(), f._version, f.shape, f.dtype, f.device) for f in factors))
         entry = self._entry
         if entry is None or entry[0] != key:
-            entry = (key, stack_factors(lora_A, lora_B, dtype))
+            with torch.no_grad():  # the cached copy keeps no graph; StackedFactors connects the gradients
+                entry = (key, stack_factors(lora_A, lora_B, dtype))
             self._entry = entry
         stacked = entry[1]
         if torch.is_grad_enabled() and any(f.requires_grad for f in factors):

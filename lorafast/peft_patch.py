@@ -15,12 +15,12 @@ import warnings
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .function import lora_linear
-from .layer import in_compute_dtype, is_conv1d
+from .layer import is_conv1d
 from .multi_function import multi_lora_linear
+from .multi_stack import stack_factors
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x,
         _base_weight(self),
         self.get_base_layer().bias,
-        in_compute_dtype(self.lora_A[name].weight, x.dtype),
-        in_compute_dtype(self.lora_B[name].weight, x.dtype),
+        self.lora_A[name].weight.to(x.dtype),  # fp32 factors on a half-precision base: a differentiable cast
+        self.lora_B[name].weight.to(x.dtype),
         self.scaling[name],
         _dropout_p(self, name),
         True,
@@ -117,15 +117,11 @@ def _mixed_forward(self, x: torch.Tensor, adapter_names, kwargs) -> torch.Tensor
             stacklevel=3,
         )
         return super(_fused_class, self).forward(x, **kwargs)
-    index = {n: i for i, n in enumerate(names)}
-    ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
     if not names:
         return self.base_layer(x)
-    rank = max(self.r[n] for n in names)
-    a = torch.stack(
-        [F.pad(in_compute_dtype(self.lora_A[n].weight, x.dtype), (0, 0, 0, rank - self.r[n])) for n in names]
-    )
-    b = torch.stack([F.pad(in_compute_dtype(self.lora_B[n].weight, x.dtype), (0, rank - self.r[n])) for n in names])
+    index = {n: i for i, n in enumerate(names)}
+    ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
+    a, b = stack_factors([self.lora_A[n].weight for n in names], [self.lora_B[n].weight for n in names], x.dtype)
     scalings = [float(self.scaling[n]) for n in names]
     dropout = [_dropout_p(self, n) for n in names]
     bias = self.get_base_layer().bias
