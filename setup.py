@@ -25,10 +25,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # The kernels live in ./kernels but install only as lorafast.kernels: a top-level
-    # ``kernels`` module would clash with the unrelated PyPI package of that name.
+    # The kernels live in lorafast/kernels: a top-level ``kernels`` folder would shadow the unrelated PyPI
+    # package of that name for anything run from the checkout (transformers imports it to probe for it).
     packages=["lorafast", "lorafast.kernels"],
-    package_dir={"lorafast": "lorafast", "lorafast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

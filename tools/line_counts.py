@@ -1,4 +1,4 @@
-"""Count code, docstring and comment lines of lorafast/ and kernels/ (the library, not tests).
+"""Count code, docstring and comment lines of lorafast/ (the library with its kernels, not tests).
 
     python tools/line_counts.py [folder ...]
 
@@ -16,7 +16,7 @@ import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_FOLDERS = ("lorafast", "kernels")
+DEFAULT_FOLDERS = ("lorafast",)
 
 
 def count_file(path: Path) -> dict[str, int]:
