@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from torch._library.effects import EffectType
 
 _LANES_PER_DRAW = 4  # 16-bit lanes in one 64-bit draw
 _LANE_LEVELS = 1 << 16
@@ -41,13 +42,47 @@ def run_eagerly(fn: Callable) -> Callable:
     return wrapper
 
 
+def _seed_tensor() -> torch.Tensor:
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
 @run_eagerly  # compiled code would draw from Inductor's own generator instead
 def draw_seed() -> int:
     """Draw a dropout seed from torch's default CPU generator.
 
     ``torch.manual_seed`` therefore makes a run's dropout masks reproducible, compiled or not.
+    Under torch.compile this breaks the graph; the Triton path draws through :func:`dropout_seed`.
     """
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+    return int(_seed_tensor().item())
+
+
+# The draw as an operator, so torch.compile keeps it in its graph as an opaque node that draws
+# from torch's default generator at run time (a traced randint would draw from Inductor's own).
+# Registered as an ordered effect: the compiler never merges two draws, drops or reorders one.
+@torch.library.custom_op("lorafast::draw_seed", mutates_args=())
+def _draw_seed_op() -> torch.Tensor:
+    return _seed_tensor()
+
+
+@_draw_seed_op.register_fake
+def _():
+    return torch.empty((), dtype=torch.int64)
+
+
+_draw_seed_op.register_effect(EffectType.ORDERED)
+
+
+def dropout_seed(backend: str) -> int | torch.Tensor:
+    """A dropout seed for a call on ``backend``, drawn as :func:`draw_seed` draws it (same value).
+
+    Under torch.compile on the Triton path it is a 0-d int64 CPU tensor from the operator
+    ``lorafast::draw_seed`` (no graph break; the kernel operators read it on the host, no device
+    sync). Elsewhere a Python int: the PyTorch path's NumPy mask draw cannot be traced, so there
+    compiled code breaks the graph at the draw.
+    """
+    if backend == "triton" and torch.compiler.is_compiling():
+        return _draw_seed_op()
+    return draw_seed()
 
 
 def _drop_threshold(p: float) -> int:

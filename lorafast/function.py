@@ -10,7 +10,7 @@ import torch
 
 from . import torch_backend
 from .backend import resolve_backend
-from .dropout import draw_seed
+from .dropout import dropout_seed
 from .validation import autocast_inputs, check_lora_inputs
 
 
@@ -95,5 +95,5 @@ def lora_linear(
                 )
     backend = resolve_backend(x.device, x.dtype)
     p = float(dropout_p) if training else 0.0
-    seed = draw_seed() if p > 0.0 else 0
+    seed = dropout_seed(backend) if p > 0.0 else 0
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, backend)

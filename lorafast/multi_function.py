@@ -14,7 +14,7 @@ import torch
 
 from . import multi_torch_backend
 from .backend import resolve_backend
-from .dropout import draw_seed
+from .dropout import dropout_seed
 from .validation import autocast_inputs, check_base_inputs, check_dropout, check_same_dtype_and_device, check_scaling
 
 MAX_STACKED_RANK = 256
@@ -198,7 +198,7 @@ def apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dro
                     f"the base layer; freeze it with {name}.requires_grad_(False)"
                 )
     backend = resolve_backend(x.device, x.dtype)
-    seed = draw_seed() if dropout is not None else 0
+    seed = dropout_seed(backend) if dropout is not None else 0
     segments = _row_segments(row_adapter, lora_A.shape[0], row_tables) if backend == "triton" else None
     return MultiLoRALinearFunction.apply(
         x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend, segments

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from lorafast import FusedLoRALinear
+from lorafast.kernels import lora_linear as kernel_lora_linear
+from lorafast.kernels import multi_lora_linear as kernel_multi_lora_linear
 from lorafast.multi_function import apply_multi_lora
 
 
@@ -48,11 +50,15 @@ def test_compiled_model_matches_eager(backend, mode, dropout, monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("mode,dropout", [("train", 0.0), ("eval", 0.2)])
+@pytest.mark.parametrize(
+    "backend,mode,dropout",
+    [("torch", "train", 0.0), ("torch", "eval", 0.2), ("triton", "train", 0.0), ("triton", "eval", 0.2),
+     ("triton", "train", 0.1)],
+)  # fmt: skip
 def test_compiled_model_has_no_graph_break(backend, mode, dropout, monkeypatch):
-    """fullgraph=True: a LoRA layer adds no graph break (training with dropout draws its seed
-    outside the graph, from torch's default generator)."""
+    """fullgraph=True: a LoRA layer adds no graph break. Training with dropout on the Triton path
+    draws its seeds inside the graph (``lorafast::draw_seed``) from torch's default generator, so
+    the masks are eager's; the PyTorch path draws them eagerly (a graph break, not tested here)."""
     monkeypatch.setenv("LORAFAST_BACKEND", backend)
     torch._dynamo.reset()
     model = _model(dropout).train(mode == "train")
@@ -108,12 +114,79 @@ def test_import_does_not_load_dynamo():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_compiled_mixed_adapter_dropout_matches_eager(backend, monkeypatch):
-    """Under dropout the seed is drawn eagerly from torch's generator: compiled masks are eager's."""
+    """Under dropout the seed comes from torch's generator: compiled masks are eager's. The Triton
+    path draws it inside the graph (fullgraph=True); the PyTorch path breaks the graph to draw it."""
     monkeypatch.setenv("LORAFAST_BACKEND", backend)
     torch._dynamo.reset()
     inputs = _mixed_inputs()
     dropout = torch.tensor([0.0, 0.3, 0.5])
     eager = _mixed_forward_backward(apply_multi_lora, *inputs, dropout)
-    compiled = _mixed_forward_backward(torch.compile(apply_multi_lora), *inputs, dropout)
+    compiled = _mixed_forward_backward(torch.compile(apply_multi_lora, fullgraph=backend == "triton"), *inputs, dropout)
     for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+class _TwoCallsOfOneLayer(nn.Module):
+    """The same LoRA layer twice on the same input, then a second layer: three dropout draws."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.other = _model(0.5)[0], FusedLoRALinear(32, 32, r=2, dropout=0.5)
+        nn.init.normal_(self.other.lora_B, std=0.5)
+
+    def forward(self, x):
+        return self.shared(x), self.shared(x), self.other(self.shared(x))
+
+
+def _record_seeds(monkeypatch, module):
+    """The dropout seeds the kernels run with, in call order (``_forward`` receives every one)."""
+    seeds, forward = [], module._forward
+
+    def spy(*args):
+        seeds.append(int(args[8 if module is kernel_multi_lora_linear else 7]))
+        return forward(*args)
+
+    monkeypatch.setattr(module, "_forward", spy)
+    return seeds
+
+
+def test_compiled_calls_draw_distinct_seeds(monkeypatch):
+    """fullgraph=True: every LoRA call in the graph draws its own seed — the compiler neither merges
+    identical draws (one layer twice on one input) nor reorders them — and the same seeds as eager."""
+    monkeypatch.setenv("LORAFAST_BACKEND", "triton")
+    torch._dynamo.reset()
+    model, x = _TwoCallsOfOneLayer().train(), torch.randn(3, 5, 16)
+    seeds = _record_seeds(monkeypatch, kernel_lora_linear)
+    outputs = {}
+    for name, run in (("eager", model), ("compiled", torch.compile(model, fullgraph=True))):
+        torch.manual_seed(1)
+        outputs[name] = [y.detach() for y in run(x)]
+    eager_seeds, compiled_seeds = seeds[:4], seeds[4:]
+    assert len(set(compiled_seeds)) == 4
+    assert compiled_seeds == eager_seeds
+    first, second, _ = outputs["compiled"]
+    assert not torch.allclose(first, second)  # two masks on one input
+    for got, want in zip(outputs["compiled"], outputs["eager"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_mixed_adapter_calls_draw_distinct_seeds(monkeypatch):
+    """Two mixed-adapter calls on one input in one graph draw two seeds, eager's."""
+    monkeypatch.setenv("LORAFAST_BACKEND", "triton")
+    torch._dynamo.reset()
+    x, weight, bias, lora_A, lora_B, scalings, rows = _mixed_inputs()
+    dropout = torch.tensor([0.2, 0.3, 0.5])
+
+    def twice(x):
+        return [apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout) for _ in range(2)]
+
+    seeds = _record_seeds(monkeypatch, kernel_multi_lora_linear)
+    outputs = {}
+    with torch.no_grad():
+        for name, run in (("eager", twice), ("compiled", torch.compile(twice, fullgraph=True))):
+            torch.manual_seed(1)
+            outputs[name] = run(x)
+    assert seeds[2:] == seeds[:2] and seeds[0] != seeds[1]
+    assert not torch.allclose(*outputs["compiled"])
+    for got, want in zip(outputs["compiled"], outputs["eager"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -15,12 +15,14 @@ from .lora_weight_grad import lora_weight_grad
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    seed = int(seed)  # a 0-d CPU tensor under torch.compile: read on the host, no device sync
     xa = dropout_xa(x, lora_A, dropout_p, seed) if dropout_p > 0.0 else None
     return fused_lora_forward(x, weight, bias, lora_A, lora_B, scaling, xa=xa)
 
 
 def _backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_da, need_db):
     grad_x = grad_a = grad_b = g = None
+    seed = int(seed)
     if need_dx:
         grad_x, g = fused_lora_dx(grad_y, weight, lora_A, lora_B, scaling, dropout_p, seed)
     elif need_da:
@@ -30,6 +32,11 @@ def _backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, n
     if need_db:
         grad_b = lora_weight_grad(grad_y, xa, scaling)
     return grad_x, grad_a, grad_b
+
+
+def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    """The dropout seed as the operators take it: a 0-d int64 CPU tensor (ints are graph constants)."""
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
 
 
 # The launchers as PyTorch operators: torch.compile puts them in its graph as opaque nodes (no
@@ -44,7 +51,7 @@ def _forward_op(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
@@ -64,7 +71,7 @@ def _backward_op(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     need_dx: bool,
     need_da: bool,
     need_db: bool,
@@ -87,11 +94,15 @@ def lora_forward(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: int | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, xa)`` for x ``(n, in)``: y ``(n, out)``, ``xa = drop(x)·Aᵀ`` ``(n, r)``."""
-    run = _forward_op if torch.compiler.is_compiling() else _forward
-    return run(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    """``(y, xa)`` for x ``(n, in)``: y ``(n, out)``, ``xa = drop(x)·Aᵀ`` ``(n, r)``.
+
+    ``seed``: an int, or the 0-d int64 CPU tensor ``lorafast.dropout.dropout_seed`` gives under torch.compile.
+    """
+    if not torch.compiler.is_compiling():
+        return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return _forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor(seed))
 
 
 def lora_backward(
@@ -103,12 +114,12 @@ def lora_backward(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: int | torch.Tensor,
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dX, dA, dB)``, each None where ``needs_grad`` says it is not wanted."""
-    args = (grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, *needs_grad)
+    """``(dX, dA, dB)``, each None where ``needs_grad`` says it is not wanted; ``seed`` as for :func:`lora_forward`."""
+    args = (grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p)
     if not torch.compiler.is_compiling():
-        return _backward(*args)
-    grads = _backward_op(*args)
+        return _backward(*args, seed, *needs_grad)
+    grads = _backward_op(*args, seed_tensor(seed), *needs_grad)
     return tuple(g if need else None for g, need in zip(grads, needs_grad, strict=True))

@@ -2,7 +2,7 @@
 
 Same contract as ``lorafast.multi_torch_backend`` (x ``(n, in)``, lora_A ``(K, R, in)``, lora_B
 ``(K, out, R)``, scalings ``(K,)`` float32, row_adapter ``(n,)`` ids in [-1, K), dropout None or
-``(K,)`` float32 p_k in [0, 1), seed an int; see there), so the autograd Function can call
+``(K,)`` float32 p_k in [0, 1), seed an int or a 0-d int64 CPU tensor; see there), so the autograd Function can call
 either. With k = row_adapter[i] and keep_i adapter k's dropout mask of x's row i (the
 single-adapter kernels' ``dropout_keep_mask(seed, (n, in), p_k)[i]``, regenerated from the
 seed in every kernel, never stored):
@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .adapter_segments import BLOCK_M, AdapterSegments, RowChunks, adapter_segments
+from .lora_linear import seed_tensor
 from .multi_lora_matmul import fused_multi_lora_dx, fused_multi_lora_forward
 from .multi_lora_weight_grad import multi_lora_weight_grad
 
@@ -42,6 +43,7 @@ def batch_segments(row_adapter: torch.Tensor, num_adapters: int) -> AdapterSegme
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segments):
+    seed = int(seed)  # a 0-d CPU tensor under torch.compile: read on the host, no device sync
     return fused_multi_lora_forward(
         x, weight, bias, lora_A, lora_B, scalings, row_adapter, segments=segments, dropout=dropout, seed=seed
     )
@@ -54,6 +56,7 @@ def _backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, need
         return grad_x, grad_a, grad_b
     if segments is None:
         segments = batch_segments(row_adapter, lora_A.shape[0])
+    seed = int(seed)
     if need_dx or need_da:
         grad_x, g = fused_multi_lora_dx(
             grad_y, weight, lora_A, lora_B, scalings, row_adapter, with_dx=need_dx, segments=segments,
@@ -99,7 +102,7 @@ def _forward_op(
     scalings: torch.Tensor,
     row_adapter: torch.Tensor,
     dropout: torch.Tensor | None,
-    seed: int,
+    seed: torch.Tensor,
     segment_tensors: list[torch.Tensor],
     block_m: int,
     chunk_rows: int,
@@ -127,7 +130,7 @@ def _backward_op(
     need_da: bool,
     need_db: bool,
     dropout: torch.Tensor | None,
-    seed: int,
+    seed: torch.Tensor,
     segment_tensors: list[torch.Tensor],
     block_m: int,
     chunk_rows: int,
@@ -156,19 +159,20 @@ def multi_lora_forward(
     scalings: torch.Tensor,
     row_adapter: torch.Tensor,
     dropout: torch.Tensor | None = None,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     segments: AdapterSegments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, xa)`` for x ``(n, in)``: y ``(n, out)``, ``xa_i = drop(x)_i·A_kᵀ`` ``(n, R)`` (zeros where k = −1).
 
     ``dropout``: None, or ``(K,)`` float32 drop probabilities on x's device (p_k = 0: exactly
-    no dropout for adapter k); ``seed``: ``lorafast.dropout.draw_seed()``; ``segments``:
+    no dropout for adapter k); ``seed``: ``lorafast.dropout.dropout_seed("triton")`` (an int, or
+    under torch.compile a 0-d int64 CPU tensor); ``segments``:
     :func:`batch_segments` of row_adapter if already built.
     """
-    args = (x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed)
+    args = (x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout)
     if not torch.compiler.is_compiling():
-        return _forward(*args, segments)
-    return _forward_op(*args, *_flatten(segments))
+        return _forward(*args, seed, segments)
+    return _forward_op(*args, seed_tensor(seed), *_flatten(segments))
 
 
 def multi_lora_backward(
@@ -182,7 +186,7 @@ def multi_lora_backward(
     row_adapter: torch.Tensor,
     needs_grad: tuple[bool, bool, bool],
     dropout: torch.Tensor | None = None,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     segments: AdapterSegments | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dX (n, in), dA (K, R, in), dB (K, out, R))``, each None where ``needs_grad`` says not wanted.
@@ -193,5 +197,5 @@ def multi_lora_backward(
     args = (grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter)
     if not torch.compiler.is_compiling():
         return _backward(*args, needs_grad, dropout, seed, segments)
-    grads = _backward_op(*args, *needs_grad, dropout, seed, *_flatten(segments))
+    grads = _backward_op(*args, *needs_grad, dropout, seed_tensor(seed), *_flatten(segments))
     return tuple(g if need else None for g, need in zip(grads, needs_grad, strict=True))
