@@ -27,7 +27,10 @@ _LANE_LEVELS = 1 << 16
 
 
 def run_eagerly(fn: Callable) -> Callable:
-    """``fn`` that torch.compile runs eagerly, as ``torch.compiler.disable(fn)`` would.
+    """``fn`` that torch.compile runs eagerly, as ``torch.compiler.disable(fn)`` would (a graph break).
+
+    Only the PyTorch path's seed and mask draws use it; the Triton path's compiled code draws its
+    seeds in the graph (:func:`dropout_seed`).
 
     ``torch.compiler.disable`` imports ``torch._dynamo`` (seconds) when it decorates; here it is
     applied only while torch.compile traces a call, by which time torch.compile has imported it.
