@@ -1,5 +1,6 @@
 """torch.compile of a small model built from FusedLoRALinear runs on CPU and matches eager."""
 
+import inspect
 import subprocess
 import sys
 
@@ -141,9 +142,10 @@ class _TwoCallsOfOneLayer(nn.Module):
 def _record_seeds(monkeypatch, module):
     """The dropout seeds the kernels run with, in call order (``_forward`` receives every one)."""
     seeds, forward = [], module._forward
+    signature = inspect.signature(forward)
 
     def spy(*args):
-        seeds.append(int(args[8 if module is kernel_multi_lora_linear else 7]))
+        seeds.append(int(signature.bind(*args).arguments["seed"]))
         return forward(*args)
 
     monkeypatch.setattr(module, "_forward", spy)
