@@ -530,7 +530,9 @@ def test_dropout_errors():
         with pytest.raises(ValueError, match="seed must be a non-negative Python int"):
             call(DROPOUT, seed=-1)
         with pytest.raises(ValueError, match="seed must be a non-negative Python int"):
-            call(DROPOUT, seed=torch.tensor(3))
+            call(DROPOUT, seed=3.0)
+        with pytest.raises(ValueError, match=r"seed must be .*int.*, got tensor\(3\.\)|got torch\.float32"):
+            call(DROPOUT, seed=torch.tensor(3.0))
     with pytest.raises(ValueError, match=r"dropout must be a \(K,\) torch\.float32 tensor here, got None"):
         kernels.multi_dropout_xa(x, a, row_adapter, None, SEED)
     with pytest.raises(ValueError, match="config has BLOCK_M=128"):

@@ -14,15 +14,25 @@ from .fused_lora_matmul import fused_lora_dx, fused_lora_forward
 from .lora_weight_grad import lora_weight_grad
 
 
+def host_seed(seed: int | torch.Tensor) -> int:
+    """The seed as an int: a 0-d int64 CPU tensor (the operators' form) is read on the host, no device sync."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+            raise ValueError(f"seed must be an int or a 0-d int64 CPU tensor, got {seed.dtype} {tuple(seed.shape)} "
+                             f"on {seed.device}")  # fmt: skip
+        return int(seed)
+    return seed
+
+
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    seed = int(seed)  # a 0-d CPU tensor under torch.compile: read on the host, no device sync
+    seed = host_seed(seed)
     xa = dropout_xa(x, lora_A, dropout_p, seed) if dropout_p > 0.0 else None
     return fused_lora_forward(x, weight, bias, lora_A, lora_B, scaling, xa=xa)
 
 
 def _backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_da, need_db):
     grad_x = grad_a = grad_b = g = None
-    seed = int(seed)
+    seed = host_seed(seed)
     if need_dx:
         grad_x, g = fused_lora_dx(grad_y, weight, lora_A, lora_B, scaling, dropout_p, seed)
     elif need_da:

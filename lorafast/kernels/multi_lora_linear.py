@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .adapter_segments import BLOCK_M, AdapterSegments, RowChunks, adapter_segments
-from .lora_linear import seed_tensor
+from .lora_linear import host_seed, seed_tensor
 from .multi_lora_matmul import fused_multi_lora_dx, fused_multi_lora_forward
 from .multi_lora_weight_grad import multi_lora_weight_grad
 
@@ -43,7 +43,7 @@ def batch_segments(row_adapter: torch.Tensor, num_adapters: int) -> AdapterSegme
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segments):
-    seed = int(seed)  # a 0-d CPU tensor under torch.compile: read on the host, no device sync
+    seed = host_seed(seed)
     return fused_multi_lora_forward(
         x, weight, bias, lora_A, lora_B, scalings, row_adapter, segments=segments, dropout=dropout, seed=seed
     )
@@ -56,7 +56,7 @@ def _backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, need
         return grad_x, grad_a, grad_b
     if segments is None:
         segments = batch_segments(row_adapter, lora_A.shape[0])
-    seed = int(seed)
+    seed = host_seed(seed)
     if need_dx or need_da:
         grad_x, g = fused_multi_lora_dx(
             grad_y, weight, lora_A, lora_B, scalings, row_adapter, with_dx=need_dx, segments=segments,
