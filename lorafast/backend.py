@@ -1,4 +1,5 @@
-"""Which implementation runs a call: ``auto`` (default) takes the Triton kernels on CUDA, else the PyTorch path.
+"""The front door of every LoRA call (:func:`front_door`) and which implementation runs it: ``auto`` (default)
+takes the Triton kernels on CUDA, else the PyTorch path.
 
 ``LORAFAST_BACKEND=auto|triton|torch`` overrides it, read on every call. ``triton`` on CPU needs
 ``TRITON_INTERPRET=1`` before ``lorafast.kernels`` is first imported (Triton decides at kernel definition).
@@ -7,8 +8,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
+
+from .dropout import dropout_seed
+from .validation import autocast_inputs
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "LORAFAST_BACKEND"
@@ -61,3 +66,37 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
     if dtype not in kernels.SUPPORTED_DTYPES:
         raise ValueError(f"the Triton kernels support {kernels.SUPPORTED_DTYPES}, not {dtype}; {fallback}")
     return "triton"
+
+
+def implementation(backend: str, mixed: bool = False):
+    """The module with ``lora_forward``/``lora_backward`` (``mixed``: ``multi_lora_*``) of ``backend``."""
+    if backend == "triton":
+        from . import kernels
+
+        return kernels
+    from . import multi_torch_backend, torch_backend
+
+    return multi_torch_backend if mixed else torch_backend
+
+
+def front_door(x, weight, bias, lora_A, lora_B, check: Callable, run: Callable):
+    """``run((x, weight, bias, lora_A, lora_B), checked, backend, seed)`` after what every LoRA call does first.
+
+    Under ``torch.autocast`` the tensors are cast as ``F.linear``'s would be and ``run`` runs with autocast off;
+    ``check(x, weight, bias, lora_A, lora_B)`` raises on bad input, else returns ``(dropout, checked)``; the base
+    must be frozen; then the backend is chosen and, under ``dropout``, a seed drawn (else 0).
+    """
+    cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
+    if cast is not None:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return front_door(*cast, check, run)
+    dropout, checked = check(x, weight, bias, lora_A, lora_B)
+    if torch.is_grad_enabled():
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.requires_grad:
+                raise ValueError(
+                    f"{name} requires grad, but lorafast trains only the adapters (lora_A, lora_B) and computes no "
+                    f"gradient for the base layer; freeze it with {name}.requires_grad_(False)"
+                )
+    backend = resolve_backend(x.device, x.dtype)
+    return run((x, weight, bias, lora_A, lora_B), checked, backend, dropout_seed(backend) if dropout else 0)

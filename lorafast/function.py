@@ -8,19 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import torch_backend
-from .backend import resolve_backend
-from .dropout import dropout_seed
-from .validation import autocast_inputs, check_lora_inputs
-
-
-def _implementation(backend: str):
-    """The module with ``lora_forward``/``lora_backward``."""
-    if backend == "triton":
-        from . import kernels
-
-        return kernels
-    return torch_backend
+from .backend import front_door, implementation
+from .validation import check_lora_inputs
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -30,7 +19,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-        impl = _implementation(backend)
+        impl = implementation(backend)
         y, xa = impl.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
@@ -40,7 +29,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, xa, weight, lora_A, lora_B = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = _implementation(ctx.backend).lora_backward(
+        grad_x, grad_a, grad_b = implementation(ctx.backend).lora_backward(
             grad_y.reshape(-1, grad_y.shape[-1]),
             x.reshape(-1, x.shape[-1]),
             xa,
@@ -80,20 +69,12 @@ def lora_linear(
     Raises ValueError on a shape, dtype or device mismatch, r outside [1, min(in, out)], dropout_p outside
     [0, 1), a weight or bias that requires grad (no gradient is computed for them), or an unusable backend.
     """
-    cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
-    if cast is not None:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return lora_linear(*cast, scaling, dropout_p, training)
 
-    check_lora_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    if torch.is_grad_enabled():
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.requires_grad:
-                raise ValueError(
-                    f"{name} requires grad, but lorafast trains only lora_A and lora_B and computes "
-                    f"no gradient for the base layer; freeze it with {name}.requires_grad_(False)"
-                )
-    backend = resolve_backend(x.device, x.dtype)
-    p = float(dropout_p) if training else 0.0
-    seed = dropout_seed(backend) if p > 0.0 else 0
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, backend)
+    def check(*tensors):
+        check_lora_inputs(*tensors, scaling, dropout_p)
+        return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
+
+    def run(tensors, p, backend, seed):
+        return LoRALinearFunction.apply(*tensors, float(scaling), p, seed, backend)
+
+    return front_door(x, weight, bias, lora_A, lora_B, check, run)

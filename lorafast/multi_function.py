@@ -12,21 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from . import multi_torch_backend
-from .backend import resolve_backend
-from .dropout import dropout_seed
-from .validation import autocast_inputs, check_base_inputs, check_dropout, check_same_dtype_and_device, check_scaling
+from .backend import front_door, implementation
+from .validation import check_base_inputs, check_dropout, check_same_dtype_and_device, check_scaling
 
 MAX_STACKED_RANK = 256
-
-
-def _implementation(backend: str):
-    """The module with ``multi_lora_forward``/``multi_lora_backward`` for ``backend``."""
-    if backend == "triton":
-        from . import kernels
-
-        return kernels
-    return multi_torch_backend
 
 
 class MultiLoRALinearFunction(torch.autograd.Function):
@@ -41,9 +30,8 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend, segments=None):
-        impl = _implementation(backend)
         tables = {} if segments is None else {"segments": segments}
-        y, xa = impl.multi_lora_forward(
+        y, xa = implementation(backend, mixed=True).multi_lora_forward(
             x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=dropout, seed=seed,
             **tables,
         )  # fmt: skip
@@ -55,7 +43,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, xa, weight, lora_A, lora_B, scalings, row_adapter, dropout = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = _implementation(ctx.backend).multi_lora_backward(
+        grad_x, grad_a, grad_b = implementation(ctx.backend, mixed=True).multi_lora_backward(
             grad_y.reshape(-1, grad_y.shape[-1]),
             x.reshape(-1, x.shape[-1]),
             xa,
@@ -147,14 +135,14 @@ def multi_lora_linear(
         ValueError: on a shape, dtype or device mismatch, (CPU) ids out of range, ids of the
             wrong length, a stacked rank above 256, or a backend that cannot run these tensors.
     """
-    cast = autocast_inputs(x, weight, bias, lora_A, lora_B)
-    if cast is not None:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return multi_lora_linear(*cast, scalings, adapter_ids, dropout_p, training)
-    scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
-    rows = row_adapter_ids(adapter_ids, x.shape, lora_A.shape[0]).to(x.device)
-    dropout = dropout_tensor(dropout_p, lora_A.shape[0], x.device) if training else None
-    return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout)
+
+    def check(x, weight, bias, lora_A, lora_B):
+        checked_scalings = check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings)
+        rows = row_adapter_ids(adapter_ids, x.shape, lora_A.shape[0]).to(x.device)
+        dropout = dropout_tensor(dropout_p, lora_A.shape[0], x.device) if training else None
+        return dropout is not None, (checked_scalings, rows, dropout)
+
+    return front_door(x, weight, bias, lora_A, lora_B, check, _run)
 
 
 def dropout_tensor(dropout_p: Sequence[float] | None, num_adapters: int, device) -> torch.Tensor | None:
@@ -184,25 +172,21 @@ def host_values_on(values: Sequence[float], dtype: torch.dtype, device) -> torch
 
 
 def apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=None, row_tables=None):
-    """:func:`multi_lora_linear` on checked inputs: scalings ``(K,)`` tensor, row_adapter ``(n,)`` int64,
-    dropout ``(K,)`` float32 or None (a seed is drawn when it is given).
+    """:func:`multi_lora_linear` with scalings ``(K,)`` tensor, row_adapter ``(n,)`` int64 and dropout ``(K,)``
+    float32 or None already made (shapes checked here). ``row_tables``: a ``RowAdapters`` whose cache keeps the
+    Triton kernels' row tables of this batch for every layer that sees the same rows (None: built per call)."""
 
-    ``row_tables``: a ``RowAdapters`` whose cache keeps the Triton kernels' row tables of this
-    batch for every layer that sees the same rows (None: built for this call, shared by its backward).
-    """
-    if torch.is_grad_enabled():
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.requires_grad:
-                raise ValueError(
-                    f"{name} requires grad, but lorafast trains only the adapters and computes no gradient for "
-                    f"the base layer; freeze it with {name}.requires_grad_(False)"
-                )
-    backend = resolve_backend(x.device, x.dtype)
-    seed = dropout_seed(backend) if dropout is not None else 0
-    segments = _row_segments(row_adapter, lora_A.shape[0], row_tables) if backend == "triton" else None
-    return MultiLoRALinearFunction.apply(
-        x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend, segments
-    )
+    def check(*tensors):
+        check_multi_lora_shapes(*tensors)
+        return dropout is not None, (scalings, row_adapter, dropout)
+
+    return front_door(x, weight, bias, lora_A, lora_B, check, lambda *args: _run(*args, row_tables=row_tables))
+
+
+def _run(tensors, checked, backend, seed, row_tables=None):
+    scalings, row_adapter, dropout = checked
+    segments = _row_segments(row_adapter, tensors[3].shape[0], row_tables) if backend == "triton" else None
+    return MultiLoRALinearFunction.apply(*tensors, scalings, row_adapter, dropout, seed, backend, segments)
 
 
 def _row_segments(row_adapter: torch.Tensor, num_adapters: int, row_tables):
@@ -239,9 +223,9 @@ def check_multi_lora_shapes(x, weight, bias, lora_A, lora_B) -> int:
     return num_adapters
 
 
-def scalings_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype of the scalings tensor for x: float32 (float64 for float64 x)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def scalings_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the scalings tensor for x of ``dtype``: float32 (float64 for float64 x)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.Tensor:
@@ -252,7 +236,7 @@ def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.
     for the device).
     """
     num_adapters = check_multi_lora_shapes(x, weight, bias, lora_A, lora_B)
-    dtype = scalings_dtype(x)
+    dtype = scalings_dtype(x.dtype)
     if isinstance(scalings, torch.Tensor) and scalings.device.type != "cpu":
         if scalings.dim() != 1 or scalings.shape[0] != num_adapters or not scalings.is_floating_point():
             raise ValueError(f"scalings must hold one number per adapter (K={num_adapters}), got {scalings!r:.80}")

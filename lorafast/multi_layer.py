@@ -16,10 +16,10 @@ from torch import nn
 
 from .function import lora_linear
 from .layer import adopt_frozen_base
-from .multi_function import apply_multi_lora, check_multi_lora_shapes, dropout_tensor, host_values_on, scalings_dtype
+from .multi_function import apply_multi_lora, dropout_tensor, host_values_on, scalings_dtype
 from .multi_stack import StackedFactorsCache
 from .row_adapters import RowAdapters, active_row_adapters
-from .validation import autocast_inputs, check_dropout, check_rank, check_scaling
+from .validation import check_dropout, check_rank, check_scaling
 
 
 class MultiLoRALinear(nn.Module):
@@ -162,17 +162,13 @@ class MultiLoRALinear(nn.Module):
         rows = row_adapters.rows(x.shape, x.device)
         if not self.lora_A:
             return F.linear(x, self.weight, self.bias)
-        weight, bias = self.weight, self.bias
-        cast = autocast_inputs(x, weight, bias)
-        if cast is not None:
-            x, weight, bias = cast
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         # under autocast, stacked (and kept) in the autocast dtype: no cast of the factors per call
-        lora_A, lora_B, _ = self.stacked_adapters(x.dtype if cast is not None else None)
-        check_multi_lora_shapes(x, weight, bias, lora_A, lora_B)
-        scalings, dropout = self._adapter_values(x.device, scalings_dtype(x))
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            dropout = dropout if self.training else None
-            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
+        lora_A, lora_B, _ = self.stacked_adapters(dtype if autocast else None)
+        scalings, dropout = self._adapter_values(x.device, scalings_dtype(dtype))
+        dropout = dropout if self.training else None
+        return apply_multi_lora(x, self.weight, self.bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
 
     def _adapter_values(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(scalings (K,), dropout (K,) float32 or None)`` on ``device``, rebuilt when adapters change, not per call
