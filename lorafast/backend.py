@@ -68,15 +68,17 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "triton"
 
 
-def implementation(backend: str, mixed: bool = False):
-    """The module with ``lora_forward``/``lora_backward`` (``mixed``: ``multi_lora_*``) of ``backend``."""
+def implementation(backend: str, mixed: bool = False) -> tuple[Callable, Callable]:
+    """``(forward, backward)`` of ``backend`` (one adapter or, ``mixed``, one per row) on front-door-checked inputs."""
     if backend == "triton":
-        from . import kernels
+        from .kernels import lora_linear as one
+        from .kernels import multi_lora_linear as many
 
-        return kernels
-    from . import multi_torch_backend, torch_backend
+        return (many.forward, many.backward) if mixed else (one.forward, one.backward)
+    from . import multi_torch_backend as many
+    from . import torch_backend as one
 
-    return multi_torch_backend if mixed else torch_backend
+    return (many.multi_lora_forward, many.multi_lora_backward) if mixed else (one.lora_forward, one.lora_backward)
 
 
 def front_door(x, weight, bias, lora_A, lora_B, check: Callable, run: Callable):

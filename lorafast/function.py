@@ -19,8 +19,9 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-        impl = implementation(backend)
-        y, xa = impl.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        y, xa = implementation(backend)[0](
+            x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed
+        )
         ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -29,7 +30,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, xa, weight, lora_A, lora_B = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = implementation(ctx.backend).lora_backward(
+        grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
             grad_y.reshape(-1, grad_y.shape[-1]),
             x.reshape(-1, x.shape[-1]),
             xa,

@@ -31,7 +31,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend, segments=None):
         tables = {} if segments is None else {"segments": segments}
-        y, xa = implementation(backend, mixed=True).multi_lora_forward(
+        y, xa = implementation(backend, mixed=True)[0](
             x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=dropout, seed=seed,
             **tables,
         )  # fmt: skip
@@ -43,7 +43,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, xa, weight, lora_A, lora_B, scalings, row_adapter, dropout = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = implementation(ctx.backend, mixed=True).multi_lora_backward(
+        grad_x, grad_a, grad_b = implementation(ctx.backend, mixed=True)[1](
             grad_y.reshape(-1, grad_y.shape[-1]),
             x.reshape(-1, x.shape[-1]),
             xa,

@@ -89,8 +89,8 @@ fused_lora_matmul_tuned = triton.autotune(
 )(fused_lora_matmul_kernel)
 
 
-def _fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config):
-    """Launch the kernel for ``(M, K)·(K, N)`` operands and UP ``(M, R)`` (views with any strides); returns C."""
+def fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config):
+    """Unchecked launch for ``(M, K)·(K, N)`` operands and UP ``(M, R)`` (views with any strides); returns C."""
     M, K = u.shape
     N, R = v.shape[1], up.shape[1]
     c = torch.empty(M, N, dtype=u.dtype, device=u.device)
@@ -125,19 +125,12 @@ def fused_lora_forward(
     """Forward: x ``(M, K)`` any strides, W0 ``(N, K)``, bias ``(N,)``/None, A ``(R, K)``, B ``(N, R)`` -> ``(y (M, N),
     xa (M, R))`` in x's dtype. ``xa``: precomputed ``drop(x)·Aᵀ`` (None: ``x·Aᵀ``); ``config`` pins a GEMM config
     (tests; None autotunes on CUDA)."""
-    check_input("x", x)
-    M, K = x.shape
-    N, R = weight.shape[0], lora_A.shape[0]
-    check_tensor("weight", weight, (N, K), x)
-    check_tensor("lora_A", lora_A, (R, K), x)
-    check_tensor("lora_B", lora_B, (N, R), x)
-    if bias is not None:
-        check_tensor("bias", bias, (N,), x)
+    check_operands(x, weight, lora_A, lora_B, bias)
     if xa is not None:
-        check_tensor("xa", xa, (M, R), x)
-    if xa is None:
+        check_tensor("xa", xa, (x.shape[0], lora_A.shape[0]), x)
+    else:
         xa = lora_project(x, lora_A)
-    return _fused_lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling, 0.0, 0, config), xa
+    return fused_lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling, 0.0, 0, config), xa
 
 
 def fused_lora_dx(
@@ -152,14 +145,22 @@ def fused_lora_dx(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input gradient: dY ``(M, N)`` any strides, W0 ``(N, K)``, A ``(R, K)``, B ``(N, R)``, the forward's dropout_p
     and seed -> ``(dX (M, K), g = dY·B (M, R))`` in dY's dtype; ``config`` as in :func:`fused_lora_forward`."""
-    check_input("grad_y", grad_y)
-    N = grad_y.shape[1]
-    K, R = weight.shape[1], lora_A.shape[0]
-    check_tensor("weight", weight, (N, K), grad_y)
-    check_tensor("lora_A", lora_A, (R, K), grad_y)
-    check_tensor("lora_B", lora_B, (N, R), grad_y)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout probability {dropout_p} must be in [0, 1)")
+    check_operands(grad_y, weight, lora_A, lora_B, dropout_p=dropout_p, dx=True)
     scale = scaling / (1.0 - dropout_p)
     g = lora_project(grad_y, lora_B.t())
-    return _fused_lora_matmul(grad_y, weight, g, lora_A, None, scale, dropout_p, seed, config), g
+    return fused_lora_matmul(grad_y, weight, g, lora_A, None, scale, dropout_p, seed, config), g
+
+
+def check_operands(u, weight, lora_A, lora_B, bias=None, dropout_p=0.0, dx=False):
+    """ValueError unless W0 ``(out, in)``, A ``(r, in)``, B ``(out, r)``, bias ``(out,)`` fit u, x ``(M, in)`` or with
+    ``dx`` dY ``(M, out)``, and dropout_p is in [0, 1)."""
+    check_input("grad_y" if dx else "x", u)
+    N, K = (u.shape[1], weight.shape[1]) if dx else (weight.shape[0], u.shape[1])
+    R = lora_A.shape[0]
+    check_tensor("weight", weight, (N, K), u)
+    check_tensor("lora_A", lora_A, (R, K), u)
+    check_tensor("lora_B", lora_B, (N, R), u)
+    if bias is not None:
+        check_tensor("bias", bias, (N,), u)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout probability {dropout_p} must be in [0, 1)")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .dropout_xa import dropout_xa
-from .fused_lora_matmul import fused_lora_dx, fused_lora_forward
-from .lora_weight_grad import lora_weight_grad
+from .dropout_xa import lora_project
+from .fused_lora_matmul import check_operands, fused_lora_matmul
+from .launch import check_tensor
+from .lora_weight_grad import weight_grad
 
 
 def host_seed(seed: int | torch.Tensor) -> int:
@@ -24,23 +25,24 @@ def host_seed(seed: int | torch.Tensor) -> int:
     return seed
 
 
+# The launchers' unchecked entries: lora_linear checked these inputs at its front door.
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    seed = host_seed(seed)
-    xa = dropout_xa(x, lora_A, dropout_p, seed) if dropout_p > 0.0 else None
-    return fused_lora_forward(x, weight, bias, lora_A, lora_B, scaling, xa=xa)
+    xa = lora_project(x, lora_A, dropout_p, host_seed(seed))
+    return fused_lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling, 0.0, 0, None), xa
 
 
 def _backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_da, need_db):
     grad_x = grad_a = grad_b = g = None
     seed = host_seed(seed)
     if need_dx:
-        grad_x, g = fused_lora_dx(grad_y, weight, lora_A, lora_B, scaling, dropout_p, seed)
+        g = lora_project(grad_y, lora_B.t())
+        grad_x = fused_lora_matmul(grad_y, weight, g, lora_A, None, scaling / (1.0 - dropout_p), dropout_p, seed, None)
     elif need_da:
         g = torch.mm(grad_y, lora_B)
     if need_da:
-        grad_a = lora_weight_grad(x, g, scaling / (1.0 - dropout_p), dropout_p, seed, transpose=True)
+        grad_a = weight_grad(x, g, scaling / (1.0 - dropout_p), dropout_p, seed, transpose=True)
     if need_db:
-        grad_b = lora_weight_grad(grad_y, xa, scaling)
+        grad_b = weight_grad(grad_y, xa, scaling)
     return grad_x, grad_a, grad_b
 
 
@@ -96,6 +98,22 @@ def _(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, 
     return tuple(grad_y.new_empty(shape if need else (0,)) for shape, need in zip(shapes, (need_dx, need_da, need_db)))
 
 
+def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """:func:`lora_forward` unchecked: the library's entry (its front door checked the inputs)."""
+    if not torch.compiler.is_compiling():
+        return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return _forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor(seed))
+
+
+def backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_grad):
+    """:func:`lora_backward` unchecked."""
+    args = (grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p)
+    if not torch.compiler.is_compiling():
+        return _backward(*args, seed, *needs_grad)
+    grads = _backward_op(*args, seed_tensor(seed), *needs_grad)
+    return tuple(g if need else None for g, need in zip(grads, needs_grad, strict=True))
+
+
 def lora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -110,9 +128,8 @@ def lora_forward(
 
     ``seed``: an int, or the 0-d int64 CPU tensor ``lorafast.dropout.dropout_seed`` gives under torch.compile.
     """
-    if not torch.compiler.is_compiling():
-        return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return _forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor(seed))
+    check_operands(x, weight, lora_A, lora_B, bias, dropout_p)
+    return forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def lora_backward(
@@ -128,8 +145,7 @@ def lora_backward(
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dX, dA, dB)``, each None where ``needs_grad`` says it is not wanted; ``seed`` as for :func:`lora_forward`."""
-    args = (grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p)
-    if not torch.compiler.is_compiling():
-        return _backward(*args, seed, *needs_grad)
-    grads = _backward_op(*args, seed_tensor(seed), *needs_grad)
-    return tuple(g if need else None for g, need in zip(grads, needs_grad, strict=True))
+    check_operands(grad_y, weight, lora_A, lora_B, dropout_p=dropout_p, dx=True)
+    check_tensor("x", x, (grad_y.shape[0], weight.shape[1]), grad_y)
+    check_tensor("xa", xa, (grad_y.shape[0], lora_A.shape[0]), grad_y)
+    return backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_grad)

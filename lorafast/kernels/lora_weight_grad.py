@@ -107,11 +107,15 @@ def lora_weight_grad(
     """u ``(M, P)``, v ``(M, R)`` -> ``(P, R)`` in u's dtype, or contiguous ``(R, P)`` with ``transpose`` (dA);
     ``dropout_p > 0`` masks U with ``seed``'s mask; ``split`` (token slabs) and ``config`` pin the launch (tests)."""
     check_input("u", u)
-    M, P = u.shape
-    R = v.shape[1]
-    check_tensor("v", v, (M, R), u)
+    check_tensor("v", v, (u.shape[0], v.shape[1]), u)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout probability {dropout_p} must be in [0, 1)")
+    return weight_grad(u, v, scale, dropout_p, seed, split, config, transpose)
+
+
+def weight_grad(u, v, scale, dropout_p=0.0, seed=0, split=None, config=None, transpose=False):
+    """:func:`lora_weight_grad` unchecked."""
+    (M, P), R = u.shape, v.shape[1]
     shape = (R, P) if transpose else (P, R)
     if M == 0:
         return torch.zeros(shape, dtype=u.dtype, device=u.device)

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import torch
 
-from .adapter_segments import BLOCK_M, AdapterSegments, RowChunks, adapter_segments
+from .adapter_segments import BLOCK_M, AdapterSegments, RowChunks, adapter_segments, resolve_segments
+from .launch import check_tensor
 from .lora_linear import host_seed, seed_tensor
-from .multi_lora_matmul import fused_multi_lora_dx, fused_multi_lora_forward
-from .multi_lora_weight_grad import multi_lora_weight_grad
+from .multi_lora_matmul import check_operands, multi_forward, multi_lora_matmul
+from .multi_lora_weight_grad import multi_weight_grad
 
 
 def batch_segments(row_adapter: torch.Tensor, num_adapters: int) -> AdapterSegments:
@@ -42,11 +43,10 @@ def batch_segments(row_adapter: torch.Tensor, num_adapters: int) -> AdapterSegme
     return adapter_segments(row_adapter, num_adapters, BLOCK_M)
 
 
+# The launchers' unchecked entries: multi_lora_linear checked these inputs at its front door.
 def _forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segments):
-    seed = host_seed(seed)
-    return fused_multi_lora_forward(
-        x, weight, bias, lora_A, lora_B, scalings, row_adapter, segments=segments, dropout=dropout, seed=seed
-    )
+    segments = segments or batch_segments(row_adapter, lora_A.shape[0])
+    return multi_forward(x, weight, bias, lora_A, lora_B, scalings, segments, None, dropout, host_seed(seed))
 
 
 def _backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, needs_grad, dropout, seed, segments):
@@ -54,20 +54,16 @@ def _backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, need
     grad_x = grad_a = grad_b = None
     if not (need_dx or need_da or need_db):
         return grad_x, grad_a, grad_b
-    if segments is None:
-        segments = batch_segments(row_adapter, lora_A.shape[0])
+    segments = segments or batch_segments(row_adapter, lora_A.shape[0])
     seed = host_seed(seed)
     if need_dx or need_da:
-        grad_x, g = fused_multi_lora_dx(
-            grad_y, weight, lora_A, lora_B, scalings, row_adapter, with_dx=need_dx, segments=segments,
-            dropout=dropout, seed=seed,
-        )  # fmt: skip
+        grad_x, g = multi_lora_matmul(
+            grad_y, weight, lora_B, lora_A, None, scalings, segments, need_dx, None, dropout, seed
+        )
         if need_da:
-            grad_a = multi_lora_weight_grad(
-                x, g, scalings, row_adapter, transpose=True, segments=segments, dropout=dropout, seed=seed
-            )
+            grad_a = multi_weight_grad(x, g, scalings, segments, transpose=True, dropout=dropout, seed=seed)
     if need_db:
-        grad_b = multi_lora_weight_grad(grad_y, xa, scalings, row_adapter, segments=segments)
+        grad_b = multi_weight_grad(grad_y, xa, scalings, segments)
     return grad_x, grad_a, grad_b
 
 
@@ -169,10 +165,9 @@ def multi_lora_forward(
     under torch.compile a 0-d int64 CPU tensor); ``segments``:
     :func:`batch_segments` of row_adapter if already built.
     """
-    args = (x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout)
-    if not torch.compiler.is_compiling():
-        return _forward(*args, seed, segments)
-    return _forward_op(*args, seed_tensor(seed), *_flatten(segments))
+    num_adapters = check_operands(x, weight, lora_A, lora_B, scalings, row_adapter, bias, dropout, _int_seed(seed))
+    segments = resolve_segments(segments, row_adapter, num_adapters, x.shape[0], x.device, None)
+    return forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segments)
 
 
 def multi_lora_backward(
@@ -194,6 +189,31 @@ def multi_lora_backward(
     Each adapter's dA and dB sum over its own rows only (zeros for an adapter without rows).
     ``dropout``, ``seed`` and ``segments`` are the forward's; xa is the forward's (it holds the dropout).
     """
+    n = grad_y.shape[0]
+    num_adapters = check_operands(grad_y, weight, lora_A, lora_B, scalings, row_adapter, None, dropout, _int_seed(seed),
+                                  dx=True)  # fmt: skip
+    check_tensor("x", x, (n, weight.shape[1]), grad_y)
+    check_tensor("xa", xa, (n, lora_A.shape[1]), grad_y)
+    segments = resolve_segments(segments, row_adapter, num_adapters, n, grad_y.device, None)
+    return backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, needs_grad, dropout, seed, segments)
+
+
+def _int_seed(seed: int | torch.Tensor) -> int:
+    """An int seed as it is (checked), a tensor one as any valid int (:func:`host_seed` checks it on use)."""
+    return 0 if isinstance(seed, torch.Tensor) else seed
+
+
+def forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=None, seed=0, segments=None):
+    """:func:`multi_lora_forward` unchecked: the library's entry (its front door checked the inputs)."""
+    args = (x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout)
+    if not torch.compiler.is_compiling():
+        return _forward(*args, seed, segments)
+    return _forward_op(*args, seed_tensor(seed), *_flatten(segments))
+
+
+def backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, needs_grad, dropout=None, seed=0,
+             segments=None):  # fmt: skip
+    """:func:`multi_lora_backward` unchecked."""
     args = (grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter)
     if not torch.compiler.is_compiling():
         return _backward(*args, needs_grad, dropout, seed, segments)

@@ -198,23 +198,33 @@ multi_lora_matmul_tuned = triton.autotune(
 )(multi_lora_matmul_kernel)
 
 
-def _check_adapters(lora_A, lora_B, scalings, row_adapter, x, in_features, out_features) -> tuple[int, int]:
-    """Check the stacked adapters ``(A, R, in)``, ``(A, out, R)``, scalings and ids against x; returns (A, R)."""
+def check_operands(u, weight, lora_A, lora_B, scalings, row_adapter, bias=None, dropout=None, seed=0, dx=False) -> int:
+    """ValueError unless W0 ``(out, in)``, A ``(K, R, in)``, B ``(K, out, R)``, scalings, ids, bias ``(out,)`` and
+    dropout fit u, x ``(n, in)`` or with ``dx`` dY ``(n, out)``; returns K."""
+    check_input("grad_y" if dx else "x", u)
+    if dx:
+        out_features, in_features = u.shape[1], weight.shape[1] if weight.dim() == 2 else -1
+    else:
+        in_features, out_features = u.shape[1], weight.shape[0]
+    check_tensor("weight", weight, (out_features, in_features), u)
+    if bias is not None:
+        check_tensor("bias", bias, (out_features,), u)
     if lora_A.dim() != 3:
         raise ValueError(f"lora_A must be 3-D stacked adapters (K, R, in), got shape {tuple(lora_A.shape)}")
     num_adapters, R = lora_A.shape[:2]
     rank_block(R)
-    check_tensor("lora_A", lora_A, (num_adapters, R, in_features), x)
-    check_tensor("lora_B", lora_B, (num_adapters, out_features, R), x)
-    if check_row_ids(row_adapter, scalings, x.shape[0], x) != num_adapters:
+    check_tensor("lora_A", lora_A, (num_adapters, R, in_features), u)
+    check_tensor("lora_B", lora_B, (num_adapters, out_features, R), u)
+    if check_row_ids(row_adapter, scalings, u.shape[0], u) != num_adapters:
         raise ValueError(f"scalings has {scalings.shape[0]} values but there are {num_adapters} stacked adapters")
-    return num_adapters, R
+    check_dropout(dropout, seed, num_adapters, u)
+    return num_adapters
 
 
-def _multi_lora_matmul(
+def multi_lora_matmul(
     u, v, pk, q, bias, scalings, segments, write_c, config, dropout=None, seed=0, dropout_up=False, up=None
 ):
-    """Launch the kernel for U ``(M, K)``, V ``(K, N)``, P ``(A, K, R)``, Q ``(A, R, N)`` (any strides).
+    """Unchecked launch of the kernel for U ``(M, K)``, V ``(K, N)``, P ``(A, K, R)``, Q ``(A, R, N)`` (any strides).
 
     ``dropout_up``: ``up`` holds the UP rows of the adapters with p_k > 0 (forward); otherwise,
     with ``dropout`` and ``write_c``, C's low-rank term is masked and scaled (dX).
@@ -282,20 +292,18 @@ def fused_multi_lora_forward(
         ``(y, xa)``: y ``(n, out)`` and ``xa_i = drop(x)_i·A_kᵀ`` ``(n, R)`` (zeros where k = −1),
         in x's dtype.
     """
-    check_input("x", x)
-    n, in_features = x.shape
-    out_features = weight.shape[0]
-    check_tensor("weight", weight, (out_features, in_features), x)
-    if bias is not None:
-        check_tensor("bias", bias, (out_features,), x)
-    num_adapters, R = _check_adapters(lora_A, lora_B, scalings, row_adapter, x, in_features, out_features)
-    check_dropout(dropout, seed, num_adapters, x)
-    segments = resolve_segments(segments, row_adapter, num_adapters, n, x.device, config)
+    num_adapters = check_operands(x, weight, lora_A, lora_B, scalings, row_adapter, bias, dropout, seed)
+    segments = resolve_segments(segments, row_adapter, num_adapters, x.shape[0], x.device, config)
+    return multi_forward(x, weight, bias, lora_A, lora_B, scalings, segments, config, dropout, seed)
+
+
+def multi_forward(x, weight, bias, lora_A, lora_B, scalings, segments, config=None, dropout=None, seed=0):
+    """:func:`fused_multi_lora_forward` unchecked, with the segments built."""
     xa = None
     if dropout is not None:
-        xa = torch.empty(n, R, dtype=x.dtype, device=x.device)
+        xa = torch.empty(x.shape[0], lora_A.shape[1], dtype=x.dtype, device=x.device)
         launch_multi_dropout_xa(x, lora_A, dropout, seed, segments, xa, True, None)
-    return _multi_lora_matmul(
+    return multi_lora_matmul(
         x, weight.t(), lora_A.transpose(1, 2), lora_B.transpose(1, 2), bias, scalings, segments, True, config,
         dropout, seed, dropout_up=True, up=xa,
     )  # fmt: skip
@@ -330,11 +338,6 @@ def fused_multi_lora_dx(
         ``(dx, g)``: dX ``(n, in)`` (None unless ``with_dx``) and ``g_i = dY_i·B_k`` ``(n, R)``
         (zeros where k = −1), in dY's dtype.
     """
-    check_input("grad_y", grad_y)
-    n, out_features = grad_y.shape
-    in_features = weight.shape[1] if weight.dim() == 2 else -1
-    check_tensor("weight", weight, (out_features, in_features), grad_y)
-    num_adapters, _ = _check_adapters(lora_A, lora_B, scalings, row_adapter, grad_y, in_features, out_features)
-    check_dropout(dropout, seed, num_adapters, grad_y)
-    segments = resolve_segments(segments, row_adapter, num_adapters, n, grad_y.device, config)
-    return _multi_lora_matmul(grad_y, weight, lora_B, lora_A, None, scalings, segments, with_dx, config, dropout, seed)
+    num_adapters = check_operands(grad_y, weight, lora_A, lora_B, scalings, row_adapter, None, dropout, seed, True)
+    segments = resolve_segments(segments, row_adapter, num_adapters, grad_y.shape[0], grad_y.device, config)
+    return multi_lora_matmul(grad_y, weight, lora_B, lora_A, None, scalings, segments, with_dx, config, dropout, seed)

@@ -150,21 +150,27 @@ def multi_lora_weight_grad(
         Deterministic: the same for the same inputs and chunk_rows.
     """
     check_input("u", u)
-    n, P = u.shape
+    n = u.shape[0]
     R = v.shape[1] if v.dim() == 2 else -1
     check_tensor("v", v, (n, R), u)
     num_adapters = check_row_ids(row_adapter, scalings, n, u)
     check_dropout(dropout, seed, num_adapters, u)
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
-    rank_pad = rank_block(R)
-    shape = (num_adapters, R, P) if transpose else (num_adapters, P, R)
-    if n == 0:
-        return torch.zeros(shape, dtype=u.dtype, device=u.device)
     if segments is None:
         segments = adapter_segments(row_adapter, num_adapters, BLOCK_M, chunk_rows)
     else:
         check_segments(segments, n, num_adapters, u.device)
+    return multi_weight_grad(u, v, scalings, segments, transpose, chunk_rows, config, dropout, seed)
+
+
+def multi_weight_grad(u, v, scalings, segments, transpose=False, chunk_rows=None, config=None, dropout=None, seed=0):
+    """:func:`multi_lora_weight_grad` unchecked, with the segments built."""
+    (n, P), R, num_adapters = u.shape, v.shape[1], scalings.shape[0]
+    rank_pad = rank_block(R)
+    shape = (num_adapters, R, P) if transpose else (num_adapters, P, R)
+    if n == 0:
+        return torch.zeros(shape, dtype=u.dtype, device=u.device)
     chunks: RowChunks = segments.chunks
     if chunk_rows is not None and chunk_rows != chunks.chunk_rows:
         chunks = row_chunks(segments.bounds, n, chunk_rows)
