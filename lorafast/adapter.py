@@ -100,19 +100,13 @@ def save_adapter(
 
 def _adapter_factors(model: nn.Module, adapter_name: str | None) -> dict[str, tuple]:
     """``{module name: (lora_A, lora_B, r, alpha, dropout)}`` of the single adapter, or of the named one."""
-    if adapter_name is None:
-        layers = dict(lora_layers(model))
-        if not layers:
-            hint = " (it has named adapters: pass adapter_name)" if list_adapters(model) else ""
-            raise ValueError(f"the model has no LoRA layers to save{hint}; call apply_lora() first")
-        return {n: (m.lora_A, m.lora_B, m.r, m.alpha, m.dropout) for n, m in layers.items()}
-    if adapter_name not in list_adapters(model):
+    layers = dict(lora_layers(model) if adapter_name is None else multi_lora_layers(model))
+    if adapter_name is None and not layers:
+        hint = " (it has named adapters: pass adapter_name)" if list_adapters(model) else ""
+        raise ValueError(f"the model has no LoRA layers to save{hint}; call apply_lora() first")
+    if adapter_name is not None and adapter_name not in list_adapters(model):
         raise ValueError(f"no adapter named {adapter_name!r}; the model has {list_adapters(model)}")
-    return {
-        n: (m.lora_A[adapter_name], m.lora_B[adapter_name], m.ranks()[adapter_name], m.alphas[adapter_name],
-            m.dropouts[adapter_name])
-        for n, m in multi_lora_layers(model)
-    }  # fmt: skip
+    return {n: m.factors(adapter_name) for n, m in layers.items()}
 
 
 def _target_modules(model: nn.Module, names: set[str]) -> list[str] | str:

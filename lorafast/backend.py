@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import multi_torch_backend, torch_backend
 from .dropout import dropout_seed
 from .validation import autocast_inputs
 
@@ -75,10 +76,9 @@ def implementation(backend: str, mixed: bool = False) -> tuple[Callable, Callabl
         from .kernels import multi_lora_linear as many
 
         return (many.forward, many.backward) if mixed else (one.forward, one.backward)
-    from . import multi_torch_backend as many
-    from . import torch_backend as one
-
-    return (many.multi_lora_forward, many.multi_lora_backward) if mixed else (one.lora_forward, one.lora_backward)
+    if mixed:
+        return multi_torch_backend.multi_lora_forward, multi_torch_backend.multi_lora_backward
+    return torch_backend.lora_forward, torch_backend.lora_backward
 
 
 def front_door(x, weight, bias, lora_A, lora_B, check: Callable, run: Callable):

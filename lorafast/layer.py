@@ -14,7 +14,51 @@ from .function import lora_linear
 from .validation import check_dropout, check_rank, check_scaling
 
 
-class FusedLoRALinear(nn.Module):
+class LoRALayer(nn.Module):
+    """What model-level functions use of a LoRA layer (both kinds): :meth:`factors`, :meth:`get_delta_weight`,
+    :meth:`to_base_layer`. Adds no parameter: the subclasses' state_dicts are their own."""
+
+    fan_in_fan_out = False  # True: the weight is stored (in_features, out_features), as a Conv1D's
+
+    def factors(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
+        """``(lora_A (r, in), lora_B (out, r), r, alpha, dropout)`` of adapter ``name`` (None: the layer's one)."""
+        raise NotImplementedError
+
+    def _set_merged(self, merged: bool) -> None:
+        """Fold the adapter in use into the weight (``merged``), or leave the weight unmerged."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def get_delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """``scaling·B·A`` of adapter ``name`` (fp32 math) in the weight's dtype and layout, ``(out, in)`` or
+        ``(in, out)`` for a Conv1D, as PEFT's."""
+        lora_A, lora_B, r, alpha, _ = self.factors(name)
+        return self._in_weight_layout(_scaled_product(lora_A, lora_B, alpha / r))
+
+    def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def to_base_layer(self, merge: bool = False) -> nn.Module:
+        """The plain ``nn.Linear`` (a Conv1D for ``fan_in_fan_out``) holding this layer's weight and bias, the
+        adapter in use merged into the weight (``merge``) or not."""
+        self._set_merged(merge)
+        if self.fan_in_fan_out:
+            with torch.device("meta"):
+                conv = conv1d_class()(self.out_features, self.in_features)
+            conv.weight, conv.bias = self.weight, self.bias
+            return conv.train(self.training)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear.train(self.training)
+
+
+class FusedLoRALinear(LoRALayer):
     """``y = x·Wᵀ + b + (alpha/r)·(drop(x)·Aᵀ)·Bᵀ``, x ``(..., in_features)`` -> ``(..., out_features)``; W, b frozen.
 
     Keeps ``nn.Linear``'s state_dict keys (``weight``, ``bias``), so a base checkpoint loads unchanged (the
@@ -25,8 +69,6 @@ class FusedLoRALinear(nn.Module):
     dtype in forward and their gradients arrive in adapter_dtype. ``from_linear`` also wraps GPT-2's ``Conv1D``
     (weight ``(in, out)``), kept in that layout and key, read transposed without a copy (``fan_in_fan_out``).
     """
-
-    fan_in_fan_out = False  # True: the weight is stored (in_features, out_features), as a Conv1D's
 
     def __init__(
         self,
@@ -109,18 +151,12 @@ class FusedLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def base_weight(self) -> torch.Tensor:
-        """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+    def factors(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
+        return self.lora_A, self.lora_B, self.r, self.alpha, self.dropout
 
-    @torch.no_grad()
-    def get_delta_weight(self) -> torch.Tensor:
-        """``scaling·B·A`` (fp32 math) in the weight's dtype and layout, ``(out, in)`` or ``(in, out)``, as PEFT's."""
-        return self._in_weight_layout(_scaled_product(self.lora_A, self.lora_B, self.scaling))
-
-    def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
-        """``delta`` ``(out, in)`` in the weight's dtype and layout."""
-        return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
+    def _set_merged(self, merged: bool) -> None:
+        if merged != self.merged:
+            self.merge() if merged else self.unmerge()
 
     @torch.no_grad()
     def merge(self) -> None:

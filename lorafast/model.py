@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .layer import FusedLoRALinear, conv1d_class, default_adapter_dtype
+from .layer import FusedLoRALinear, LoRALayer, conv1d_class, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
@@ -86,11 +86,14 @@ def _single_adapter_bases() -> tuple[type, ...]:
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoRALinear]]:
-    """``(module name, layer)`` for every FusedLoRALinear in ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, FusedLoRALinear):
-            yield name, module
+def lora_layers(model: nn.Module, kind: type = FusedLoRALinear) -> Iterator[tuple[str, FusedLoRALinear]]:
+    """``(module name, layer)`` for every FusedLoRALinear (or ``kind``) in ``model``."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, kind))
+
+
+def multi_lora_layers(model: nn.Module) -> Iterator[tuple[str, MultiLoRALinear]]:
+    """``(module name, layer)`` for every MultiLoRALinear in ``model``."""
+    return lora_layers(model, MultiLoRALinear)
 
 
 def apply_lora(
@@ -110,7 +113,7 @@ def apply_lora(
     """
     if next(lora_layers(model), None) is not None:
         raise ValueError("the model already has LoRA layers; call merge_lora() or remove_lora() before applying again")
-    if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+    if next(multi_lora_layers(model), None) is not None:
         raise ValueError(
             "the model has named adapters (add_adapter); use add_adapter() for another one, or remove_adapter() "
             "them all before apply_lora()"
@@ -130,12 +133,8 @@ def apply_lora(
 
 def remove_lora(model: nn.Module) -> nn.Module:
     """Put plain ``nn.Linear`` modules back with the unmerged weights, dropping named adapters too; returns model."""
-    for name, layer in list(lora_layers(model)):
-        if layer.merged:
-            layer.unmerge()
-        _replace(model, name, _as_linear(layer))
-    for name, layer in list(_multi_layers(model)):
-        _replace(model, name, _as_linear(layer))
+    for name, layer in list(lora_layers(model, LoRALayer)):
+        _replace(model, name, layer.to_base_layer())
     return model
 
 
@@ -146,7 +145,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     inference cost. With named adapters the active one is merged and the others dropped; ValueError if none
     is active.
     """
-    multi = list(_multi_layers(model))
+    multi = list(multi_lora_layers(model))
     if multi:
         active = {layer.active_adapter for _, layer in multi}
         if None in active or len(active) > 1:
@@ -154,33 +153,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 f"the model has named adapters {multi[0][1].adapter_names} but no single active one; "
                 "lorafast.set_adapter(model, name) picks the adapter to merge"
             )
-    for name, layer in list(lora_layers(model)):
-        if not layer.merged:
-            layer.merge()
-        _replace(model, name, _as_linear(layer))
-    for name, layer in multi:
-        with torch.no_grad():
-            layer.weight.add_(layer.get_delta_weight(layer.active_adapter))
-        _replace(model, name, _as_linear(layer))
+    for name, layer in list(lora_layers(model, LoRALayer)):
+        _replace(model, name, layer.to_base_layer(merge=True))
     return model
-
-
-def _multi_layers(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
-
-
-def _as_linear(layer: FusedLoRALinear | MultiLoRALinear) -> nn.Module:
-    """The plain layer holding ``layer``'s weight and bias: an nn.Linear, or a Conv1D for ``fan_in_fan_out``."""
-    if getattr(layer, "fan_in_fan_out", False):
-        with torch.device("meta"):
-            conv = conv1d_class()(layer.out_features, layer.in_features)
-        conv.weight, conv.bias = layer.weight, layer.bias
-        return conv.train(layer.training)
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    linear.weight = layer.weight
-    if layer.bias is not None:
-        linear.bias = layer.bias
-    return linear.train(layer.training)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

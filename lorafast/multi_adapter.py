@@ -11,21 +11,14 @@ Every adapter covers the same modules. Integer ids follow :func:`list_adapters`;
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .model import DEFAULT_TARGETS, _as_linear, _replace, lora_layers, select_targets
+from .model import DEFAULT_TARGETS, _replace, lora_layers, multi_lora_layers, select_targets
 from .multi_layer import MultiLoRALinear
 from .row_adapters import RowAdapters, scoped_row_adapters
-
-
-def multi_lora_layers(model: nn.Module) -> Iterator[tuple[str, MultiLoRALinear]]:
-    """``(module name, layer)`` for every MultiLoRALinear in ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, MultiLoRALinear):
-            yield name, module
 
 
 def _layers_or_error(model: nn.Module) -> dict[str, MultiLoRALinear]:
@@ -105,7 +98,7 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     for module_name, layer in layers.items():
         layer.remove_adapter(name)
         if not layer.adapter_names:
-            _replace(model, module_name, _as_linear(layer))
+            _replace(model, module_name, layer.to_base_layer())
     return model
 
 

@@ -1,9 +1,9 @@
-"""The mixed-adapter LoRA linear as an autograd Function, and its entry point ``multi_lora_linear``.
+"""The mixed-adapter LoRA linear ``y_i = x_i·W0ᵀ + b + s_k·(drop_k(x_i)·A_kᵀ)·B_kᵀ`` (k: row i's adapter out of K
+stacked ones, −1: the base layer only) as an autograd Function, and its entry point ``multi_lora_linear``.
 
-Each row of a batch uses its own adapter out of K stacked ones (−1: the base layer only), so
-requests for different tasks share one batch, in inference and in training: backward gives
-every adapter exactly the gradient its own rows would give it alone. Kept for backward: x
-itself, ``xa`` ``(n, R)``, the row ids and the (parameter) weights — as in the one-adapter case.
+Requests for different tasks share one batch, in inference and in training: backward gives every adapter exactly
+the gradient its own rows would give it alone. Kept for backward: x itself, ``xa`` ``(n, R)``, the row ids and the
+(parameter) weights, as in the one-adapter case.
 """
 
 from __future__ import annotations
@@ -19,14 +19,10 @@ MAX_STACKED_RANK = 256
 
 
 class MultiLoRALinearFunction(torch.autograd.Function):
-    """Mixed-adapter LoRA linear with gradients for x and the stacked A and B only.
-
-    Inputs: x ``(..., in)``, weight ``(out, in)``, bias ``(out,)`` or None, lora_A ``(K, R, in)``,
-    lora_B ``(K, out, R)``, scalings ``(K,)`` float32, row_adapter ``(n,)`` int64 with n the rows of
-    x, dropout ``(K,)`` float32 drop probabilities or None, seed, backend, and for the Triton
-    backend optionally the batch's row tables (``kernels.batch_segments``), which forward and
-    backward share. Not checked here; :func:`multi_lora_linear` checks them.
-    """
+    """Gradients for x and the stacked A and B only. x ``(..., in)``, weight ``(out, in)``, bias ``(out,)``/None,
+    lora_A ``(K, R, in)``, lora_B ``(K, out, R)``, scalings ``(K,)`` float32, row_adapter ``(n,)`` int64 (n rows of
+    x), dropout ``(K,)`` float32 or None, seed, backend, and for Triton optionally the batch's row tables
+    (``kernels.batch_segments``) that forward and backward share; unchecked (see multi_lora_linear)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend, segments=None):
@@ -65,13 +61,10 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 def row_adapter_ids(adapter_ids: torch.Tensor, x_shape: Sequence[int], num_adapters: int | None = None) -> torch.Tensor:
     """One adapter id per row of x: ``(n,)`` int64, n = the product of ``x_shape[:-1]``.
 
-    ``adapter_ids`` holds one id per row (shape ``x_shape[:-1]``) or one per sequence (shape
-    ``(x_shape[0],)``, repeated over the other leading dimensions). With ``num_adapters``, ids on
-    the CPU are checked to lie in [-1, num_adapters); ids on a GPU are not (that would wait for
-    the device): there an id outside the range counts as −1, on both backends.
-
-    Raises:
-        ValueError: ids that are not an integer tensor, of a shape that fits neither, or out of range.
+    ``adapter_ids`` holds one id per row (shape ``x_shape[:-1]``) or one per sequence (``(x_shape[0],)``, repeated
+    over the other leading dimensions). With ``num_adapters``, CPU ids are checked to lie in [-1, num_adapters); GPU
+    ids are not (that would wait for the device): there an id outside the range counts as −1, on both backends.
+    ValueError: ids that are not an integer tensor, of a shape that fits neither, or out of range.
     """
     if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype.is_floating_point or adapter_ids.is_complex():
         raise ValueError(f"adapter ids must be an integer tensor, got {adapter_ids!r:.80}")
@@ -106,34 +99,22 @@ def multi_lora_linear(
     dropout_p: Sequence[float] | None = None,
     training: bool = False,
 ) -> torch.Tensor:
-    """LoRA linear where each row picks its adapter: ``y_i = x_i·W0ᵀ + b + s_k·(drop_k(x_i)·A_kᵀ)·B_kᵀ``.
+    """LoRA linear where each row picks its adapter: x ``(..., in)`` any strides -> ``(..., out)`` in x's dtype.
 
     Args:
-        x: ``(..., in_features)``, any strides.
-        weight: frozen W0 ``(out_features, in_features)``; bias: frozen ``(out_features,)`` or None.
-        lora_A: K adapters stacked ``(K, R, in_features)``; an adapter of rank r < R has zero rows
-            r..R-1. lora_B: ``(K, out_features, R)``, zero columns r..R-1.
-        scalings: each adapter's ``alpha / r``, K numbers (runtime values: no recompile); numbers
-            and CPU tensors are checked to be finite, a tensor on x's GPU is used as it is.
-        adapter_ids: integer ids in [-1, K), one per row of x (shape ``x.shape[:-1]``) or one
-            per sequence (shape ``(x.shape[0],)``); −1 means no adapter (the base layer). Any order.
-            Ids on the CPU are range-checked; ids on a GPU are not (reading them would wait for
-            the device), and there an id outside [-1, K) counts as −1.
-        dropout_p: each adapter's dropout probability on its rows' LoRA input, K numbers in
-            [0, 1) (None: no dropout); applied when ``training``, with a seed drawn from torch's
-            default generator (``torch.manual_seed`` makes it reproducible).
-        training: apply dropout.
+        weight: frozen W0 ``(out, in)``; bias: frozen ``(out,)`` or None.
+        lora_A: K adapters stacked ``(K, R, in)`` (an adapter of rank r < R has zero rows r..R-1); lora_B:
+            ``(K, out, R)`` (zero columns r..R-1).
+        scalings: each adapter's ``alpha / r``, K numbers (runtime values: no recompile); numbers and CPU tensors
+            are checked to be finite, a tensor on x's GPU is used as it is.
+        adapter_ids: ids in [-1, K) (−1: the base layer), any order, as :func:`row_adapter_ids` takes them.
+        dropout_p: each adapter's dropout probability on its rows' LoRA input, K numbers in [0, 1) (None: none);
+            applied when ``training``, seeded from torch's default generator (``torch.manual_seed`` reproduces it).
 
-    Returns:
-        ``(..., out_features)`` in x's dtype. Gradients flow to x, lora_A and lora_B; each
-        adapter's is the one its own rows would give it alone.
-
-    CUDA tensors run the Triton kernels (one launch per kernel for all adapters), others the
-    PyTorch path; ``LORAFAST_BACKEND`` overrides as for :func:`lorafast.lora_linear`.
-
-    Raises:
-        ValueError: on a shape, dtype or device mismatch, (CPU) ids out of range, ids of the
-            wrong length, a stacked rank above 256, or a backend that cannot run these tensors.
+    Gradients flow to x, lora_A and lora_B. CUDA tensors run the Triton kernels (one launch per kernel for all
+    adapters), others the PyTorch path; ``LORAFAST_BACKEND`` overrides as for :func:`lorafast.lora_linear`.
+    ValueError on a shape, dtype or device mismatch, (CPU) ids out of range or of the wrong length, a stacked rank
+    above 256, or a backend that cannot run these tensors.
     """
 
     def check(x, weight, bias, lora_A, lora_B):
@@ -146,11 +127,8 @@ def multi_lora_linear(
 
 
 def dropout_tensor(dropout_p: Sequence[float] | None, num_adapters: int, device) -> torch.Tensor | None:
-    """Per-adapter drop probabilities as a ``(K,)`` float32 tensor, or None when none drops.
-
-    Raises:
-        ValueError: not K numbers, or one outside [0, 1).
-    """
+    """Per-adapter drop probabilities as a ``(K,)`` float32 tensor, None when none drops; ValueError: not K numbers
+    in [0, 1)."""
     if dropout_p is None:
         return None
     values = list(dropout_p)
@@ -200,10 +178,7 @@ def _row_segments(row_adapter: torch.Tensor, num_adapters: int, row_tables):
 
 
 def check_multi_lora_shapes(x, weight, bias, lora_A, lora_B) -> int:
-    """Check a mixed-adapter call's shapes, dtypes and devices (no values: nothing is read from the device).
-
-    Returns K, the number of stacked adapters.
-    """
+    """Check a mixed-adapter call's shapes, dtypes and devices (no value is read from the device); returns K."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     out_features, in_features = check_base_inputs(named, x, weight, bias)
     if lora_A.dim() != 3 or lora_A.shape[2] != in_features or lora_A.shape[0] < 1:
@@ -229,12 +204,8 @@ def scalings_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.Tensor:
-    """Check a mixed-adapter call's shapes, dtypes and devices; returns the scalings as a ``(K,)`` tensor.
-
-    The scalings tensor is float32 (float64 for float64 x), on x's device. Numbers and CPU
-    tensors are checked to be finite; a tensor on a GPU is taken as it is (reading it would wait
-    for the device).
-    """
+    """:func:`check_multi_lora_shapes`, and the scalings as a ``(K,)`` tensor of :func:`scalings_dtype` on x's device:
+    numbers and CPU tensors are checked to be finite, a GPU tensor is taken as it is (reading it would wait)."""
     num_adapters = check_multi_lora_shapes(x, weight, bias, lora_A, lora_B)
     dtype = scalings_dtype(x.dtype)
     if isinstance(scalings, torch.Tensor) and scalings.device.type != "cpu":

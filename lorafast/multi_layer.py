@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .function import lora_linear
-from .layer import adopt_frozen_base
+from .layer import LoRALayer, adopt_frozen_base
 from .multi_function import apply_multi_lora, dropout_tensor, host_values_on, scalings_dtype
 from .multi_stack import StackedFactorsCache
 from .row_adapters import RowAdapters, active_row_adapters
 from .validation import check_dropout, check_rank, check_scaling
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(LoRALayer):
     """``y = x·Wᵀ + b + (alpha_k/r_k)·(drop(x)·A_kᵀ)·B_kᵀ``, x ``(..., in)`` -> ``(..., out)``, k per layer or row.
 
     Frozen ``weight``/``bias`` (``nn.Linear``'s names); per adapter ``lora_A[name]`` ``(r, in)`` and
@@ -130,11 +130,15 @@ class MultiLoRALinear(nn.Module):
         )
         return lora_A_stacked, lora_B_stacked, [self.scaling(n) for n in names]
 
+    def factors(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
+        self._check_name(name)
+        lora_A = self.lora_A[name]
+        return lora_A, self.lora_B[name], lora_A.shape[0], self.alphas[name], self.dropouts[name]
+
     @torch.no_grad()
-    def get_delta_weight(self, name: str) -> torch.Tensor:
-        """``scaling·B·A`` of adapter ``name``, ``(out_features, in_features)``, in the weight's dtype."""
-        delta = self.lora_B[name].float() @ self.lora_A[name].float()
-        return delta.mul_(self.scaling(name)).to(self.weight.dtype)
+    def _set_merged(self, merged: bool) -> None:
+        if merged:
+            self.weight.add_(self.get_delta_weight(self.active_adapter))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""

@@ -1,30 +1,22 @@
 """The mixed-adapter LoRA linear's forward and backward composed from the Triton kernels.
 
-Same contract as ``lorafast.multi_torch_backend`` (x ``(n, in)``, lora_A ``(K, R, in)``, lora_B
-``(K, out, R)``, scalings ``(K,)`` float32, row_adapter ``(n,)`` ids in [-1, K), dropout None or
-``(K,)`` float32 p_k in [0, 1), seed an int or a 0-d int64 CPU tensor; see there), so the autograd Function can call
-either. With k = row_adapter[i] and keep_i adapter k's dropout mask of x's row i (the
-single-adapter kernels' ``dropout_keep_mask(seed, (n, in), p_k)[i]``, regenerated from the
-seed in every kernel, never stored):
+Same contract as ``lorafast.multi_torch_backend`` (x ``(n, in)``, lora_A ``(K, R, in)``, lora_B ``(K, out, R)``,
+scalings ``(K,)`` float32, row_adapter ``(n,)`` ids in [-1, K), dropout None or ``(K,)`` float32 p_k in [0, 1),
+seed an int or a 0-d int64 CPU tensor). With k = row_adapter[i] and keep_i adapter k's dropout mask of x's row i
+(``dropout_keep_mask(seed, (n, in), p_k)[i]``, regenerated from the seed in every kernel, never stored):
 
     drop(x)_i = x_i ⊙ keep_i / (1 − p_k)
     y_i = x_i·W0ᵀ + b + s_k·(drop(x)_i·A_kᵀ)·B_kᵀ,   xa_i = drop(x)_i·A_kᵀ (zeros where k = −1)
     dX_i = dY_i·W0 + s_k/(1 − p_k)·keep_i ⊙ ((dY_i·B_k)·A_k)
     dA_k = s_k/(1 − p_k)·Σ_{i: k_i = k} (dY_i·B_k)ᵀ·(x_i ⊙ keep_i),   dB_k = s_k·Σ_{i: k_i = k} dY_iᵀ·xa_i
 
-One launch per kernel for all adapters:
-
-- forward: under dropout, ``multi_dropout_xa`` first projects the masked rows of the adapters
-  with p_k > 0; then ``fused_multi_lora_forward`` (one pass over x computes ``x·W0ᵀ``, the other
-  rows' ``x_i·A_kᵀ`` and the rank-R update);
-- backward: ``fused_multi_lora_dx`` (one pass over dY computes ``dY·W0``, ``g_i = dY_i·B_k``
-  and the masked rank-R update of dX), then the per-adapter ``multi_lora_weight_grad``
-  reductions for dA (masked x) and dB.
-
-The rows sorted by adapter and the block table (:func:`batch_segments`) are built once per
-batch by the caller and passed to forward and backward alike (built here when not given).
-Under torch.compile both run as the PyTorch operators ``lorafast::multi_lora_forward`` and
-``lorafast::multi_lora_backward``, so the graph has no break at a mixed-adapter layer.
+One launch per kernel for all adapters. Forward: under dropout ``multi_dropout_xa`` first projects the masked rows
+of the adapters with p_k > 0, then ``fused_multi_lora_forward`` (one pass over x: ``x·W0ᵀ``, the other rows'
+``x_i·A_kᵀ``, the rank-R update). Backward: ``fused_multi_lora_dx`` (one pass over dY: ``dY·W0``, ``g_i = dY_i·B_k``,
+the masked rank-R update of dX), then the per-adapter ``multi_lora_weight_grad`` reductions for dA and dB.
+The row tables (:func:`batch_segments`) are built once per batch by the caller and shared by forward and backward
+(built here when not given). Under torch.compile both run as the operators ``lorafast::multi_lora_forward`` and
+``lorafast::multi_lora_backward``: no graph break at a mixed-adapter layer.
 """
 
 from __future__ import annotations
@@ -158,14 +150,13 @@ def multi_lora_forward(
     seed: int | torch.Tensor = 0,
     segments: AdapterSegments | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, xa)`` for x ``(n, in)``: y ``(n, out)``, ``xa_i = drop(x)_i·A_kᵀ`` ``(n, R)`` (zeros where k = −1).
+    """``(y (n, out), xa (n, R))`` for x ``(n, in)``, checked; ``xa_i = drop(x)_i·A_kᵀ`` (zeros where k = −1).
 
-    ``dropout``: None, or ``(K,)`` float32 drop probabilities on x's device (p_k = 0: exactly
-    no dropout for adapter k); ``seed``: ``lorafast.dropout.dropout_seed("triton")`` (an int, or
-    under torch.compile a 0-d int64 CPU tensor); ``segments``:
-    :func:`batch_segments` of row_adapter if already built.
+    ``dropout``: None or ``(K,)`` float32 on x's device (p_k = 0: exactly no dropout for adapter k); ``seed``:
+    ``lorafast.dropout.dropout_seed("triton")``; ``segments``: :func:`batch_segments` of row_adapter if built.
     """
-    num_adapters = check_operands(x, weight, lora_A, lora_B, scalings, row_adapter, bias, dropout, _int_seed(seed))
+    seed = host_seed(seed)
+    num_adapters = check_operands(x, weight, lora_A, lora_B, scalings, row_adapter, bias, dropout, seed)
     segments = resolve_segments(segments, row_adapter, num_adapters, x.shape[0], x.device, None)
     return forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segments)
 
@@ -184,23 +175,14 @@ def multi_lora_backward(
     seed: int | torch.Tensor = 0,
     segments: AdapterSegments | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dX (n, in), dA (K, R, in), dB (K, out, R))``, each None where ``needs_grad`` says not wanted.
-
-    Each adapter's dA and dB sum over its own rows only (zeros for an adapter without rows).
-    ``dropout``, ``seed`` and ``segments`` are the forward's; xa is the forward's (it holds the dropout).
-    """
-    n = grad_y.shape[0]
-    num_adapters = check_operands(grad_y, weight, lora_A, lora_B, scalings, row_adapter, None, dropout, _int_seed(seed),
-                                  dx=True)  # fmt: skip
+    """``(dX (n, in), dA (K, R, in), dB (K, out, R))``, checked, each None where ``needs_grad`` says not wanted;
+    an adapter's dA and dB sum over its own rows only. ``xa``, ``dropout``, ``seed``, ``segments``: the forward's."""
+    n, seed = grad_y.shape[0], host_seed(seed)
+    num_adapters = check_operands(grad_y, weight, lora_A, lora_B, scalings, row_adapter, None, dropout, seed, dx=True)
     check_tensor("x", x, (n, weight.shape[1]), grad_y)
     check_tensor("xa", xa, (n, lora_A.shape[1]), grad_y)
     segments = resolve_segments(segments, row_adapter, num_adapters, n, grad_y.device, None)
     return backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, needs_grad, dropout, seed, segments)
-
-
-def _int_seed(seed: int | torch.Tensor) -> int:
-    """An int seed as it is (checked), a tensor one as any valid int (:func:`host_seed` checks it on use)."""
-    return 0 if isinstance(seed, torch.Tensor) else seed
 
 
 def forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=None, seed=0, segments=None):
