@@ -1,19 +1,15 @@
 """Mixed-adapter LoRA down-projection with per-adapter dropout: ``xa_i = (x_i ⊙ keep_i / (1 − p_k))·A_kᵀ``.
 
-Shapes: x ``(n, in)``, stacked A ``(K, R, in)``, dropout p ``(K,)`` float32 (runtime values in
-[0, 1)), xa ``(n, R)``; k = row_adapter[i], and ``xa_i = 0`` where k = −1. keep is the
-single-adapter mask of the same element for adapter k's p: ``keep_mask`` of element (i, j)
-with i the row's index in x, so ``keep_i == dropout_keep_mask(seed, (n, in), p_k)[i]``.
+Shapes: x ``(n, in)``, stacked A ``(K, R, in)``, dropout p ``(K,)`` float32 (runtime values in [0, 1)), xa
+``(n, R)``; k = row_adapter[i], and ``xa_i = 0`` where k = −1. keep is the single-adapter mask of the same element
+for adapter k's p (i the row's index in x): ``keep_i == dropout_keep_mask(seed, (n, in), p_k)[i]``.
 
-One program per row block of the ``adapter_segments`` table (``BLOCK_M`` rows of one adapter)
-walks ``in`` once: each x tile is gathered once, masked in registers (the mask is generated
-once per element and never stored) and multiplied into an fp32 ``(BLOCK_M, R_PAD)``
-accumulator with A_k's tile. p_k is a per-program scalar loaded from ``dropout[k]``.
-Memory-bound: one read of x, one small write.
-
-The mixed-adapter forward under dropout runs it first with ``dropped_only`` (only the blocks of
-adapters with p_k > 0) and the fused forward computes the other rows' xa itself, so rows of an
-adapter with p_k = 0 get exactly the result without dropout.
+One program per row block of the ``adapter_segments`` table (``BLOCK_M`` rows of one adapter) walks ``in`` once:
+each x tile is gathered once, masked in registers (never stored) and multiplied into an fp32 ``(BLOCK_M, R_PAD)``
+accumulator with A_k's tile; p_k is a per-program scalar from ``dropout[k]``. Memory-bound: one read of x, one small
+write. The mixed-adapter forward under dropout runs it first with ``dropped_only`` (only the blocks of adapters with
+p_k > 0) and the fused forward computes the other rows' xa itself, so an adapter with p_k = 0 gets exactly the result
+without dropout.
 """
 
 from __future__ import annotations
@@ -137,19 +133,10 @@ def multi_dropout_xa(
     segments: AdapterSegments | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """``xa_i = drop(x)_i·A_kᵀ`` (k = row_adapter[i]; zeros where k = −1) in one pass over x.
-
-    Args:
-        x: ``(n, in)``, any strides; lora_A: ``(K, R, in)``.
-        row_adapter: ``(n,)`` int64 (or int32) ids in [-1, K), any order.
-        dropout: ``(K,)`` float32 drop probabilities p_k in [0, 1) (p_k = 0: the row is not masked).
-        seed: the dropout seed (``lorafast.dropout.draw_seed()``).
-        segments: ``adapter_segments(row_adapter, K, BLOCK_M)`` if already built, else built here.
-        config: pin one of the kernel's configs (tests); None autotunes on CUDA.
-
-    Returns:
-        xa ``(n, R)`` in x's dtype.
-    """
+    """xa ``(n, R)`` in x's dtype for x ``(n, in)`` (any strides), lora_A ``(K, R, in)``, row_adapter ``(n,)`` int64
+    (or int32) ids in [-1, K), dropout ``(K,)`` float32 (p_k = 0: the row is not masked) and seed
+    (``lorafast.dropout.draw_seed()``); ``segments``: ``adapter_segments(row_adapter, K, BLOCK_M)`` if already built;
+    ``config`` pins one of the kernel's configs (tests; None autotunes on CUDA)."""
     check_input("x", x)
     n, in_features = x.shape
     if lora_A.dim() != 3:

@@ -271,26 +271,17 @@ def fused_multi_lora_forward(
     dropout: torch.Tensor | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y_i = x_i·W0ᵀ + b + s_k·(drop(x)_i·A_kᵀ)·B_kᵀ`` (k = row_adapter[i]) in one pass over x.
-
-    Under dropout, ``multi_dropout_xa`` first computes ``drop(x)_i·A_kᵀ`` for the rows of
-    adapters with p_k > 0 (a second, memory-bound pass over those rows of x).
+    """The forward in one pass over x (under dropout ``multi_dropout_xa`` first projects the rows of adapters with
+    p_k > 0: a second, memory-bound pass over those rows) -> ``(y (n, out), xa (n, R))`` in x's dtype.
 
     Args:
-        x: ``(n, in)``, any strides.
-        weight: W0 ``(out, in)``; bias: ``(out,)`` or None.
+        x: ``(n, in)``, any strides; weight: W0 ``(out, in)``; bias: ``(out,)`` or None.
         lora_A: ``(K, R, in)``; lora_B: ``(K, out, R)`` (adapters of lower rank zero-padded).
-        scalings: ``(K,)`` float32, s_k = alpha_k / r_k.
-        row_adapter: ``(n,)`` int64 (or int32) ids in [-1, K), −1 = no adapter; any order.
+        scalings: ``(K,)`` float32, s_k = alpha_k / r_k; row_adapter: ``(n,)`` int64 (or int32) ids in [-1, K).
         segments: ``adapter_segments(row_adapter, K, BLOCK_M)`` if already built, else built here.
         config: pin one of the kernel's configs (tests); None autotunes on CUDA.
-        dropout: None, or ``(K,)`` float32 drop probabilities p_k in [0, 1) on x's device
-            (``drop(x)_i = x_i ⊙ keep_i / (1 − p_k)``; p_k = 0: exactly no dropout).
-        seed: the dropout seed (``lorafast.dropout.draw_seed()``), of the masks of every adapter.
-
-    Returns:
-        ``(y, xa)``: y ``(n, out)`` and ``xa_i = drop(x)_i·A_kᵀ`` ``(n, R)`` (zeros where k = −1),
-        in x's dtype.
+        dropout: None, or ``(K,)`` float32 p_k in [0, 1) on x's device (p_k = 0: exactly no dropout); seed: the
+            dropout seed (``lorafast.dropout.draw_seed()``) of every adapter's masks.
     """
     num_adapters = check_operands(x, weight, lora_A, lora_B, scalings, row_adapter, bias, dropout, seed)
     segments = resolve_segments(segments, row_adapter, num_adapters, x.shape[0], x.device, config)
@@ -322,21 +313,10 @@ def fused_multi_lora_dx(
     dropout: torch.Tensor | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``dX_i = dY_i·W0 + s_k/(1 − p_k)·keep_i ⊙ ((dY_i·B_k)·A_k)`` (k = row_adapter[i]) in one pass over dY.
-
-    Args:
-        grad_y: dY ``(n, out)``, any strides.
-        weight: W0 ``(out, in)``; lora_A: ``(K, R, in)``; lora_B: ``(K, out, R)``.
-        scalings: ``(K,)`` float32; row_adapter: ``(n,)`` ids in [-1, K), any order.
-        with_dx: False computes only g (for dA when x needs no gradient), skipping dY·W0.
-        segments: ``adapter_segments(row_adapter, K, BLOCK_M)`` if already built, else built here.
-        config: pin one of the kernel's configs (tests); None autotunes on CUDA.
-        dropout, seed: the forward's per-adapter dropout (None: none); keep_i is adapter k's
-            mask of x's row i, regenerated from the seed. g does not depend on it.
-
-    Returns:
-        ``(dx, g)``: dX ``(n, in)`` (None unless ``with_dx``) and ``g_i = dY_i·B_k`` ``(n, R)``
-        (zeros where k = −1), in dY's dtype.
+    """The input gradient dX in one pass over dY ``(n, out)`` (any strides); the other arguments as in
+    :func:`fused_multi_lora_forward`, ``dropout`` and ``seed`` the forward's (g does not depend on them).
+    ``with_dx``: False computes only g (for dA when x needs no gradient), skipping dY·W0. Returns ``(dX (n, in) or
+    None without with_dx, g (n, R))`` in dY's dtype, ``g_i = dY_i·B_k`` (zeros where k = −1).
     """
     num_adapters = check_operands(grad_y, weight, lora_A, lora_B, scalings, row_adapter, None, dropout, seed, True)
     segments = resolve_segments(segments, row_adapter, num_adapters, grad_y.shape[0], grad_y.device, config)

@@ -132,23 +132,11 @@ def multi_lora_weight_grad(
     dropout: torch.Tensor | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    """``C_k = s_k/(1 − p_k)·Σ_{i: row_adapter[i] = k} (u_i ⊙ keep_i)ᵀ·v_i`` for every adapter k, in u's dtype.
-
-    Args:
-        u: ``(n, P)``, any strides; v: ``(n, R)``, any strides.
-        scalings: ``(K,)`` float32; row_adapter: ``(n,)`` int64 (or int32) ids in [-1, K), any order.
-        transpose: return ``(K, R, P)`` (dA from u = x, v = g) instead of ``(K, P, R)`` (dB).
-        segments: ``adapter_segments(row_adapter, K, ...)`` if already built (any block_m).
-        chunk_rows: rows per program (chunks of each adapter's sorted rows); None: the
-            segments' (``default_chunk_rows(n)``). config: one of the kernel's configs (tests);
-            None chooses / autotunes.
-        dropout, seed: None (p = 0, keep = 1: dB), or the forward's ``(K,)`` float32 drop
-            probabilities and seed (dA from u = x): keep_i is adapter k's mask of u's row i.
-
-    Returns:
-        ``(K, P, R)``, or ``(K, R, P)`` with ``transpose``; zeros for adapters without rows.
-        Deterministic: the same for the same inputs and chunk_rows.
-    """
+    """C ``(K, P, R)`` in u's dtype (``(K, R, P)`` with ``transpose``: dA) for u ``(n, P)``, v ``(n, R)`` (any strides),
+    scalings ``(K,)`` float32, row_adapter ``(n,)`` int64 (or int32) ids in [-1, K); deterministic for the same inputs
+    and chunk_rows. ``segments``: ``adapter_segments(row_adapter, K, ...)`` if built (any block_m); ``chunk_rows``:
+    rows per program (None: the segments'); ``config`` pins a config (tests); ``dropout``, ``seed``: None (dB) or the
+    forward's (dA from u = x)."""
     check_input("u", u)
     n = u.shape[0]
     R = v.shape[1] if v.dim() == 2 else -1
