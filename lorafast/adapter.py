@@ -234,17 +234,14 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         _check_shapes(factors, {name: (r, *size) for name, size in sizes.items()})
     if adapter_name is not None:
         add_adapter(model, adapter_name, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
-        for name, layer in multi_lora_layers(model):
-            layer.lora_A[adapter_name].copy_(factors[name]["A"])
-            layer.lora_B[adapter_name].copy_(factors[name]["B"])
-        return model
-    if not layers:
+    elif not layers:
         apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
-        layers = dict(lora_layers(model))
-    for name, layer in layers.items():
-        layer.lora_A.copy_(factors[name]["A"])
-        layer.lora_B.copy_(factors[name]["B"])
-        layer.alpha, layer.dropout = alpha, dropout
+    for name, layer in lora_layers(model) if adapter_name is None else multi_lora_layers(model):
+        lora_A, lora_B, *_ = layer.factors(adapter_name)
+        lora_A.copy_(factors[name]["A"])
+        lora_B.copy_(factors[name]["B"])
+        if adapter_name is None:  # a named adapter got them from add_adapter
+            layer.alpha, layer.dropout = alpha, dropout
     return model
 
 
