@@ -42,6 +42,12 @@ class LoRALayer(nn.Module):
         """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    def _adapter_forward(self, x: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        lora_A, lora_B, r, alpha, dropout = self.factors(name)
+        # fp32 factors on a half-precision base are cast here (differentiable: their gradients stay fp32)
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        return lora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, alpha / r, dropout, self.training)
+
     def to_base_layer(self, merge: bool = False) -> nn.Module:
         """The plain ``nn.Linear`` (a Conv1D for ``fan_in_fan_out``) holding this layer's weight and bias, the
         adapter in use merged into the weight (``merge``) or not."""
@@ -189,9 +195,7 @@ class FusedLoRALinear(LoRALayer):
                     "for inference)"
                 )
             return F.linear(x, self.base_weight(), self.bias)
-        # fp32 factors on a half-precision base are cast here (differentiable: their gradients stay fp32)
-        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return lora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, self.scaling, self.dropout, self.training)
+        return self._adapter_forward(x)
 
     def extra_repr(self) -> str:
         merged = ", merged=True" if self.merged else ""

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .function import lora_linear
 from .layer import LoRALayer, adopt_frozen_base
 from .multi_function import apply_multi_lora, dropout_tensor, host_values_on, scalings_dtype
 from .multi_stack import StackedFactorsCache
@@ -147,19 +146,9 @@ class MultiLoRALinear(LoRALayer):
             row_adapters = self._layer_row_adapters
         if row_adapters is not None:
             return self._mixed_forward(x, row_adapters)
-        name = self.active_adapter
-        if name is None:
+        if self.active_adapter is None:
             return F.linear(x, self.weight, self.bias)
-        return lora_linear(
-            x,
-            self.weight,
-            self.bias,
-            self.lora_A[name],
-            self.lora_B[name],
-            self.scaling(name),
-            self.dropouts[name],
-            self.training,
-        )
+        return self._adapter_forward(x, self.active_adapter)
 
     def _mixed_forward(self, x: torch.Tensor, row_adapters: RowAdapters) -> torch.Tensor:
         row_adapters.check_adapters(self.adapter_names)
