@@ -1,4 +1,5 @@
-"""``FusedLoRALinear``: a drop-in ``nn.Linear`` replacement with a trainable low-rank update."""
+"""``FusedLoRALinear``: a drop-in ``nn.Linear`` replacement with a trainable low-rank update; ``LoRALayer``: what it
+shares with ``MultiLoRALinear`` and what model-level functions use of either."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from .validation import check_dropout, check_rank, check_scaling
 
 
 class LoRALayer(nn.Module):
-    """What model-level functions use of a LoRA layer (both kinds): :meth:`factors`, :meth:`get_delta_weight`,
-    :meth:`to_base_layer`. Adds no parameter: the subclasses' state_dicts are their own."""
+    """:meth:`factors`, :meth:`get_delta_weight`, :meth:`to_base_layer`; adds no parameter (the state_dict contract
+    is the subclass's)."""
 
     fan_in_fan_out = False  # True: the weight is stored (in_features, out_features), as a Conv1D's
 
@@ -52,16 +53,13 @@ class LoRALayer(nn.Module):
         """The plain ``nn.Linear`` (a Conv1D for ``fan_in_fan_out``) holding this layer's weight and bias, the
         adapter in use merged into the weight (``merge``) or not."""
         self._set_merged(merge)
-        if self.fan_in_fan_out:
-            with torch.device("meta"):
-                conv = conv1d_class()(self.out_features, self.in_features)
-            conv.weight, conv.bias = self.weight, self.bias
-            return conv.train(self.training)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = self.weight
-        if self.bias is not None:
-            linear.bias = self.bias
-        return linear.train(self.training)
+        with torch.device("meta"):  # no memory: the Parameters are this layer's
+            if self.fan_in_fan_out:
+                base = conv1d_class()(self.out_features, self.in_features)
+            else:
+                base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        base.weight, base.bias = self.weight, self.bias
+        return base.train(self.training)
 
 
 class FusedLoRALinear(LoRALayer):

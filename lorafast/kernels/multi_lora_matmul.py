@@ -1,29 +1,23 @@
 """Mixed-adapter fused LoRA matmul: ``C_i = U_i·V + b + s_k·keep_i ⊙ ((U_i·P_k)·Q_k)`` with ``k = adapter[i]``.
 
-Shapes: U ``(M, K)``, V ``(K, N)``, stacked P ``(A, K, R)`` and Q ``(A, R, N)`` for A adapters,
-scalings s ``(A,)`` float32 and dropout p ``(A,)`` float32 (runtime values, p_k in [0, 1)),
-b ``(N,)``, C ``(M, N)``, UP ``(M, R)`` with ``UP_i = U_i·P_k`` (zeros where k = −1: those rows
-get ``U_i·V + b`` only). keep is adapter k's dropout mask of C's positions
-(``dropout_mask.keep_mask`` with p_k, row i's index in U), or all ones.
+Shapes: U ``(M, K)``, V ``(K, N)``, stacked P ``(A, K, R)`` and Q ``(A, R, N)`` for A adapters, scalings s ``(A,)``
+and dropout p ``(A,)`` float32 (runtime values, p_k in [0, 1)), b ``(N,)``, C ``(M, N)``, UP ``(M, R)`` with
+``UP_i = U_i·P_k`` (zeros where k = −1: those rows get ``U_i·V + b`` only). keep is adapter k's dropout mask of C's
+positions (``dropout_mask.keep_mask`` with p_k, row i's index in U), or all ones. Both big products of the
+mixed-adapter LoRA linear have this form, with ``drop(x)_i = x_i ⊙ keep_i / (1 − p_k)``:
+- forward ``y = x·W0ᵀ + b + s_k·(drop(x)_i·A_kᵀ)·B_kᵀ``: U = x, V = W0ᵀ, P = Aᵀ, Q = Bᵀ, UP = xa, no mask on C.
+  Under dropout the rows of adapters with p_k > 0 read their UP = ``drop(x)_i·A_kᵀ``, written before by
+  ``multi_dropout_xa``; the others compute it here;
+- input gradient ``dX_i = dY_i·W0 + s_k/(1 − p_k)·keep_i ⊙ ((dY_i·B_k)·A_k)``: U = dY, V = W0, P = B, Q = A, UP = g,
+  keep over C = dX (regenerated from the seed, never stored).
 
-Both big products of the mixed-adapter LoRA linear have this form, with per-adapter dropout
-``drop(x)_i = x_i ⊙ keep_i / (1 − p_k)`` (keep_i: adapter k's mask of x's row i, the
-single-adapter kernels' ``dropout_keep_mask(seed, (n, in), p_k)[i]``):
-- forward ``y = x·W0ᵀ + b + s_k·(drop(x)_i·A_kᵀ)·B_kᵀ``: U = x, V = W0ᵀ, P = Aᵀ, Q = Bᵀ,
-  UP = xa, no mask on C. Under dropout the rows of adapters with p_k > 0 read their UP =
-  ``drop(x)_i·A_kᵀ``, written before by ``multi_dropout_xa``; the others compute it here;
-- input gradient ``dX_i = dY_i·W0 + s_k/(1 − p_k)·keep_i ⊙ ((dY_i·B_k)·A_k)``: U = dY, V = W0,
-  P = B, Q = A, UP = g, keep over C = dX (regenerated from the seed, never stored).
-
-The rows are gathered through the block table of ``adapter_segments`` (built for the kernel's
-fixed ``BLOCK_M``): program row block j owns the rows ``block_rows[j·BLOCK_M:(j+1)·BLOCK_M]``
-(−1: padding), all of adapter ``block_adapter[j]``, and one ``BLOCK_N`` column tile of C. As in
-``fused_lora_matmul``, each U tile it loads feeds both U·V and U·P_k; after the K loop the
-rank-R product with the tile's columns of Q_k, scaled by s_k, is added with the bias and the
-tile is scattered back to its rows. The programs of column tile 0 also write UP. Blocks of
-the base rows (k = −1) skip the LoRA products; blocks past the last segment exit at once.
-p_k and s_k are per-program scalars loaded for the block's adapter; an adapter with p_k = 0
-gets exactly the result without dropout.
+Rows are gathered through the block table of ``adapter_segments`` (built for the kernel's fixed ``BLOCK_M``): program
+row block j owns the rows ``block_rows[j·BLOCK_M:(j+1)·BLOCK_M]`` (−1: padding), all of adapter ``block_adapter[j]``,
+and one ``BLOCK_N`` column tile of C. As in ``fused_lora_matmul``, each U tile it loads feeds both U·V and U·P_k;
+after the K loop the rank-R product with the tile's columns of Q_k, scaled by s_k, is added with the bias and the tile
+is scattered back to its rows. The programs of column tile 0 also write UP. Blocks of base rows (k = −1) skip the LoRA
+products; blocks past the last segment exit at once. p_k and s_k are per-program scalars loaded for the block's
+adapter; an adapter with p_k = 0 gets exactly the result without dropout.
 """
 
 from __future__ import annotations
