@@ -31,17 +31,9 @@ class LoRALinearFunction(torch.autograd.Function):
         x, xa, weight, lora_A, lora_B = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
-            grad_y.reshape(-1, grad_y.shape[-1]),
-            x.reshape(-1, x.shape[-1]),
-            xa,
-            weight,
-            lora_A,
-            lora_B,
-            ctx.scaling,
-            ctx.dropout_p,
-            ctx.seed,
-            (needs[0], needs[3], needs[4]),
-        )
+            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), xa, weight, lora_A, lora_B, ctx.scaling,
+            ctx.dropout_p, ctx.seed, (needs[0], needs[3], needs[4]),
+        )  # fmt: skip
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None, None
