@@ -86,7 +86,7 @@ def _single_adapter_bases() -> tuple[type, ...]:
     return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
-def lora_layers(model: nn.Module, kind: type = FusedLoRALinear) -> Iterator[tuple[str, FusedLoRALinear]]:
+def lora_layers(model: nn.Module, kind: type = FusedLoRALinear) -> Iterator[tuple[str, nn.Module]]:
     """``(module name, layer)`` for every FusedLoRALinear (or ``kind``) in ``model``."""
     return ((name, m) for name, m in model.named_modules() if isinstance(m, kind))
 

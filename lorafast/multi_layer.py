@@ -100,11 +100,9 @@ class MultiLoRALinear(LoRALayer):
         self.active_adapter = name
 
     def set_row_adapters(self, ids: torch.Tensor | None) -> None:
-        """Per-row adapters for the next calls: ids ``(b,)`` into ``adapter_names`` (−1: none), or None to stop.
-
-        x ``(m·b, ...)`` (beam search) repeats each id m times. Checked once here, on the host. This is layer
-        state shared by every caller; ``lorafast.adapter_ids`` (per call) takes precedence over it.
-        """
+        """Per-row adapters for the next calls: ids ``(b,)`` into ``adapter_names`` (−1: none), or None to stop; x
+        ``(m·b, ...)`` (beam search) repeats each id m times. Checked once here, on the host. Layer state shared by
+        every caller; ``lorafast.adapter_ids`` (per call) takes precedence over it."""
         if ids is None:
             self.row_adapters = self._layer_row_adapters = None
             return
@@ -118,10 +116,8 @@ class MultiLoRALinear(LoRALayer):
             raise ValueError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
 
     def stacked_adapters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-        """``(A (K, R, in), B (K, out, R), scalings)`` in ``dtype`` (None: the adapters'), zero-padded to rank R.
-
-        Rebuilt only when an adapter changes (``lorafast.multi_stack``); gradients reach the adapters' Parameters.
-        """
+        """``(A (K, R, in), B (K, out, R), scalings)`` in ``dtype`` (None: the adapters'), zero-padded to rank R;
+        rebuilt only when an adapter changes (``lorafast.multi_stack``); gradients reach the adapters' Parameters."""
         names = self.adapter_names
         lora_A = [self.lora_A[n] for n in names]
         lora_A_stacked, lora_B_stacked = self._stacked_cache.get(
