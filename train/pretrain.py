@@ -51,7 +51,7 @@ class Preset:
 
 
 PRESETS = {
-    "tiny": Preset(d_model=192, layers=2, heads=4, ffn_dim=768, vocab_size=4000, steps=400, max_length=128),
+    "tiny": Preset(d_model=192, layers=2, heads=4, ffn_dim=768, vocab_size=4000, steps=1500, max_length=128),
     "micro": Preset(d_model=64, layers=1, heads=2, ffn_dim=128, vocab_size=1000, steps=20, batch_size=4, lr=3e-3,
                     max_length=64, sentences_per_document=8),  # for tests
 }  # fmt: skip
