@@ -51,14 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="SumPubMed release folder")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--model", default="pretrained:tiny", help="the base every run starts from")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of every fine-tuning")
+    p.add_argument("--steps", type=int, default=224, help="optimizer steps of every fine-tuning (224: one epoch)")
     p.add_argument("--eval-docs", type=int, default=106, help="test documents scored (106: the whole test split)")
     p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which fine-tunings")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the LoRA runs (default finetune.py's)")
-    p.add_argument("--full-lr", type=float, default=None, help="learning rate of full fine-tuning")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the LoRA runs")
+    p.add_argument("--full-lr", type=float, default=2e-4, help="learning rate of full fine-tuning")
     p.add_argument("--latency-rounds", type=int, default=20)
     p.add_argument("--finetune-args", nargs=argparse.REMAINDER, default=[],
-                   help="passed to every finetune.py run (sources, targets: 128 tokens unless set)")  # fmt: skip
+                   help="passed to every finetune.py run (default: 128-token texts, no-repeat 2-grams)")  # fmt: skip
     args = p.parse_args(argv)
     if args.steps < 1 or args.eval_docs < 1:
         p.error("--steps and --eval-docs must be at least 1")
@@ -75,7 +75,8 @@ def run_finetuning(name: str, args: argparse.Namespace) -> dict:
     command = [
         sys.executable, str(Path(__file__).with_name("finetune.py")), "--data", str(args.data), "--model", args.model,
         "--split", "test", "--eval-docs", str(args.eval_docs), "--max-steps", str(args.steps),
-        "--output-dir", str(out), "--max-source-length", "128", "--max-target-length", "128", *RUNS[name],
+        "--output-dir", str(out), "--max-source-length", "128", "--max-target-length", "128",
+        "--no-repeat-ngram-size", "2", *RUNS[name],
         *args.finetune_args,
     ]  # fmt: skip
     lr = args.full_lr if name == "full" else args.lr
