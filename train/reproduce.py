@@ -79,9 +79,7 @@ def run_finetuning(name: str, args: argparse.Namespace) -> dict:
         "--no-repeat-ngram-size", "2", *RUNS[name],
         *args.finetune_args,
     ]  # fmt: skip
-    lr = args.full_lr if name == "full" else args.lr
-    if lr is not None:
-        command += ["--lr", str(lr)]
+    command += ["--lr", str(args.full_lr if name == "full" else args.lr)]
     print(f"\n=== {LABELS[name]}: {' '.join(command[1:])}", flush=True)
     subprocess.run(command, check=True)
     metrics = json.loads((out / "metrics.json").read_text())
