@@ -130,7 +130,12 @@ def fused_lora_forward(
         check_tensor("xa", xa, (x.shape[0], lora_A.shape[0]), x)
     else:
         xa = lora_project(x, lora_A)
-    return fused_lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling, 0.0, 0, config), xa
+    return forward_matmul(x, weight, bias, xa, lora_B, scaling, config), xa
+
+
+def forward_matmul(x, weight, bias, xa, lora_B, scaling, config=None):
+    """:func:`fused_lora_forward`'s GEMM unchecked, xa given: y ``(M, N)``."""
+    return fused_lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling, 0.0, 0, config)
 
 
 def fused_lora_dx(
@@ -146,9 +151,13 @@ def fused_lora_dx(
     """Input gradient: dY ``(M, N)`` any strides, W0 ``(N, K)``, A ``(R, K)``, B ``(N, R)``, the forward's dropout_p
     and seed -> ``(dX (M, K), g = dY·B (M, R))`` in dY's dtype; ``config`` as in :func:`fused_lora_forward`."""
     check_operands(grad_y, weight, lora_A, lora_B, dropout_p=dropout_p, dx=True)
-    scale = scaling / (1.0 - dropout_p)
+    return dx_matmul(grad_y, weight, lora_A, lora_B, scaling, dropout_p, seed, config)
+
+
+def dx_matmul(grad_y, weight, lora_A, lora_B, scaling, dropout_p, seed, config=None):
+    """:func:`fused_lora_dx` unchecked: ``(dX, g)``."""
     g = lora_project(grad_y, lora_B.t())
-    return fused_lora_matmul(grad_y, weight, g, lora_A, None, scale, dropout_p, seed, config), g
+    return fused_lora_matmul(grad_y, weight, g, lora_A, None, scaling / (1.0 - dropout_p), dropout_p, seed, config), g
 
 
 def check_operands(u, weight, lora_A, lora_B, bias=None, dropout_p=0.0, dx=False):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .dropout_xa import lora_project
-from .fused_lora_matmul import check_operands, fused_lora_matmul
+from .fused_lora_matmul import check_operands, dx_matmul, forward_matmul
 from .launch import check_tensor
 from .lora_weight_grad import weight_grad
 
@@ -28,15 +28,14 @@ def host_seed(seed: int | torch.Tensor) -> int:
 # The launchers' unchecked entries: lora_linear checked these inputs at its front door.
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     xa = lora_project(x, lora_A, dropout_p, host_seed(seed))
-    return fused_lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling, 0.0, 0, None), xa
+    return forward_matmul(x, weight, bias, xa, lora_B, scaling), xa
 
 
 def _backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_da, need_db):
     grad_x = grad_a = grad_b = g = None
     seed = host_seed(seed)
     if need_dx:
-        g = lora_project(grad_y, lora_B.t())
-        grad_x = fused_lora_matmul(grad_y, weight, g, lora_A, None, scaling / (1.0 - dropout_p), dropout_p, seed, None)
+        grad_x, g = dx_matmul(grad_y, weight, lora_A, lora_B, scaling, dropout_p, seed)
     elif need_da:
         g = torch.mm(grad_y, lora_B)
     if need_da:
