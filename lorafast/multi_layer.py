@@ -18,7 +18,7 @@ from .layer import LoRALayer, adopt_frozen_base
 from .multi_function import apply_multi_lora, dropout_tensor, host_values_on, scalings_dtype
 from .multi_stack import StackedFactorsCache
 from .row_adapters import RowAdapters, active_row_adapters
-from .validation import check_dropout, check_rank, check_scaling
+from .validation import autocast_dtype, check_dropout, check_rank, check_scaling
 
 
 class MultiLoRALinear(LoRALayer):
@@ -151,11 +151,10 @@ class MultiLoRALinear(LoRALayer):
         rows = row_adapters.rows(x.shape, x.device)
         if not self.lora_A:
             return F.linear(x, self.weight, self.bias)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        cast = autocast_dtype(x)
         # under autocast, stacked (and kept) in the autocast dtype: no cast of the factors per call
-        lora_A, lora_B, _ = self.stacked_adapters(dtype if autocast else None)
-        scalings, dropout = self._adapter_values(x.device, scalings_dtype(dtype))
+        lora_A, lora_B, _ = self.stacked_adapters(cast)
+        scalings, dropout = self._adapter_values(x.device, scalings_dtype(x.dtype if cast is None else cast))
         dropout = dropout if self.training else None
         return apply_multi_lora(x, self.weight, self.bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
 

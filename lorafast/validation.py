@@ -92,10 +92,17 @@ def check_same_dtype_and_device(named: dict[str, torch.Tensor], x: torch.Tensor)
             raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
 
 
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on x's device, or None where autocast is off there."""
+    if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
 def autocast_inputs(x, *tensors):
     """Under ``torch.autocast`` for x's device: x and ``tensors`` cast to the autocast dtype (non-floating
     and None left alone), as ``torch.nn.functional.linear`` would see them; otherwise None."""
-    if not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)):
+    dtype = autocast_dtype(x)
+    if dtype is None:
         return None
-    dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, *tensors))
