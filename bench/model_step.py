@@ -21,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "train"))
 
+import bpe_tokenizer  # noqa: E402
 import model_setup  # noqa: E402
 import sumpubmed  # noqa: E402
 
@@ -41,7 +42,7 @@ def make_tokenizer(directory: Path) -> Path:
     if not (directory / "tokenizer.json").is_file():
         documents, _ = sumpubmed.load_release(SUMPUBMED)
         texts = [t for d in documents[:300] for t in (d.text, d.summary)]
-        model_setup.train_tokenizer(texts, vocab_size=8000).save_pretrained(directory)
+        bpe_tokenizer.train_tokenizer(texts, vocab_size=8000).save_pretrained(directory)
     return directory
 
 

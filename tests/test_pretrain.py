@@ -120,7 +120,7 @@ def test_pretraining_reads_only_training_documents(documents):
 def test_make_batch_is_a_function_of_seed_and_step(documents):
     texts = pretrain.training_texts(documents[:20])
     sentences = pretrain.first_sentences(texts, 8)
-    from model_setup import train_tokenizer
+    from bpe_tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer([" ".join(s) for s in sentences], 600)
     corpus = pretrain.sentence_ids(tokenizer, sentences)

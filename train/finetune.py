@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import arguments
 import checkpoints
 import lead_baseline
+import loss_plot
 import model_setup
 import summary_scoring
 import sumpubmed
@@ -160,23 +161,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def plot_losses(steps: list[int], losses: list[float], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, linewidth=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (token mean)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def evaluate_model(model, tokenizer, documents, args, ctx, step, log) -> dict:
@@ -378,7 +362,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int, float], None] | None
         metrics |= {"lead_rouge": result["lead"], "degenerate_summaries": result["degenerate"]} if result else {}
         write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         with atomic_path(out / "loss_curve.png") as path:
-            plot_losses(list(range(1, len(history) + 1)), history, path, f"{args.model}, {args.method}")
+            loss_plot.plot_losses(list(range(1, len(history) + 1)), history, path, f"{args.model}, {args.method}")
         for doc, prediction, reference in pairs[: args.samples]:
             print(f"\n--- document {doc.doc_id}\nreference:  {reference[:400]}\ngenerated:  {prediction[:400]}")
         if args.merge:

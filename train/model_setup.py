@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import base_cache
 import torch
+from bpe_tokenizer import train_tokenizer
 from torch import nn
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -24,7 +26,6 @@ from transformers import (
 import lorafast
 
 METHODS = ("lorafast", "peft", "full")
-SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
 RANDOM_PRESETS = {
     "random:tiny": {
         "d_model": 128, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
@@ -42,20 +43,6 @@ PRETRAINED_PREFIX = "pretrained:"
 _BASE_POINTER = "pretrained_base.txt"  # in the run's tokenizer folder: where the cached base is
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A BART-style byte-level BPE tokenizer (``<s> ... </s>``) trained on ``texts``."""
-    from tokenizers import ByteLevelBPETokenizer
-    from tokenizers.processors import RobertaProcessing
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS)
-    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        mask_token="<mask>", model_max_length=1024,
-    )  # fmt: skip
-
-
 def ensure_tokenizer(name: str, documents, directory: Path) -> None:
     """Prepare a preset's tokenizer in ``directory`` from the training ``documents``.
 
@@ -63,9 +50,7 @@ def ensure_tokenizer(name: str, documents, directory: Path) -> None:
     (first use) or reuses the cached pretrained base, and ``directory`` records where it is.
     """
     if name.startswith(PRETRAINED_PREFIX):
-        import pretrain
-
-        folder = pretrain.cached_base(name.removeprefix(PRETRAINED_PREFIX), documents)
+        folder = base_cache.cached_base(name.removeprefix(PRETRAINED_PREFIX), documents)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / _BASE_POINTER).write_text(str(folder))
         return

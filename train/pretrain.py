@@ -28,8 +28,9 @@ from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTok
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bpe_tokenizer
 import denoising
-import model_setup
+import loss_plot
 import summary_scoring
 import sumpubmed
 
@@ -175,7 +176,7 @@ def pretrain(
     if (tokenizer_dir / "tokenizer.json").is_file():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     else:
-        tokenizer = model_setup.train_tokenizer([" ".join(group) for group in sentences], preset.vocab_size)
+        tokenizer = bpe_tokenizer.train_tokenizer([" ".join(group) for group in sentences], preset.vocab_size)
         tokenizer.save_pretrained(tokenizer_dir)
     corpus = sentence_ids(tokenizer, sentences)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -225,9 +226,7 @@ def pretrain(
 
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    from finetune import plot_losses
-
-    plot_losses(
+    loss_plot.plot_losses(
         list(range(1, len(losses) + 1)), losses, output_dir / "loss_curve.png", f"denoising pretraining, {preset_name}"
     )
     summary = {
@@ -250,30 +249,6 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step, losses, 
     }  # fmt: skip
     torch.save(state, directory / "state.pt.tmp")
     (directory / "state.pt.tmp").replace(directory / "state.pt")  # never a half-written checkpoint
-
-
-def cache_root() -> Path:
-    """Where pretrained bases are cached: ``$LORAFAST_CACHE`` or ``~/.cache/lorafast``."""
-    import os
-
-    return Path(os.environ.get("LORAFAST_CACHE", Path.home() / ".cache" / "lorafast"))
-
-
-def cached_base(preset_name: str, documents: list[sumpubmed.Document], seed: int = 0) -> Path:
-    """The folder of the pretrained base for ``documents``' training split: built on first use, then reused.
-
-    An interrupted build resumes from its checkpoint on the next call.
-    """
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown pretraining preset {preset_name!r}; choose from {sorted(PRESETS)}")
-    steps = PRESETS[preset_name].steps
-    folder = cache_root() / f"pretrained-{preset_name}-{corpus_fingerprint(documents, preset_name, steps, seed)}"
-    if (folder / "pretrain.json").is_file():
-        print(f"pretrained base: reusing {folder}")
-        return folder
-    print(f"pretrained base: building {folder} (once; later runs reuse it)")
-    pretrain(documents, folder, preset_name, seed=seed, resume=(folder / "checkpoint" / "state.pt").is_file())
-    return folder
 
 
 def main(argv: list[str] | None = None) -> None:
