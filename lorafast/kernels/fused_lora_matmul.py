@@ -116,10 +116,14 @@ def fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config):
     return c
 
 
+# The K = 0 launch has no main loop: one memory-bound tile shape serves every GEMM, and nothing is autotuned.
+EPILOGUE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=2, num_warps=4)
+
+
 def cublas_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed):
     """:func:`fused_lora_matmul`'s result from the kernel at K = 0 (``s·keep ⊙ (UP·Q) + b``, the same mask) and
     one cuBLAS GEMM adding U·V in place (beta = 1): no buffer beyond C."""
-    c = fused_lora_matmul(u[:, :0], v[:0], up, q, bias, scale, dropout_p, seed, None)
+    c = fused_lora_matmul(u[:, :0], v[:0], up, q, bias, scale, dropout_p, seed, EPILOGUE_CONFIG)
     return torch.addmm(c, u, v, out=c)
 
 

@@ -182,6 +182,12 @@ def chooser() -> GemmChooser:
     return _CHOOSER
 
 
+def set_chooser(new: GemmChooser | None) -> None:
+    """Replace the process's chooser (None: the default on next use), e.g. with an injected timer or file."""
+    global _CHOOSER
+    _CHOOSER = new
+
+
 def choose_path(key: GemmKey, candidates: Mapping[str, Callable[[], object]], device: torch.device) -> str:
     """``"triton"`` or ``"cublas"`` for a call on ``device``: forced by ``LORAFAST_GEMM``, else measured on CUDA
     (outside CUDA graph capture), else ``"triton"``."""
