@@ -113,3 +113,11 @@ def test_default_cache_file_is_beside_tritons_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     path = gemm_choice.default_cache_file()
     assert path.parent == tmp_path / "lorafast" and triton.__version__ in path.name
+
+
+def test_gemm_key_reads_the_operands():
+    """Token count bucketed to a power of two, N and K from U ``(M, K)`` and V ``(K, N)``, the rank padded."""
+    u = torch.empty(3000, 768, dtype=torch.bfloat16)
+    weight = torch.empty(1024, 768, dtype=torch.bfloat16)
+    key = gemm_choice.gemm_key("forward", u, weight.t(), torch.empty(3000, 5), None, 0.1)
+    assert key == GemmKey("forward", 4096, 1024, 768, 16, "bfloat16", False, True, "cpu")

@@ -15,6 +15,7 @@ A launcher adopts the choice with :func:`gemm_key` and :func:`choose_path`::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -83,8 +84,13 @@ def gemm_key(op: str, u: torch.Tensor, v: torch.Tensor, up: torch.Tensor, bias, 
 def device_name(device: torch.device) -> str:
     """The GPU's name (``NVIDIA H100 80GB HBM3``), or the device type where there is none."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
     return device.type
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def cuda_timer(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> float:
