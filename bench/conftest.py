@@ -1,13 +1,31 @@
-"""The benchmark suite's shared state: device, dtype, and the report written when the run ends."""
+"""The benchmark suite's shared state: device, dtype, the run's plan, and the report written when the run ends.
+
+``LORAFAST_BENCH_DRY_RUN=1`` (``bash bench/gpu.sh --dry-run``, with ``TRITON_INTERPRET=1`` and
+``LORAFAST_BACKEND=triton``) runs the GPU run's plan on CPU tensors: its cases at the smallest shapes, one round,
+bf16, lorafast's Triton kernels interpreted and its GEMM choice measured with a CPU clock. Its figures mean nothing;
+it proves that every step of the GPU run works.
+"""
+
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
-from harness import machine
+from harness import Timer, machine
 from report import Report
 
+from lorafast.kernels import gemm_choice
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-REPORT = Report(machine=machine(DEVICE))
+DRY_RUN = os.environ.get("LORAFAST_BENCH_DRY_RUN") == "1"
+GPU_PLAN = DEVICE.type == "cuda" or DRY_RUN  # the cases, rounds and targets of a GPU run
+DTYPE = torch.bfloat16 if GPU_PLAN else torch.float32
+REPORT = Report(machine=machine(DEVICE) + (" (dry run of the GPU plan: figures mean nothing)" if DRY_RUN else ""))
+
+if DRY_RUN and DEVICE.type == "cpu":  # auto's measuring path, timed by the CPU clock, cached in a temporary folder
+    gemm_choice.MEASURED_DEVICE_TYPES.add("cpu")
+    gemm_choice.set_chooser(gemm_choice.GemmChooser(Path(tempfile.mkdtemp()) / "gemm_choices.json", Timer(DEVICE)))
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +37,12 @@ def report() -> Report:
 def write_report_after_each_benchmark():
     """Rewrite the report after every benchmark, so that a run cut short keeps what it measured."""
     yield
-    if REPORT.layer_rows or REPORT.model_rows or REPORT.multi_rows or REPORT.targets:
+    if REPORT.has_rows():
         REPORT.write(DEVICE.type)
 
 
 def pytest_sessionfinish(session):
-    if REPORT.layer_rows or REPORT.model_rows or REPORT.multi_rows or REPORT.targets:
+    if REPORT.has_rows():
         folder = REPORT.write(DEVICE.type)
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         text = REPORT.markdown() + f"\nreport written to {folder}/report.md and report.png\n"

@@ -1,24 +1,62 @@
 #!/usr/bin/env bash
-# GPU tests and benchmarks on a machine with one CUDA GPU.
+# GPU tests and benchmarks on a machine with one CUDA GPU; `--dry-run` runs every step on a CPU machine.
 #
 # Needs: a Python with torch (CUDA build), triton, peft, transformers, tokenizers, pytest, pytest-benchmark
 # and matplotlib; lorafast is installed from this checkout. Runs the compiled kernels' tests
-# (tests/test_cuda.py), then the benchmark suite (bench/), and writes logs, benchmark.json and the
-# report to $OUT (default bench/results). Sized to end within 6 minutes with a cold Triton cache.
+# (tests/test_cuda.py, both GEMM paths), then the benchmark suite (bench/), and writes logs, benchmark.json, the
+# report and gemm_paths.md (the GEMM path auto chose per layer shape, both paths' timings, the ratios against a
+# frozen nn.Linear and PEFT) to $OUT (default bench/results). Sized to end within 7 minutes with a cold Triton
+# cache on one H100.
+#
+# --dry-run: the same steps on CPU tensors, so that a GPU's first minute measures instead of crashing: the install
+# is checked with `pip install --dry-run` (this checkout runs from PYTHONPATH, nothing is installed), the GPU test
+# file runs with every kernel through Triton's interpreter (smaller shapes), and the benchmark suite runs the GPU
+# plan at its smallest shapes, one round (LORAFAST_BENCH_DRY_RUN=1). About 2 minutes on 2 cores.
 #
 # The model benchmarks read SumPubMed from ../shared/sumpubmed, or from LORAFAST_SUMPUBMED.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+dry_run=0
+case "${1:-}" in
+    --dry-run) dry_run=1 ;;
+    "") ;;
+    *) echo "usage: bash bench/gpu.sh [--dry-run]" >&2; exit 2 ;;
+esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu_machine.txt"
+if [ $dry_run = 1 ]; then
+    export TRITON_INTERPRET=1 LORAFAST_BACKEND=triton LORAFAST_BENCH_DRY_RUN=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    device=cpu tests_timeout=150 bench_timeout=240
+    echo "dry run on $(nproc) CPU cores: no GPU" | tee "$out/gpu_machine.txt"
+    install=(python3 -m pip install -q --dry-run --no-deps --no-build-isolation -e .)
+else
+    export TRITON_INTERPRET=0
+    device=cuda tests_timeout=150 bench_timeout=240
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu_machine.txt"
+    install=(python3 -m pip install -q --no-deps --no-build-isolation -e .)
+fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu_machine.txt"
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+"${install[@]}" || exit 1
 status=0
-TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/gpu_tests.log" || status=1
-timeout 210 python3 -m pytest -q -p no:cacheprovider --benchmark --benchmark-json "$out/benchmark.json" 2>&1 \
+timeout $tests_timeout python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$out/gpu_tests.log" || status=1
+if grep -qE "[0-9]+ skipped" "$out/gpu_tests.log"; then  # a skip here means the GPU was not used
+    echo "tests/test_cuda.py skipped tests" >&2
+    status=1
+fi
+started=$(date +%s)
+timeout $bench_timeout python3 -m pytest -q -p no:cacheprovider --benchmark --benchmark-json "$out/benchmark.json" 2>&1 \
     | tee "$out/gpu_bench.log" || status=1
-newest=$(ls -dt bench/results/cuda-* 2>/dev/null | head -1)
-[ -n "$newest" ] && cp "$newest"/report.* "$out/"
+# The report of this run (written by the suite under bench/results/<device>-<time>/) and its GEMM paths table.
+newest=$(ls -dt bench/results/$device-* 2>/dev/null | head -1)
+if [ -n "$newest" ] && [ "$(stat -c %Y "$newest")" -ge "$started" ]; then
+    [ "$newest" -ef "$out" ] || cp "$newest"/report.* "$out/"
+    awk '/^## /{on = /^## GEMM paths/} on' "$newest/report.md" | tee "$out/gemm_paths.md"
+    grep -E "^\| (GPU|CPU) .*(frozen|PEFT)" "$newest/report.md" | tee -a "$out/gemm_paths.md"
+    grep -q "^| 4096→4096 | 8192 | 16 |" "$out/gemm_paths.md" || [ $dry_run = 1 ] || status=1
+else
+    echo "the benchmark suite wrote no report" >&2
+    status=1
+fi
+echo "bench/gpu.sh$([ $dry_run = 1 ] && echo ' --dry-run'): exit status $status, results in $out"
 exit $status

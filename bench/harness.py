@@ -10,6 +10,7 @@ them alike; figures are medians over rounds, and ratios are medians of per-round
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import statistics
 import time
@@ -75,6 +76,23 @@ def forward_backward(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -
             p.grad = None
 
     return run
+
+
+def forced_gemm(path: str, run: Callable[[], None]) -> Callable[[], None]:
+    """``run`` with ``LORAFAST_GEMM=path`` (``triton`` or ``cublas``) while it runs."""
+
+    def forced() -> None:
+        before = os.environ.get("LORAFAST_GEMM")
+        os.environ["LORAFAST_GEMM"] = path
+        try:
+            run()
+        finally:
+            if before is None:
+                del os.environ["LORAFAST_GEMM"]
+            else:
+                os.environ["LORAFAST_GEMM"] = before
+
+    return forced
 
 
 def forward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:

@@ -2,9 +2,12 @@
 
 ``python bench/kernel_report.py`` compiles every lorafast kernel and every autotune config for
 sm_90a (H100/H200) on any machine, no GPU needed, and prints per config the registers, spill
-stores/loads (bytes per thread, from ``ptxas -v``) and shared memory, beside the Triton tutorial
-matmul (03-matrix-multiplication) built the same way for the same tile. A kernel that spills
-more than that plain GEMM at the same tile leaves tensor-core throughput on the table.
+stores/loads (bytes per thread, from ``ptxas -v``), shared memory and the main loop's wgmma and
+cp.async instructions (PTX inside a loop: a label with a backward branch to it), beside the Triton
+tutorial matmul (03-matrix-multiplication) built the same way for the same tile. A kernel that spills
+more than that plain GEMM at the same tile leaves tensor-core throughput on the table; a GEMM config
+(forward, dX) whose main loop issues a different wgmma count than the tutorial's has lost its shape
+(flagged for 2-byte inputs: fp32 follows torch's TF32 setting, off by default, and then issues no wgmma).
 
 The launchers themselves build each kernel's arguments (CPU tensors of a realistic layer shape
 stand in for CUDA ones), so the kernels are specialised exactly as Triton's JIT would specialise
@@ -69,6 +72,8 @@ class Resources:
     spill_stores: int  # bytes per thread
     spill_loads: int
     shared: int  # bytes per block
+    loop_wgmma: int = 0  # PTX instructions inside the kernel's loops
+    loop_cp_async: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +110,30 @@ def compile_for_hopper(kernel, args: tuple, config: triton.Config, ptxas: Path) 
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=HOPPER, options=options.__dict__)
     registers, stores, loads = _ptxas_resources(compiled.asm["ptx"], ptxas)
-    return Resources(registers, stores, loads, compiled.metadata.shared)
+    return Resources(registers, stores, loads, compiled.metadata.shared, *main_loop_counts(compiled.asm["ptx"]))
+
+
+def main_loop_counts(ptx: str) -> tuple[int, int]:
+    """``(wgmma, cp.async)`` instructions of the PTX's main loop: of the innermost loops (a label and a later
+    branch back to it, no loop inside), the one with the most wgmma; ``(0, 0)`` without loops."""
+    lines = ptx.splitlines()
+    labels, loops = {}, []
+    for i, line in enumerate(lines):
+        label = re.match(r"\s*(\$L__BB\d+_\d+):", line)
+        if label:
+            labels[label.group(1)] = i
+        branch = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+)", line)
+        if branch and branch.group(1) in labels:
+            loops.append((labels[branch.group(1)], i))
+    innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    counts = [
+        (
+            sum("wgmma.mma_async" in line for line in lines[a : b + 1]),
+            sum(re.search(r"\bcp\.async\.c[ag]\.", line) is not None for line in lines[a : b + 1]),
+        )
+        for a, b in innermost
+    ]
+    return max(counts, default=(0, 0))
 
 
 @triton.jit
@@ -275,6 +303,15 @@ class Row:
     def too_much_shared(self) -> bool:
         return self.ours.shared > HOPPER_SHARED_BYTES
 
+    @property
+    def is_gemm(self) -> bool:
+        return "BLOCK_N" in self.config.kwargs
+
+    @property
+    def main_loop_differs(self) -> bool:
+        """A 2-byte GEMM config whose main loop issues a different wgmma count than the tutorial's."""
+        return self.is_gemm and self.dtype != "fp32" and self.ours.loop_wgmma != self.tutorial.loop_wgmma
+
 
 def _widest(configs: tuple, r_pad: int) -> list[triton.Config]:
     """The configs with the largest output tile (ties: all of them)."""
@@ -322,16 +359,20 @@ def format_row(row: Row) -> str:
     tile = "×".join(map(str, output_tile(row.config, row.r_pad)))
     flag = " SPILLS MORE" if row.spills_more else ""
     flag += " SHARED > H100" if row.too_much_shared else ""
+    flag += " MAIN LOOP ≠ TUTORIAL" if row.main_loop_differs else ""
+    loop = lambda r: f"{r.loop_wgmma} / {r.loop_cp_async}" if row.is_gemm else "–"  # noqa: E731
     return (
         f"| {row.case} | {row.kernel} | {row.dtype} | {row.r_pad} | {tile}, {row.config.num_stages}, "
         f"{row.config.num_warps} | {row.ours.registers} | {row.ours.spill_stores} / {row.ours.spill_loads} | "
-        f"{row.ours.shared // 1024} | {row.tutorial.registers} | {row.tutorial.spill_stores} |{flag}"
+        f"{row.ours.shared // 1024} | {loop(row.ours)} | {row.tutorial.registers} | {row.tutorial.spill_stores} | "
+        f"{loop(row.tutorial)} |{flag}"
     )
 
 
 HEADER = (
     "| case | kernel | dtype | R_PAD | tile (M×N×K), stages, warps | regs | spill st / ld (B) | smem (KiB) "
-    "| tutorial regs | tutorial spill st (B) | |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| main loop wgmma / cp.async | tutorial regs | tutorial spill st (B) | tutorial main loop wgmma / cp.async | |"
+    "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -358,8 +399,12 @@ def main(argv=None) -> int:
         print(format_row(row))
     spilling = sum(row.spills_more for row in rows)
     oversized = sum(row.too_much_shared for row in rows)
+    differing = sum(row.main_loop_differs for row in rows)
+    gemms = sum(row.is_gemm and row.dtype != "fp32" for row in rows)
     print(f"\n{spilling} of {len(rows)} configs spill more than the tutorial matmul at the same tile; "
-          f"{oversized} need more shared memory than an H100 ({HOPPER_SHARED_BYTES // 1024} KiB).")  # fmt: skip
+          f"{oversized} need more shared memory than an H100 ({HOPPER_SHARED_BYTES // 1024} KiB); "
+          f"{differing} of {gemms} 2-byte GEMM configs issue a different wgmma count in the main loop "
+          "than the tutorial's.")  # fmt: skip
     return 1 if spilling or oversized else 0
 
 

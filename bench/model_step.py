@@ -28,7 +28,10 @@ import sumpubmed  # noqa: E402
 # The shared sample beside the checkout; LORAFAST_SUMPUBMED points elsewhere (e.g. a copy carried to a GPU machine).
 SUMPUBMED = Path(os.environ.get("LORAFAST_SUMPUBMED", REPO.parent / "shared" / "sumpubmed"))
 TARGETS = {"q,v": ["q_proj", "v_proj"], "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
-BATCH, SOURCE_TOKENS, TARGET_TOKENS = 4, 512, 128
+# LORAFAST_BENCH_DRY_RUN=1 (bench/gpu.sh --dry-run): the smallest preset and batch, the same steps.
+DRY_RUN = os.environ.get("LORAFAST_BENCH_DRY_RUN") == "1"
+MODEL = "random:tiny" if DRY_RUN else "random:base"
+BATCH, SOURCE_TOKENS, TARGET_TOKENS = (2, 64, 16) if DRY_RUN else (4, 512, 128)
 CONFIGS = [("full", "all", 0.0)] + [
     (method, targets, dropout)
     for targets in ("q,v", "all")
@@ -73,7 +76,7 @@ def build(config: tuple[str, str, float], tokenizer_dir: Path, device) -> tuple[
     """The seeded random BART-base-shaped model prepared for ``config`` and its AdamW."""
     method, targets, dropout = config
     torch.manual_seed(0)
-    model, _, _ = model_setup.load_model("random:base", tokenizer_dir)
+    model, _, _ = model_setup.load_model(MODEL, tokenizer_dir)
     model = model_setup.prepare(model, method, r=8, alpha=16, dropout=dropout, targets=TARGETS[targets])
     model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -36,9 +36,13 @@ class Report:
     layer_rows: list[dict] = field(default_factory=list)
     model_rows: list[dict] = field(default_factory=list)
     multi_rows: list[dict] = field(default_factory=list)
+    gemm_rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     started: datetime.datetime = field(default_factory=datetime.datetime.now)
+
+    def has_rows(self) -> bool:
+        return bool(self.layer_rows or self.model_rows or self.multi_rows or self.gemm_rows or self.targets)
 
     def markdown(self) -> str:
         out = [f"# lorafast benchmarks\n\n{self.machine}; {datetime.datetime.now():%Y-%m-%d %H:%M}\n"]
@@ -61,6 +65,16 @@ class Report:
                     f"| {peak} |"
                 )
             out.append("")
+        if self.gemm_rows:
+            out += [
+                "## GEMM paths of lorafast's forward and dX (Triton: the fused kernel; cuBLAS: addmm beside the "
+                "epilogue kernel)\n",
+                "| in→out | tokens | r | dropout | auto chose fwd / dX | first-call timing fwd: Triton / cuBLAS ms "
+                "| dX: Triton / cuBLAS ms | fwd+bwd ms auto / Triton / cuBLAS | fwd+bwd / frozen auto / Triton / "
+                "cuBLAS | PEFT / lorafast auto / Triton / cuBLAS |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            out += [gemm_row(r) for r in self.gemm_rows] + [""]
         if self.model_rows:
             out += [
                 "## BART-base-shaped training step (random weights, real SumPubMed batches)\n",
@@ -149,3 +163,22 @@ class Report:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+def gemm_row(r: dict) -> str:
+    """One Markdown row of the GEMM paths table; a path auto did not measure shows "–" for its timings."""
+
+    def timing(op):
+        seconds = (r[f"{op}_choice"] or {}).get("seconds", {})
+        return " / ".join(f"{seconds[p] * 1e3:.3f}" if p in seconds else "–" for p in ("triton", "cublas"))
+
+    def chose(op):
+        choice = r[f"{op}_choice"]
+        return choice["path"] if choice else "triton (not measured)"
+
+    three = lambda key, fmt: " / ".join(format(r[f"{key}_{p}"], fmt) for p in ("auto", "triton", "cublas"))  # noqa: E731
+    return (
+        f"| {r['d_in']}→{r['d_out']} | {r['tokens']} | {r['r']} | {r['dropout']} | {chose('fwd')} / {chose('dx')} | "
+        f"{timing('fwd')} | {timing('dx')} | {three('ms', '.2f')} | {three('vs_frozen', '.3f')} | "
+        f"{three('peft_speedup', '.3f')} |"
+    )

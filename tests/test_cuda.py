@@ -1,7 +1,9 @@
-"""The compiled Triton kernels on a CUDA GPU (run by ``bench/gpu.sh``; skipped on CPU-only machines).
+"""The compiled Triton kernels on a CUDA GPU, run by ``bench/gpu.sh`` (the default CPU run does not collect this file).
 
 Run with ``TRITON_INTERPRET=0 python -m pytest tests/test_cuda.py``: the rest of the suite runs the
 kernels through the interpreter, which cannot share a process with compiled kernels.
+``bash bench/gpu.sh --dry-run`` runs this file on a CPU machine with every kernel through the interpreter on CPU
+tensors and smaller shapes, so that the GPU run's first minute measures instead of crashing.
 """
 
 import pytest
@@ -11,26 +13,35 @@ from conftest import TOLERANCES, reference_lora
 from lorafast import FusedLoRALinear, kernels, lora_linear
 from lorafast.backend import resolve_backend
 from lorafast.dropout import draw_seed
+from lorafast.kernels import gemm_choice
 from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
 from lorafast.profiling import saved_activation_bytes
 
+DEVICE = torch.device("cpu" if kernels.INTERPRETED else "cuda")
 pytestmark = pytest.mark.skipif(
-    kernels.INTERPRETED or not torch.cuda.is_available(),
-    reason="needs a CUDA GPU and compiled Triton kernels (TRITON_INTERPRET=0)",
+    not kernels.INTERPRETED and not torch.cuda.is_available(),
+    reason="needs a CUDA GPU (or TRITON_INTERPRET=1: the dry run on CPU tensors)",
 )
 
-SHAPES = [(37, 70, 50, 3), (1000, 768, 3072, 8), (8192, 4096, 4096, 16)]
+if DEVICE.type == "cuda":
+    SHAPES = [(37, 70, 50, 3), (1000, 768, 3072, 8), (8192, 4096, 4096, 16)]
+    SQUARE, SAVED_SHAPE, CONFIG_SHAPE = (4096, 4096, 4096), (4096, 1024), (300, 520, 260, 24)
+else:  # the interpreter runs a program at a time: the same cases, smaller
+    SHAPES = [(37, 70, 50, 3), (130, 96, 160, 8)]
+    SQUARE, SAVED_SHAPE, CONFIG_SHAPE = (130, 96, 96), (256, 128), (40, 72, 48, 24)
 
 
 @pytest.fixture(autouse=True)
 def one_config_per_kernel(monkeypatch):
-    """Correctness does not need autotuning; it would compile every config for every shape."""
+    """Correctness does not need autotuning; it would compile every config for every shape. The Triton backend
+    (auto's choice on CUDA) on CPU tensors too."""
     monkeypatch.setenv("LORAFAST_AUTOTUNE", "0")
+    monkeypatch.setenv("LORAFAST_BACKEND", "triton")
 
 
 def _inputs(n, d_in, d_out, r, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    make = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device="cuda") * scale).to(dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    make = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=DEVICE) * scale).to(dtype)
     return (
         make(n, d_in),
         make(d_out, d_in, scale=d_in**-0.5),
@@ -40,10 +51,13 @@ def _inputs(n, d_in, d_out, r, dtype, seed=0):
     )
 
 
+@pytest.mark.parametrize("gemm", gemm_choice.PATHS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_triton_matches_reference_on_cuda(shape, dtype, dropout_p):
+def test_triton_matches_reference_on_cuda(shape, dtype, dropout_p, gemm, monkeypatch):
+    """Forward and gradients on both GEMM paths (fused Triton; cuBLAS beside the epilogue kernel)."""
+    monkeypatch.setenv("LORAFAST_GEMM", gemm)
     n, d_in, d_out, r = shape
     x, w, b, a, bb = _inputs(n, d_in, d_out, r, dtype)
     x, a, bb = (t.requires_grad_() for t in (x, a, bb))
@@ -52,19 +66,69 @@ def test_triton_matches_reference_on_cuda(shape, dtype, dropout_p):
     gy = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, a, bb), gy)
     torch.manual_seed(5)
-    keep = kernels.dropout_keep_mask(draw_seed(), (n, d_in), dropout_p, "cuda") if dropout_p else None
+    keep = kernels.dropout_keep_mask(draw_seed(), (n, d_in), dropout_p, DEVICE) if dropout_p else None
+    _assert_matches_reference((x, w, b, a, bb), y, grads, gy, keep, dropout_p)
+
+
+def _assert_matches_reference(inputs, y, grads, gy, keep, dropout_p, scaling=2.0):
+    x, w, b, a, bb = inputs
     ref = [t.detach().float().requires_grad_() for t in (x, a, bb)]
-    y_ref = reference_lora(ref[0], w.float(), b.float(), ref[1], ref[2], 2.0, keep=keep, p=dropout_p)
+    y_ref = reference_lora(ref[0], w.float(), b.float(), ref[1], ref[2], scaling, keep=keep, p=dropout_p)
     grads_ref = torch.autograd.grad(y_ref, ref, gy.float())
-    atol, rtol = TOLERANCES[torch.float16 if dtype == torch.float32 else dtype]  # fp32 may run as tf32
+    atol, rtol = TOLERANCES[torch.float16 if x.dtype == torch.float32 else x.dtype]  # fp32 may run as tf32
     for got, want in zip((y, *grads), (y_ref, *grads_ref)):
         scale = max(1.0, want.abs().max().item())
         torch.testing.assert_close(got.float(), want, atol=atol * scale, rtol=rtol)
 
 
+def test_auto_measures_both_gemm_paths_once_and_keeps_the_faster(tmp_path, monkeypatch):
+    """``LORAFAST_GEMM=auto``: the forward's and dX's first calls time both candidates, the faster is kept and
+    written to the cache file, and a second call measures nothing; the result is right whichever path won."""
+    import time
+
+    monkeypatch.delenv("LORAFAST_GEMM", raising=False)
+    timed = []
+
+    def timer(fn):
+        timed.append(fn)
+        if DEVICE.type == "cuda":
+            return gemm_choice.cuda_timer(fn)
+        begin = time.perf_counter()  # the interpreter: the measuring path runs, its figures mean nothing
+        fn()
+        return time.perf_counter() - begin
+
+    monkeypatch.setattr(gemm_choice, "MEASURED_DEVICE_TYPES", {"cuda", "cpu"})
+    monkeypatch.setattr(gemm_choice, "_CHOOSER", gemm_choice.GemmChooser(tmp_path / "choices.json", timer))
+    n, d_in, d_out, r = SHAPES[-1]
+    inputs = _inputs(n, d_in, d_out, r, torch.bfloat16)
+    x, w, b, a, bb = inputs
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    gy = torch.randn(n, d_out, device=DEVICE, dtype=torch.bfloat16)
+    for _ in range(2):
+        torch.manual_seed(5)
+        y = lora_linear(leaves[0], w, b, leaves[1], leaves[2], 2.0, dropout_p=0.1, training=True)
+        grads = torch.autograd.grad(y, leaves, gy)
+        assert len(timed) == 4  # two candidates each for the forward and the dX GEMM, on the first call only
+    torch.manual_seed(5)
+    keep = kernels.dropout_keep_mask(draw_seed(), (n, d_in), 0.1, DEVICE)
+    _assert_matches_reference(inputs, y, grads, gy, keep, 0.1)
+    keys = [
+        gemm_choice.gemm_key("forward", x, w.t(), x[:, :r], b, 0.0),
+        gemm_choice.gemm_key("dx", gy, w, gy[:, :r], None, 0.1),
+    ]
+    for key in keys:
+        choice = gemm_choice.recorded_choice(key)
+        assert choice["path"] == min(choice["seconds"], key=choice["seconds"].get)
+        assert set(choice["seconds"]) == set(gemm_choice.PATHS)
+        print(
+            f"{key.op}: {choice['path']} ({', '.join(f'{p} {s * 1e3:.3f} ms' for p, s in choice['seconds'].items())})"
+        )
+    assert (tmp_path / "choices.json").is_file()
+
+
 @pytest.mark.parametrize("config", fused_lora_matmul_tuned.configs, ids=str)
 def test_every_config_compiles_and_is_correct(config):
-    x, w, b, a, bb = _inputs(300, 520, 260, 24, torch.bfloat16)
+    x, w, b, a, bb = _inputs(*CONFIG_SHAPE, torch.bfloat16)
     y, xa = kernels.fused_lora_forward(x, w, b, a, bb, 1.5, config=config)
     xa_want = x.float() @ a.float().T
     want = x.float() @ w.float().T + 1.5 * xa_want @ bb.float().T + b.float()
@@ -74,7 +138,7 @@ def test_every_config_compiles_and_is_correct(config):
 
 def test_autotuned_kernels_are_correct(monkeypatch):
     monkeypatch.setenv("LORAFAST_AUTOTUNE", "1")
-    x, w, b, a, bb = _inputs(2048, 1024, 1024, 16, torch.bfloat16)
+    x, w, b, a, bb = _inputs(*((2048, 1024, 1024) if DEVICE.type == "cuda" else (64, 96, 80)), 16, torch.bfloat16)
     y = lora_linear(x, w, b, a, bb, 2.0)
     want = x.float() @ w.float().T + 2.0 * (x.float() @ a.float().T) @ bb.float().T + b.float()
     torch.testing.assert_close(y.float(), want, atol=5e-2 * want.abs().max().item(), rtol=2e-2)
@@ -82,29 +146,32 @@ def test_autotuned_kernels_are_correct(monkeypatch):
 
 def test_auto_backend_is_triton_on_cuda(monkeypatch):
     monkeypatch.delenv("LORAFAST_BACKEND", raising=False)
-    assert resolve_backend(torch.device("cuda"), torch.bfloat16) == "triton"
+    assert resolve_backend(DEVICE, torch.bfloat16) == ("triton" if DEVICE.type == "cuda" else "torch")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_saved_bytes_on_cuda(dropout):
-    x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layer = FusedLoRALinear(1024, 1024, r=16, dropout=dropout, device="cuda", dtype=torch.bfloat16).train()
+    n, d = SAVED_SHAPE
+    x = torch.randn(n, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    layer = FusedLoRALinear(d, d, r=16, dropout=dropout, device=DEVICE, dtype=torch.bfloat16).train()
     saved = saved_activation_bytes(lambda: layer(x), exclude=list(layer.parameters()))
-    assert saved <= x.numel() * x.element_size() + 4096 * 16 * x.element_size()
+    # x and xa (n, r), plus the fp32 factors cast to bf16 for the call: (r, d) and (d, r), no token-sized extra
+    factors = 2 * 16 * d * x.element_size()
+    assert saved <= x.numel() * x.element_size() + n * 16 * x.element_size() + factors
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(37, 70, 50), (4096, 4096, 4096)])
+@pytest.mark.parametrize("shape", [(37, 70, 50), SQUARE])
 def test_mixed_adapter_kernels_match_the_torch_path_on_cuda(shape, dtype, monkeypatch):
     """The compiled segment kernels against the PyTorch mixed path, on unsorted ids with base-only rows."""
     from lorafast import multi_lora_linear
 
     n, d_in, d_out = shape
-    g = torch.Generator(device="cuda").manual_seed(3)
-    make = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device="cuda") * scale).to(dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    make = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=DEVICE) * scale).to(dtype)
     x, w, b = make(n, d_in), make(d_out, d_in, scale=d_in**-0.5), make(d_out)
     lora_A, lora_B = make(8, 16, d_in, scale=d_in**-0.5), make(8, d_out, 16)
-    ids = torch.randint(-1, 8, (n,), generator=g, device="cuda")
+    ids = torch.randint(-1, 8, (n,), generator=g, device=DEVICE)
     gy = make(n, d_out)
     results = []
     for backend, to in (("triton", dtype), ("torch", torch.float32)):  # reference: fp32 on the rounded inputs

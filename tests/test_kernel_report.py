@@ -1,5 +1,6 @@
 """The kernels' widest tiles, compiled offline for the H100/H200 (sm_90a), spill no more than the
-Triton tutorial matmul at the same tile and fit its shared memory (``bench/kernel_report.py``)."""
+Triton tutorial matmul at the same tile and fit its shared memory, and the fused GEMM's main loop issues the
+tutorial's wgmma and cp.async counts (``bench/kernel_report.py``)."""
 
 import os
 import subprocess
@@ -44,3 +45,32 @@ def test_widest_tiles_spill_no_more_than_the_tutorial_matmul(dtype, rank, case, 
     assert {row[2].strip() for row in rows} == kernels, out.stderr[-3000:]
     assert {row[1].strip().endswith("dropout") for row in rows} == {True, False}  # with and without dropout
     assert out.returncode == 0, out.stdout
+    for row in rows:
+        if row[2].strip() == "fused_lora_matmul_kernel" and dtype == "bf16":  # main loop: ours | the tutorial's
+            assert row[9].strip() == row[12].strip() != "0 / 0", row
+
+
+def test_main_loop_counts_take_the_innermost_loop_with_the_most_wgmma():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from kernel_report import main_loop_counts
+
+    ptx = """
+    wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {...};
+$L__BB0_1:
+    cp.async.cg.shared.global [%r1], [%rd1], 16;
+$L__BB0_2:
+    cp.async.cg.shared.global [%r2], [%rd2], 16;
+    cp.async.commit_group;
+    wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};
+    wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};
+    @%p1 bra 	$L__BB0_2;
+    wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {...};
+    @%p2 bra $L__BB0_1;
+$L__BB0_3:
+    wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {...};
+    bra.uni $L__BB0_4;
+$L__BB0_4:
+    ret;
+"""
+    assert main_loop_counts(ptx) == (2, 1)  # the inner loop; the outer one, prologue and forward branch excluded
+    assert main_loop_counts("wgmma.mma_async;\nret;") == (0, 0)

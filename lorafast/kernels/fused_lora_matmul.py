@@ -5,6 +5,9 @@ Forward ``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``: U = x, V = W0ᵀ, UP = 
 V ``(K, N)``, UP ``(M, R)``, Q ``(R, N)``, b ``(N,)``, C ``(M, N)``; s a runtime scalar (no recompile), keep the
 mask of C's positions (``dropout_mask``) or ones. UP comes once per row from the shrink kernel; a program's one
 fp32 ``(BLOCK_M, BLOCK_N)`` accumulator starts from ``s·UP·Q`` + b, then adds ``U·V`` over K (no second fp32 tile).
+
+Its cuBLAS twin (:func:`cublas_lora_matmul`) runs the same kernel with K = 0 for the epilogue term alone, then lets
+cuBLAS add U·V in place; :mod:`.gemm_choice` measures both on CUDA and keeps the faster per shape.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import triton.language as tl
 
 from .dropout_mask import keep_mask
 from .dropout_xa import lora_project
+from .gemm_choice import choose_path, gemm_key
 from .launch import (
     check_input,
     check_tensor,
@@ -112,6 +116,26 @@ def fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config):
     return c
 
 
+# The K = 0 launch has no main loop: one memory-bound tile shape serves every GEMM, and nothing is autotuned.
+EPILOGUE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=2, num_warps=4)
+
+
+def cublas_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed):
+    """:func:`fused_lora_matmul`'s result from the kernel at K = 0 (``s·keep ⊙ (UP·Q) + b``, the same mask) and
+    one cuBLAS GEMM adding U·V in place (beta = 1): no buffer beyond C."""
+    c = fused_lora_matmul(u[:, :0], v[:0], up, q, bias, scale, dropout_p, seed, EPILOGUE_CONFIG)
+    return torch.addmm(c, u, v, out=c)
+
+
+def lora_matmul(op, u, v, up, q, bias, scale, dropout_p, seed, config=None):
+    """C by the path :func:`.gemm_choice.choose_path` picks for ``op``; a pinned ``config`` runs the Triton kernel."""
+    args = (u, v, up, q, bias, scale, dropout_p, seed)
+    if config is not None or u.shape[0] == 0:
+        return fused_lora_matmul(*args, config)
+    candidates = {"triton": lambda: fused_lora_matmul(*args, None), "cublas": lambda: cublas_lora_matmul(*args)}
+    return candidates[choose_path(gemm_key(op, u, v, up, bias, dropout_p), candidates, u.device)]()
+
+
 def fused_lora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -135,7 +159,7 @@ def fused_lora_forward(
 
 def forward_matmul(x, weight, bias, xa, lora_B, scaling, config=None):
     """:func:`fused_lora_forward`'s GEMM unchecked, xa given: y ``(M, N)``."""
-    return fused_lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling, 0.0, 0, config)
+    return lora_matmul("forward", x, weight.t(), xa, lora_B.t(), bias, scaling, 0.0, 0, config)
 
 
 def fused_lora_dx(
@@ -157,7 +181,8 @@ def fused_lora_dx(
 def dx_matmul(grad_y, weight, lora_A, lora_B, scaling, dropout_p, seed, config=None):
     """:func:`fused_lora_dx` unchecked: ``(dX, g)``."""
     g = lora_project(grad_y, lora_B.t())
-    return fused_lora_matmul(grad_y, weight, g, lora_A, None, scaling / (1.0 - dropout_p), dropout_p, seed, config), g
+    dx = lora_matmul("dx", grad_y, weight, g, lora_A, None, scaling / (1.0 - dropout_p), dropout_p, seed, config)
+    return dx, g
 
 
 def check_operands(u, weight, lora_A, lora_B, bias=None, dropout_p=0.0, dx=False):
