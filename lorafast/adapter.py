@@ -24,12 +24,14 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB]|magnitude_vector)(?:\.[^.]+)?\.weight$"
+)
+_MAGNITUDE = "magnitude_vector"  # DoRA's m (out,), PEFT's lora_magnitude_vector
 
 # PEFT options that change what an adapter computes and that lorafast does not implement, with
 # the value that means "off". An adapter using any of them is refused by name.
 _UNSUPPORTED = {
-    "use_dora": False,
     "use_rslora": False,
     "rank_pattern": {},
     "alpha_pattern": {},
@@ -67,6 +69,10 @@ def save_adapter(
     if len(settings) > 1:
         raise ValueError(f"the LoRA layers differ in (r, alpha, dropout): {sorted(settings)}; save_adapter needs one")
     (r, alpha, dropout) = settings.pop()
+    dora_layers = {name: layer.use_dora for name, layer in lora_layers(model)} if adapter_name is None else {}
+    use_dora = any(dora_layers.values())
+    if use_dora and not all(dora_layers.values()):
+        raise ValueError("some LoRA layers use DoRA and some do not; one PEFT config (use_dora) describes them all")
 
     config = {
         "peft_type": "LORA",
@@ -80,7 +86,7 @@ def save_adapter(
         "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in lora_layers(model)),  # GPT-2's Conv1D
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": use_dora,
         "use_rslora": False,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -90,6 +96,9 @@ def save_adapter(
     for name, (lora_A, lora_B, *_) in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
+        if use_dora:
+            magnitude = dict(lora_layers(model))[name].lora_magnitude
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector.weight"] = magnitude.detach().cpu().contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Each file is replaced in one step (a crash leaves every file old or new, never partial).
@@ -122,7 +131,8 @@ def _names_pattern(names) -> str:
 
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """``(config, {module name: {"A": (r, in), "B": (out, r)}})`` of a PEFT LoRA adapter directory.
+    """``(config, {module name: {"A": (r, in), "B": (out, r)}})`` of a PEFT LoRA adapter directory; a DoRA adapter
+    (``use_dora``) also has ``"magnitude_vector"`` ``(out,)`` per module.
 
     FileNotFoundError if the directory, config or weights are missing; ValueError on a corrupt config, a
     non-LoRA adapter, an unsupported option (named), or weights that are not plain LoRA factors.
@@ -165,14 +175,21 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"{weights_path.name} holds {key!r}, which is not a LoRA factor of a linear layer")
-        if not tensor.is_floating_point() or tensor.dim() != 2:
-            raise ValueError(f"{key} in {weights_path.name} is {tensor.dim()}-D {tensor.dtype}, not a 2-D float matrix")
+        dims = 1 if match["factor"] == _MAGNITUDE else 2
+        if not tensor.is_floating_point() or tensor.dim() != dims:
+            what = "1-D float vector" if dims == 1 else "2-D float matrix"
+            raise ValueError(f"{key} in {weights_path.name} is {tensor.dim()}-D {tensor.dtype}, not a {what}")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{key} in {weights_path.name} holds NaN or infinite values")
         factors.setdefault(match["module"], {})[match["factor"]] = tensor
-    incomplete = sorted(name for name, ab in factors.items() if set(ab) != {"A", "B"})
+    expected = {"A", "B", _MAGNITUDE} if config.get("use_dora") else {"A", "B"}
+    incomplete = sorted(name for name, ab in factors.items() if set(ab) != expected)
     if incomplete or not factors:
-        raise ValueError(f"{weights_path.name} lacks lora_A or lora_B for {incomplete or 'every module'}")
+        raise ValueError(
+            f"{weights_path.name} does not hold exactly lora_A, lora_B"
+            f"{' and lora_magnitude_vector (use_dora)' if config.get('use_dora') else ''} for "
+            f"{incomplete or 'every module'}"
+        )
     r = config["r"]
     for name, ab in factors.items():
         if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
@@ -207,6 +224,9 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     """
     config, factors = read_adapter(directory)
     r, alpha, dropout = config["r"], config["lora_alpha"], float(config.get("lora_dropout") or 0.0)
+    use_dora = bool(config.get("use_dora"))
+    if use_dora and adapter_name is not None:
+        raise ValueError("named adapters (adapter_name) do not support DoRA; load a DoRA adapter without adapter_name")
     # Everything is checked before the model changes, so a failed load leaves it exactly as it was.
     modules = dict(model.named_modules())
     absent = sorted(name for name in factors if name not in modules)
@@ -224,6 +244,9 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
                 f"only in the model {sorted(set(layers) - set(factors))[:5]}"
             )
         _check_shapes(factors, {n: (m.r, m.in_features, m.out_features) for n, m in layers.items()})
+        differ = sorted(name for name, layer in layers.items() if layer.use_dora != use_dora)
+        if differ:
+            raise ValueError(f"the adapter has use_dora={use_dora} but LoRA layers {differ[:5]} do not")
     else:
         sizes = {name: _linear_sizes(modules[name]) for name in factors}
         not_linear = sorted(name for name, size in sizes.items() if size is None)
@@ -235,11 +258,13 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     if adapter_name is not None:
         add_adapter(model, adapter_name, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
     elif not layers:
-        apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
+        apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora)
     for name, layer in lora_layers(model) if adapter_name is None else multi_lora_layers(model):
         lora_A, lora_B, *_ = layer.factors(adapter_name)
         lora_A.copy_(factors[name]["A"])
         lora_B.copy_(factors[name]["B"])
+        if use_dora:
+            layer.lora_magnitude.copy_(factors[name][_MAGNITUDE])
         if adapter_name is None:  # a named adapter got them from add_adapter
             layer.alpha, layer.dropout = alpha, dropout
     return model
@@ -257,8 +282,8 @@ def _linear_sizes(module: nn.Module) -> tuple[int, int] | None:
 def _check_shapes(factors: dict[str, dict[str, torch.Tensor]], shapes: dict[str, tuple[int, int, int]]) -> None:
     """Raise ValueError unless every module's A is ``(r, in)`` and B ``(out, r)`` for its ``(r, in, out)``."""
     for name, (r, in_features, out_features) in shapes.items():
-        for factor, shape in (("A", (r, in_features)), ("B", (out_features, r))):
-            if tuple(factors[name][factor].shape) != shape:
+        for factor, shape in (("A", (r, in_features)), ("B", (out_features, r)), (_MAGNITUDE, (out_features,))):
+            if factor in factors[name] and tuple(factors[name][factor].shape) != shape:
                 raise ValueError(
                     f"lora_{factor} of {name} has shape {tuple(factors[name][factor].shape)} in the adapter but "
                     f"{shape} in the model"

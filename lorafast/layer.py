@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora
 from .function import lora_linear
 from .validation import check_dropout, check_rank, check_scaling
 
@@ -72,6 +73,8 @@ class FusedLoRALinear(LoRALayer):
     (as PEFT, so optimizer updates keep their precision), else the weight's; they are cast to the compute
     dtype in forward and their gradients arrive in adapter_dtype. ``from_linear`` also wraps GPT-2's ``Conv1D``
     (weight ``(in, out)``), kept in that layout and key, read transposed without a copy (``fan_in_fan_out``).
+    ``use_dora``: DoRA (:mod:`lorafast.dora`), with a trainable magnitude ``lora_magnitude`` ``(out,)``
+    initialised as PEFT's to the row norms of W0.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class FusedLoRALinear(LoRALayer):
         device=None,
         dtype=None,
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ):
         super().__init__()
         check_rank(r, in_features, out_features)
@@ -96,7 +100,7 @@ class FusedLoRALinear(LoRALayer):
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._init_lora(r, alpha, dropout, adapter_dtype)
+        self._init_lora(r, alpha, dropout, adapter_dtype, use_dora)
         self.reset_parameters()
 
     @classmethod
@@ -108,6 +112,7 @@ class FusedLoRALinear(LoRALayer):
         alpha: float = 16,
         dropout: float = 0.0,
         adapter_dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ):
         """Wrap an ``nn.Linear`` or ``Conv1D``, reusing (not copying) and freezing its weight and bias."""
         conv1d = is_conv1d(linear)
@@ -123,17 +128,23 @@ class FusedLoRALinear(LoRALayer):
             _adopt_conv1d(layer, linear)
         else:
             adopt_frozen_base(layer, linear)
-        layer._init_lora(r, alpha, dropout, adapter_dtype)
+        layer._init_lora(r, alpha, dropout, adapter_dtype, use_dora)
         layer.reset_lora_parameters()
         return layer
 
-    def _init_lora(self, r: int, alpha: float, dropout: float, adapter_dtype: torch.dtype | None = None) -> None:
+    def _init_lora(
+        self, r: int, alpha: float, dropout: float, adapter_dtype: torch.dtype | None = None, use_dora: bool = False
+    ) -> None:
         check_scaling(alpha)
         check_dropout(dropout)
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
         factory = {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        # DoRA's magnitude m (out,): y = m/‖W0 + s·BA‖_row ⊙ (W0·x + s·B·A·drop(x)) + b (see lorafast.dora)
+        self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, **factory)) if use_dora else None
         self.merged = False
         self.register_load_state_dict_post_hook(_allow_missing_lora_keys)
 
@@ -154,6 +165,15 @@ class FusedLoRALinear(LoRALayer):
         """A Kaiming-uniform (PEFT's default), B zeros: the update starts at exactly zero."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if self.use_dora:  # PEFT's: m = ‖W0 + s·BA‖_row = ‖W0‖_row
+            with torch.no_grad():
+                m = dora.initial_magnitude(self.base_weight(), self.lora_A, self.lora_B, self.scaling)
+                self.lora_magnitude.copy_(m)
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the layer is DoRA (has a magnitude vector ``lora_magnitude`` ``(out,)``)."""
+        return getattr(self, "lora_magnitude", None) is not None
 
     def factors(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
         return self.lora_A, self.lora_B, self.r, self.alpha, self.dropout
@@ -170,7 +190,13 @@ class FusedLoRALinear(LoRALayer):
             return
         # The factors as merged: unmerge() takes out exactly this update, even if A, B or alpha change meanwhile.
         self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
-        self.weight.add_(self._in_weight_layout(_scaled_product(*self._merged_factors)))
+        if self.use_dora:  # PEFT's: W = g·(W0 + s·BA), g kept for unmerge
+            weight, g = dora.merged_weight(self.base_weight(), *self._merged_factors[:2], self.lora_magnitude,
+                                           self.scaling)  # fmt: skip
+            self._merged_factors += (g,)
+            self.weight.copy_(self._in_weight_layout(weight))
+        else:
+            self.weight.add_(self._in_weight_layout(_scaled_product(*self._merged_factors)))
         self.merged = True
 
     @torch.no_grad()
@@ -180,24 +206,35 @@ class FusedLoRALinear(LoRALayer):
             warnings.warn("FusedLoRALinear is not merged; nothing to do", stacklevel=2)
             return
         merged_factors = getattr(self, "_merged_factors", None) or (self.lora_A, self.lora_B, self.scaling)
-        self.weight.sub_(self._in_weight_layout(_scaled_product(*merged_factors)))
+        if len(merged_factors) == 4:  # DoRA: W0 = W/g - s·BA
+            lora_A, lora_B, scaling, g = merged_factors
+            weight = dora.unmerged_weight(self.base_weight(), lora_A, lora_B, g, scaling)
+            self.weight.copy_(self._in_weight_layout(weight))
+        else:
+            self.weight.sub_(self._in_weight_layout(_scaled_product(*merged_factors)))
         self.merged, self._merged_factors = False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+            trainable = [p for p in (self.lora_A, self.lora_B, self.lora_magnitude) if p is not None]
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in trainable):
                 raise RuntimeError(
                     "FusedLoRALinear is merged, so lora_A and lora_B no longer act on the output and "
                     "cannot be trained; call unmerge() before training (or eval() / torch.no_grad() "
                     "for inference)"
                 )
             return F.linear(x, self.base_weight(), self.bias)
+        if self.use_dora:
+            lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+            return dora.dora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, self.lora_magnitude,
+                                    self.scaling, self.dropout, self.training)  # fmt: skip
         return self._adapter_forward(x)
 
     def extra_repr(self) -> str:
         merged = ", merged=True" if self.merged else ""
         merged += ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        merged += ", use_dora=True" if self.use_dora else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
@@ -254,3 +291,5 @@ def _allow_missing_lora_keys(module: FusedLoRALinear, incompatible_keys) -> None
         if key[: -len("lora_A")] + "lora_B" in missing:
             missing.remove(key)
             missing.remove(key[: -len("lora_A")] + "lora_B")
+            if key[: -len("lora_A")] + "lora_magnitude" in missing:
+                missing.remove(key[: -len("lora_A")] + "lora_magnitude")

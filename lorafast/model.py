@@ -103,11 +103,12 @@ def apply_lora(
     alpha: float = 16,
     dropout: float = 0.0,
     adapter_dtype: torch.dtype | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` (and GPT-2 ``Conv1D``) modules of ``model`` in place by FusedLoRALinear.
 
     The layers reuse the linears' weights (no copy); every other parameter is frozen, so only the factors train.
-    ``target_modules`` as in the module docstring; r, alpha, dropout, adapter_dtype as in FusedLoRALinear.
+    ``target_modules`` as in the module docstring; r, alpha, dropout, adapter_dtype, use_dora as in FusedLoRALinear.
     Returns ``model``. ValueError if LoRA is already applied, a target matches no module (the message lists
     the model's linear layers), or a matched module is not an ``nn.Linear``.
     """
@@ -126,7 +127,9 @@ def apply_lora(
         _replace(
             model,
             name,
-            FusedLoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype),
+            FusedLoRALinear.from_linear(
+                module, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype, use_dora=use_dora
+            ),
         )
     return model
 
@@ -159,8 +162,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA factors of the state_dict: ``"<module>.lora_A"`` (named adapters: ``"<module>.lora_A.<adapter>"``)."""
-    return {k: v for k, v in model.state_dict().items() if {"lora_A", "lora_B"} & set(k.split("."))}
+    """The LoRA factors (and DoRA magnitudes) of the state_dict: ``"<module>.lora_A"`` (named adapters:
+    ``"<module>.lora_A.<adapter>"``)."""
+    return {k: v for k, v in model.state_dict().items() if {"lora_A", "lora_B", "lora_magnitude"} & set(k.split("."))}
 
 
 class ParameterCounts(NamedTuple):

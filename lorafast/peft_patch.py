@@ -4,8 +4,9 @@ Each supported PEFT LoRA ``Linear`` gets a subclass whose ``forward`` calls :fun
 active adapter) or :func:`lorafast.multi_lora_linear` (``adapter_names=``) on the base weight and
 ``lora_A[name].weight`` / ``lora_B[name].weight``. Nothing is copied or renamed: state_dict, ``save_pretrained``,
 ``set_adapter``, ``disable_adapter()``, merging and the Trainer stay PEFT's. A call that needs what lorafast lacks
-(merged or disabled layer, several active adapters, DoRA or another variant, ``lora_bias``, trainable base)
-runs PEFT's forward unchanged.
+(merged or disabled layer, several active adapters, a variant other than DoRA, ``lora_bias``, trainable base)
+runs PEFT's forward unchanged. DoRA adapters run :func:`lorafast.dora.dora_linear` (dropout on the LoRA branch
+only: PEFT's second base GEMM on the dropped input is not run, see :mod:`lorafast.dora`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .dora import dora_linear
 from .function import lora_linear
 from .layer import is_conv1d
 from .multi_function import multi_lora_linear
@@ -44,7 +46,7 @@ def _base_weight(layer: nn.Module) -> torch.Tensor:
 
 def _adapter_reason(layer: nn.Module, name: str) -> str | None:
     """Why ``layer``'s adapter ``name`` cannot run fused, or None when it can."""
-    if name in layer.lora_variant:
+    if name in layer.lora_variant and not _is_dora(layer, name):
         return type(layer.lora_variant[name]).__name__.removesuffix("LinearVariant") or "LoRA variant"
     if layer.lora_bias.get(name, False):
         return "lora_bias"
@@ -53,6 +55,10 @@ def _adapter_reason(layer: nn.Module, name: str) -> str | None:
     if not isinstance(layer.scaling[name], (int, float)):
         return "tensor scaling"
     return None
+
+
+def _is_dora(layer: nn.Module, name: str) -> bool:
+    return type(layer.lora_variant.get(name)).__name__ == "DoraLinearVariant" and name in layer.lora_magnitude_vector
 
 
 def _layer_reason(layer: nn.Module) -> str | None:
@@ -93,6 +99,18 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
         return super(_fused_class, self).forward(x, *args, **kwargs)
     name = active[0]
+    if _is_dora(self, name):
+        return dora_linear(
+            x,
+            _base_weight(self),
+            self.get_base_layer().bias,
+            self.lora_A[name].weight.to(x.dtype),
+            self.lora_B[name].weight.to(x.dtype),
+            self.lora_magnitude_vector[name].weight,
+            self.scaling[name],
+            _dropout_p(self, name),
+            True,
+        )
     return lora_linear(
         x,
         _base_weight(self),
@@ -109,7 +127,7 @@ def _mixed_forward(self, x: torch.Tensor, adapter_names, kwargs) -> torch.Tensor
     """PEFT's mixed batch (one adapter name per sequence) through :func:`multi_lora_linear`."""
     self._check_forward_args(x, **kwargs)
     names = [n for n in dict.fromkeys(adapter_names) if n != _BASE and n in self.lora_A]
-    unsupported = {n: _adapter_reason(self, n) for n in names}
+    unsupported = {n: "DoRA" if _is_dora(self, n) else _adapter_reason(self, n) for n in names}
     unsupported = {n: r for n, r in unsupported.items() if r is not None}
     if unsupported:
         warnings.warn(
@@ -155,7 +173,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
     """Run lorafast's fused LoRA linear in every supported PEFT LoRA ``Linear`` of ``model``; returns it.
 
     ``model``: a ``PeftModel`` or any module holding PEFT LoRA layers. Supported: a frozen floating ``nn.Linear``
-    or GPT-2 ``Conv1D`` base, adapters without DoRA, other variants or ``lora_bias``. Others (Embedding, Conv,
+    or GPT-2 ``Conv1D`` base, adapters plain or DoRA, without other variants or ``lora_bias``. Others (Embedding, Conv,
     quantized bases, ...) keep PEFT's forward; one ``lorafast.peft_patch`` log line counts the patched layers
     and why others are not. Calling again patches layers added since. ValueError if it holds no PEFT LoRA layer.
     """

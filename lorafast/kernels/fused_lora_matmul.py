@@ -35,12 +35,13 @@ from .launch import (
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def fused_lora_matmul_kernel(
-    u_ptr, v_ptr, up_ptr, q_ptr, bias_ptr, c_ptr,
+    u_ptr, v_ptr, up_ptr, q_ptr, bias_ptr, c_ptr, col_scale_ptr,
     M, N, K, R,
     scale, seed, p,
     stride_um, stride_uk, stride_vk, stride_vn, stride_upm, stride_upr, stride_qr, stride_qn,
-    stride_cm, stride_cn, stride_bias, M_BUCKET,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_cm, stride_cn, stride_bias, stride_col_scale, M_BUCKET,
+    HAS_BIAS: tl.constexpr, HAS_COL_SCALE: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -67,7 +68,7 @@ def fused_lora_matmul_kernel(
     acc = dot(up, q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION) * scale
     if DROPOUT:
         acc = tl.where(keep_mask(seed, offs_m, pid_n * BLOCK_N, BLOCK_N, p), acc, 0.0)
-    if HAS_BIAS:
+    if HAS_BIAS and not HAS_COL_SCALE:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
     # Rows and columns past the edge wrap around (their results are never stored), as in Triton's
@@ -81,20 +82,27 @@ def fused_lora_matmul_kernel(
         acc = dot(u, v, acc, DOT_PRECISION)
         u_ptrs += BLOCK_K * stride_uk
         v_ptrs += BLOCK_K * stride_vk
+    if HAS_COL_SCALE:  # DoRA's g ⊙ (U·V + s·UP·Q) + b: the column scale, then the (unscaled) bias
+        acc *= tl.load(col_scale_ptr + offs_n * stride_col_scale, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 fused_lora_matmul_tuned = triton.autotune(
     configs=gemm_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "HAS_COL_SCALE", "DROPOUT"],
     prune_configs_by={"early_config_prune": prune_for_rank},
     cache_results=True,
 )(fused_lora_matmul_kernel)
 
 
-def fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config):
-    """Unchecked launch for ``(M, K)·(K, N)`` operands and UP ``(M, R)`` (views with any strides); returns C."""
+def fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config, col_scale=None):
+    """Unchecked launch for ``(M, K)·(K, N)`` operands and UP ``(M, R)`` (views with any strides); returns C.
+
+    ``col_scale`` ``(N,)`` (DoRA's g, a runtime vector: no recompile per value): C = col_scale ⊙ (U·V + s·UP·Q) + b.
+    """
     M, K = u.shape
     N, R = v.shape[1], up.shape[1]
     c = torch.empty(M, N, dtype=u.dtype, device=u.device)
@@ -105,12 +113,13 @@ def fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     args = (
-        u, v, up, q, bias if bias is not None else v, c,
+        u, v, up, q, bias if bias is not None else v, c, col_scale if col_scale is not None else v,
         M, N, K, R,
         float(scale), int(seed), float(dropout_p),
         *u.stride(), *v.stride(), *up.stride(), *q.stride(), *c.stride(),
-        bias.stride(0) if bias is not None else 0, token_bucket(M),
-        bias is not None, dropout_p > 0.0, rank_block(R), dot_precision(u.dtype),
+        bias.stride(0) if bias is not None else 0, col_scale.stride(0) if col_scale is not None else 0,
+        token_bucket(M), bias is not None, col_scale is not None, dropout_p > 0.0, rank_block(R),
+        dot_precision(u.dtype),
     )  # fmt: skip
     launch(fused_lora_matmul_kernel, fused_lora_matmul_tuned, grid, args, config)
     return c

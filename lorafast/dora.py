@@ -1,0 +1,186 @@
+"""DoRA (weight-decomposed LoRA): ``y = g ⊙ (x·W0ᵀ + s·(drop(x)·Aᵀ)·Bᵀ) + b``, ``g = m / ‖W0 + s·B·A‖_row``.
+
+The row norm is detached (no gradient flows through it), as in PEFT and the DoRA paper (section 4.3). It is computed
+without any ``(out, in)`` temporary from ``‖W0 + s·BA‖²_row = ‖W0‖²_row + 2s·rowsum((W0·Aᵀ) ⊙ B) +
+s²·rowsum((B·(A·Aᵀ)) ⊙ B)``: ``‖W0‖²_row`` is cached per base weight (recomputed when the weight's storage or
+version changes, e.g. after a merge), the rest costs one skinny ``W0·Aᵀ`` ``(out, r)`` per call.
+
+Dropout acts on the LoRA branch only, as for plain LoRA (one base GEMM; PEFT's DoRA runs a second base GEMM on the
+dropped input, ``W0·x + (g-1)·W0·drop(x) + g·s·BA·drop(x)``; both have the same expectation, and they are equal at
+dropout 0 or in eval). Backward keeps x (the caller's), ``xa = drop(x)·Aᵀ`` ``(n, r)``, the output y (shared with
+whatever the next op saves of it) and two ``(out,)`` vectors; m's gradient ``Σₙ dY ⊙ z / ‖·‖`` uses the pre-scale
+output ``z = (y - b) / g`` recovered from y (columns where m = 0 are recomputed from x), so no ``(n, out)`` tensor
+is kept beyond y and nothing is recomputed by a base GEMM. dA, dB, dX are the LoRA gradients of ``dY ⊙ g``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .backend import front_door, implementation
+from .validation import check_lora_inputs
+
+# id(weight) -> (weakref to it, its storage key, its row norms²); an entry goes when its weight is freed
+_BASE_NORMS: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+
+
+def _storage_key(weight: torch.Tensor) -> tuple:
+    return (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()), weight.dtype)
+
+
+def base_row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
+    """``‖W0‖²`` per row of weight ``(out, in)`` -> ``(out,)`` in fp32 (fp64 for fp64), cached per weight tensor
+    (its ``_base`` for a view) and recomputed when its storage, version (an in-place change) or layout changes."""
+    owner = weight._base if weight._base is not None else weight
+    key = (*_storage_key(weight), _storage_key(owner))
+    cached = _BASE_NORMS.get(id(owner))
+    if cached is not None and cached[0]() is owner and cached[1] == key:
+        return cached[2]
+    with torch.no_grad():
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        norms = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square_()
+    ident = id(owner)
+    _BASE_NORMS[ident] = (weakref.ref(owner, lambda _: _BASE_NORMS.pop(ident, None)), key, norms)
+    return norms
+
+
+@torch.no_grad()
+def dora_weight_norm(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    base_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``‖W0 + s·B·A‖`` per row ``(out,)`` (fp32, fp64 for fp64) for weight ``(out, in)``, lora_A ``(r, in)``,
+    lora_B ``(out, r)``, without forming ``B·A``; ``base_sq``: ``‖W0‖²_row`` (None: :func:`base_row_norms_sq`)."""
+    if base_sq is None:
+        base_sq = base_row_norms_sq(weight)
+    acc = base_sq.dtype
+    a, b = lora_A.to(acc), lora_B.to(acc)
+    wa = torch.mm(weight, lora_A.to(weight.dtype).t()).to(acc)  # (out, r), the one product over in_features
+    cross = (wa * b).sum(1)
+    quad = (torch.mm(b, a @ a.t()) * b).sum(1)
+    return (base_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min_(0.0).sqrt_()
+
+
+def _pre_scale_columns(x, xa, weight, lora_B, scaling, cols):
+    """``z[:, cols]`` = ``x·W0[cols]ᵀ + s·xa·B[cols]ᵀ`` ``(n, len(cols))``."""
+    return torch.addmm(x @ weight[cols].t(), xa, lora_B[cols].t(), alpha=scaling)
+
+
+class DoRALinearFunction(torch.autograd.Function):
+    """x ``(..., in)``, weight ``(out, in)``, bias, lora_A ``(r, in)``, lora_B ``(out, r)``, magnitude ``(out,)``,
+    scaling, dropout_p, seed, backend, base_sq -> ``(..., out)``; unchecked (see :func:`dora_linear`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, backend, base_sq):
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, base_sq)
+        g = magnitude.detach().to(norm.dtype) / norm  # fp32 (fp64 for fp64)
+        x2 = x.reshape(-1, x.shape[-1])
+        if backend == "triton":  # g in the fused GEMM's epilogue
+            from .kernels.dora_linear import dora_forward
+
+            y, xa = dora_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, g.float())
+        else:
+            y, xa = implementation(backend)[0](x2, weight, None, lora_A, lora_B, scaling, dropout_p, seed)
+            y.mul_(g)
+            if bias is not None:
+                y.add_(bias)
+        y = y.view(*x.shape[:-1], weight.shape[0])
+        ctx.save_for_backward(x, xa, weight, bias, lora_A, lora_B, magnitude, norm, g, y)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, weight, bias, lora_A, lora_B, magnitude, norm, g, y = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_y = grad_y.reshape(-1, grad_y.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_m = None
+        if needs[5]:
+            grad_m = _magnitude_grad(grad_y, y.reshape(grad_y.shape), x2, xa, weight, bias, lora_B, magnitude, norm,
+                                     ctx.scaling)  # fmt: skip
+        grad_x = grad_a = grad_b = None
+        if needs[0] or needs[3] or needs[4]:
+            grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
+                grad_y * g.to(grad_y.dtype), x2, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed,
+                (needs[0], needs[3], needs[4]),
+            )  # fmt: skip
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        return grad_x, None, None, grad_a, grad_b, grad_m, None, None, None, None, None
+
+
+def _magnitude_grad(grad_y, y, x, xa, weight, bias, lora_B, magnitude, norm, scaling):
+    """``dm = Σₙ dY ⊙ z / ‖·‖ = (Σₙ dY ⊙ (y - b)) / m`` ``(out,)`` in m's dtype; columns with m = 0 (y holds no
+    trace of z there) from z recomputed on those columns only."""
+    acc = torch.promote_types(y.dtype, torch.float32)
+    dot = torch.linalg.vecdot(grad_y.to(acc), y.to(acc), dim=0)
+    if bias is not None:
+        dot -= bias.to(acc) * grad_y.sum(0, dtype=acc)
+    m = magnitude.detach().to(acc)
+    zero = m == 0
+    grad_m = dot / torch.where(zero, 1.0, m)
+    if bool(zero.any()):
+        cols = zero.nonzero().squeeze(1)
+        z = _pre_scale_columns(x, xa, weight, lora_B.to(x.dtype), scaling, cols).to(acc)
+        grad_m[cols] = (grad_y[:, cols].to(acc) * z).sum(0) / norm[cols].to(acc)
+    return grad_m.to(magnitude.dtype)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """The DoRA linear (module docstring): x ``(..., in)`` -> ``(..., out)`` in x's dtype.
+
+    Args as :func:`lorafast.lora_linear`, plus magnitude m ``(out,)`` (any floating dtype on x's device; its
+    gradient arrives in its dtype). ValueError on bad shapes, dtypes or devices, as lora_linear's.
+    """
+    if not isinstance(magnitude, torch.Tensor) or magnitude.dim() != 1 or not magnitude.is_floating_point():
+        raise ValueError(f"magnitude must be a 1-D floating tensor (out_features,), got {magnitude!r:.80}")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and magnitude.shape[0] != weight.shape[0]:
+        raise ValueError(f"magnitude must have shape ({weight.shape[0]},), got {tuple(magnitude.shape)}")
+    if isinstance(x, torch.Tensor) and magnitude.device != x.device:
+        raise ValueError(f"device mismatch: x is on {x.device} but magnitude is on {magnitude.device}")
+
+    def check(*tensors):
+        check_lora_inputs(*tensors, scaling, dropout_p)
+        return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
+
+    def run(tensors, p, backend, seed):
+        # the cached norms of the weight itself; under autocast its cast copy's, computed for this call
+        base_sq = base_row_norms_sq(weight) if tensors[1] is weight else None
+        return DoRALinearFunction.apply(*tensors, magnitude, float(scaling), p, seed, backend, base_sq)
+
+    return front_door(x, weight, bias, lora_A, lora_B, check, run)
+
+
+@torch.no_grad()
+def initial_magnitude(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """PEFT's initial magnitude: ``‖W0 + s·B·A‖`` per row ``(out,)`` (``‖W0‖_row`` while B is zero)."""
+    return dora_weight_norm(weight, lora_A, lora_B, scaling, base_row_norms_sq(weight))
+
+
+@torch.no_grad()
+def merged_weight(weight, lora_A, lora_B, magnitude, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's DoRA merge of weight ``(out, in)``: ``(g·(W0 + s·B·A) (out, in) fp32, g (out,))``, g = m/‖W0 + s·BA‖."""
+    g = magnitude.float() / dora_weight_norm(weight, lora_A, lora_B, scaling).float()
+    return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).mul_(g[:, None]), g
+
+
+@torch.no_grad()
+def unmerged_weight(weight, lora_A, lora_B, g, scaling) -> torch.Tensor:
+    """PEFT's DoRA unmerge: ``W/g - s·B·A`` ``(out, in)`` fp32 for the merged weight and the g it was merged with."""
+    return weight.float().div_(g.float()[:, None]).sub_(scaling * (lora_B.float() @ lora_A.float()))
