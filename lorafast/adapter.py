@@ -25,9 +25,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
 _KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB]|magnitude_vector)(?:\.[^.]+)?\.weight$"
+    r"^(?:base_model\.model\.)?(?P<module>.+)\."
+    r"(?:lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight|lora_(?P<magnitude>magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$"
 )
-_MAGNITUDE = "magnitude_vector"  # DoRA's m (out,), PEFT's lora_magnitude_vector
+# DoRA's m (out,): PEFT writes "<module>.lora_magnitude_vector" (no ".weight": its format before a refactor)
+_MAGNITUDE = "magnitude_vector"
 
 # PEFT options that change what an adapter computes and that lorafast does not implement, with
 # the value that means "off". An adapter using any of them is refused by name.
@@ -98,7 +100,7 @@ def save_adapter(
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
         if use_dora:
             magnitude = dict(lora_layers(model))[name].lora_magnitude
-            tensors[f"{_PREFIX}{name}.lora_magnitude_vector.weight"] = magnitude.detach().cpu().contiguous()
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude.detach().cpu().contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Each file is replaced in one step (a crash leaves every file old or new, never partial).
@@ -175,20 +177,24 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"{weights_path.name} holds {key!r}, which is not a LoRA factor of a linear layer")
-        dims = 1 if match["factor"] == _MAGNITUDE else 2
+        factor = match["factor"] or match["magnitude"]
+        dims = 1 if factor == _MAGNITUDE else 2
         if not tensor.is_floating_point() or tensor.dim() != dims:
             what = "1-D float vector" if dims == 1 else "2-D float matrix"
             raise ValueError(f"{key} in {weights_path.name} is {tensor.dim()}-D {tensor.dtype}, not a {what}")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{key} in {weights_path.name} holds NaN or infinite values")
-        factors.setdefault(match["module"], {})[match["factor"]] = tensor
-    expected = {"A", "B", _MAGNITUDE} if config.get("use_dora") else {"A", "B"}
+        factors.setdefault(match["module"], {})[factor] = tensor
+    dora = bool(config.get("use_dora"))
+    stray = sorted(name for name, ab in factors.items() if _MAGNITUDE in ab and not dora)
+    if stray:
+        raise ValueError(f"{weights_path.name} holds DoRA magnitudes for {stray[:5]} but the config has no use_dora")
+    expected = {"A", "B", _MAGNITUDE} if dora else {"A", "B"}
     incomplete = sorted(name for name, ab in factors.items() if set(ab) != expected)
     if incomplete or not factors:
         raise ValueError(
-            f"{weights_path.name} does not hold exactly lora_A, lora_B"
-            f"{' and lora_magnitude_vector (use_dora)' if config.get('use_dora') else ''} for "
-            f"{incomplete or 'every module'}"
+            f"{weights_path.name} lacks lora_A or lora_B{' or lora_magnitude_vector (use_dora)' if dora else ''} "
+            f"for {incomplete or 'every module'}"
         )
     r = config["r"]
     for name, ab in factors.items():

@@ -97,7 +97,7 @@ def test_saved_adapter_is_small(tmp_path):
 
 @pytest.mark.parametrize(
     "option,value",
-    [("use_dora", True), ("rank_pattern", {"q_proj": 4}), ("alpha_pattern", {"v_proj": 8}), ("use_rslora", True)],
+    [("rank_pattern", {"q_proj": 4}), ("alpha_pattern", {"v_proj": 8}), ("use_rslora", True)],
 )
 def test_unsupported_peft_options_are_named(tmp_path, option, value):
     peft_model = _trained_peft(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **{option: value}))

@@ -181,11 +181,11 @@ def test_generate_and_gradient_checkpointing_equal_peft():
 
 
 def test_unsupported_layers_keep_peft_forward_and_are_counted(caplog, fused_calls):
-    dora = _peft("llama", targets=["q_proj", "v_proj"], use_dora=True, adapter="dora")
+    biased = _peft("llama", targets=["q_proj", "v_proj"], lora_bias=True, adapter="biased")
     with caplog.at_level(logging.INFO, logger="lorafast.peft_patch"):
-        patch_peft(dora)
-    assert patched_layer_count(dora) == 0
-    assert "0 of 4 PEFT LoRA layers" in caplog.text and "4 (Dora)" in caplog.text
+        patch_peft(biased)
+    assert patched_layer_count(biased) == 0
+    assert "0 of 4 PEFT LoRA layers" in caplog.text and "4 (lora_bias)" in caplog.text
     embed = _peft("llama", targets=["q_proj", "embed_tokens"])
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lorafast.peft_patch"):
@@ -256,13 +256,13 @@ def test_copy_round_trip_and_merge_and_unload():
         _close(merged(**batch).logits, want, rel=1e-4)
 
 
-def test_a_dora_adapter_beside_a_plain_one_runs_peft_forward_when_active(fused_calls):
+def test_a_biased_adapter_beside_a_plain_one_runs_peft_forward_when_active(fused_calls):
     peft_model = _peft("llama", targets=["q_proj", "v_proj"], adapter="plain")
-    _peft("llama", targets=["q_proj", "v_proj"], use_dora=True, model=peft_model, adapter="dora")
+    _peft("llama", targets=["q_proj", "v_proj"], lora_bias=True, model=peft_model, adapter="biased")
     patched = patch_peft(copy.deepcopy(peft_model))
     assert patched_layer_count(patched) == 4
     batch = lm_batch("llama")
-    for name, fused in (("dora", 0), ("plain", 4)):
+    for name, fused in (("biased", 0), ("plain", 4)):
         peft_model.set_adapter(name)
         patched.set_adapter(name)
         with torch.no_grad():
