@@ -132,8 +132,8 @@ class Report:
                     cases.append(key)
             for offset, layer in ((-0.2, "PEFT LoRA"), (0.2, "lorafast")):
                 values = [
-                    next(r["fwd_bwd_vs_frozen"] for r in self.layer_rows if r["layer"] == layer and
-                         (r["d_in"], r["d_out"], r["tokens"], r["r"], r["dropout"]) == case)
+                    next((r["fwd_bwd_vs_frozen"] for r in self.layer_rows if r["layer"] == layer and
+                          (r["d_in"], r["d_out"], r["tokens"], r["r"], r["dropout"]) == case), float("nan"))
                     for case in cases
                 ]  # fmt: skip
                 ax.bar([i + offset for i in range(len(cases))], values, 0.4, label=layer)

@@ -71,9 +71,25 @@ def _pre_scale_columns(x, xa, weight, lora_B, scaling, cols):
     return torch.addmm(x @ weight[cols].t(), xa, lora_B[cols].t(), alpha=scaling)
 
 
+def _scaled_rows(g: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each ``(out, k)`` tensor with its rows scaled by g ``(out,)``, in its dtype."""
+    return tuple(t * g.to(t.dtype)[:, None] for t in tensors)
+
+
+def _folds_into_weight(backend: str, x: torch.Tensor) -> bool:
+    """The PyTorch path runs DoRA as LoRA on ``g ⊙ W0`` and ``g ⊙ B`` (a transient copy of W0) when x has at least
+    as many rows as in_features: no pass over the ``(n, out)`` output for g, in forward or in backward."""
+    return backend != "triton" and x.shape[0] >= x.shape[1]
+
+
 class DoRALinearFunction(torch.autograd.Function):
     """x ``(..., in)``, weight ``(out, in)``, bias, lora_A ``(r, in)``, lora_B ``(out, r)``, magnitude ``(out,)``,
-    scaling, dropout_p, seed, backend, base_sq -> ``(..., out)``; unchecked (see :func:`dora_linear`)."""
+    scaling, dropout_p, seed, backend, base_sq -> ``(..., out)``; unchecked (see :func:`dora_linear`).
+
+    ``y = g ⊙ z + b`` with g constant is LoRA with W0 and B row-scaled by g: the Triton path applies g in the fused
+    GEMM's epilogue (forward) and runs the LoRA backward on ``dY ⊙ g``; the PyTorch path scales W0 and B instead
+    (:func:`_folds_into_weight`) or, for few rows, scales the output and dY.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, backend, base_sq):
@@ -84,11 +100,15 @@ class DoRALinearFunction(torch.autograd.Function):
             from .kernels.dora_linear import dora_forward
 
             y, xa = dora_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, g.float())
+        elif _folds_into_weight(backend, x2):
+            y, xa = implementation(backend)[0](x2, *_scaled_rows(g, weight), bias, lora_A, *_scaled_rows(g, lora_B),
+                                               scaling, dropout_p, seed)  # fmt: skip
         else:
             y, xa = implementation(backend)[0](x2, weight, None, lora_A, lora_B, scaling, dropout_p, seed)
-            y.mul_(g)
-            if bias is not None:
-                y.add_(bias)
+            if bias is None:
+                y.mul_(g.to(y.dtype))
+            else:  # one pass over y
+                torch.addcmul(bias, y, g.to(y.dtype), out=y)
         y = y.view(*x.shape[:-1], weight.shape[0])
         ctx.save_for_backward(x, xa, weight, bias, lora_A, lora_B, magnitude, norm, g, y)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
@@ -106,10 +126,18 @@ class DoRALinearFunction(torch.autograd.Function):
                                      ctx.scaling)  # fmt: skip
         grad_x = grad_a = grad_b = None
         if needs[0] or needs[3] or needs[4]:
-            grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
-                grad_y * g.to(grad_y.dtype), x2, xa, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.seed,
-                (needs[0], needs[3], needs[4]),
-            )  # fmt: skip
+            wanted = (needs[0], needs[3], needs[4])
+            args = (ctx.scaling, ctx.dropout_p, ctx.seed, wanted)
+            if _folds_into_weight(ctx.backend, x2):  # dB = g ⊙ (the gradient of g ⊙ B)
+                grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
+                    grad_y, x2, xa, *_scaled_rows(g, weight), lora_A, *_scaled_rows(g, lora_B), *args
+                )
+                if grad_b is not None:
+                    grad_b = _scaled_rows(g, grad_b)[0]
+            else:
+                grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
+                    grad_y * g.to(grad_y.dtype), x2, xa, weight, lora_A, lora_B, *args
+                )
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_a, grad_b, grad_m, None, None, None, None, None

@@ -50,8 +50,9 @@ def test_base_norms_are_cached_and_follow_in_place_changes():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_matches_float64_reference_with_the_same_mask(backend, bias, p):
-    x, weight, b, a, bb, m = _operands(bias=bias)
+@pytest.mark.parametrize("n", [21, 64])  # fewer rows than in_features (g scales y), more (g folded into W0, B)
+def test_matches_float64_reference_with_the_same_mask(backend, bias, p, n):
+    x, weight, b, a, bb, m = _operands(n=n, bias=bias)
     torch.manual_seed(11)
     y = dora_linear(x, weight, b, a, bb, m, 1.5, p, training=True)
     if p and backend == "torch":
