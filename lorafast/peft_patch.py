@@ -21,6 +21,7 @@ from .function import lora_linear
 from .layer import is_conv1d
 from .multi_function import multi_lora_linear
 from .multi_stack import stack_factors
+from .quantized import patched_quantized_count, peft_fused_class, unpatch_peft_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +156,9 @@ def patch_peft(model: nn.Module) -> nn.Module:
     """Run lorafast's fused LoRA linear in every supported PEFT LoRA ``Linear`` of ``model``; returns it.
 
     ``model``: a ``PeftModel`` or any module holding PEFT LoRA layers. Supported: a frozen floating ``nn.Linear``
-    or GPT-2 ``Conv1D`` base, adapters without DoRA, other variants or ``lora_bias``. Others (Embedding, Conv,
-    quantized bases, ...) keep PEFT's forward; one ``lorafast.peft_patch`` log line counts the patched layers
+    or GPT-2 ``Conv1D`` base, PEFT's ``lora.bnb.Linear4bit``/``Linear8bitLt`` (QLoRA, see :mod:`lorafast.quantized`;
+    mixed batches there keep PEFT's forward), adapters without DoRA, other variants or ``lora_bias``. Others
+    (Embedding, Conv, ...) keep PEFT's forward; one ``lorafast.peft_patch`` log line counts the patched layers
     and why others are not. Calling again patches layers added since. ValueError if it holds no PEFT LoRA layer.
     """
     from peft.tuners.lora.layer import LoraLayer
@@ -168,6 +170,11 @@ def patch_peft(model: nn.Module) -> nn.Module:
     reasons: Counter[str] = Counter()
     patched = 0
     for layer in layers:
+        quantized = peft_fused_class(layer)  # PEFT's bitsandbytes layers: lorafast.quantized
+        if quantized is not None:
+            layer.__class__ = quantized
+            patched += 1
+            continue
         if type(layer) is fused:
             patched += 1
             continue
@@ -186,6 +193,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
 
 def unpatch_peft(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_peft`: every patched layer runs PEFT's own forward again. Returns ``model``."""
+    unpatch_peft_quantized(model)
     if _fused_class is None:
         return model
     linear = _peft_linear_class()
@@ -197,4 +205,5 @@ def unpatch_peft(model: nn.Module) -> nn.Module:
 
 def patched_layer_count(model: nn.Module) -> int:
     """How many layers of ``model`` run lorafast's fused LoRA through :func:`patch_peft`."""
-    return 0 if _fused_class is None else sum(type(m) is _fused_class for m in model.modules())
+    quantized = patched_quantized_count(model)
+    return quantized + (0 if _fused_class is None else sum(type(m) is _fused_class for m in model.modules()))

@@ -71,7 +71,13 @@ def _quant_state(module: nn.Module):
         return weight.data, state
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-    return _convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
+    # Undo the code layout only: the repacked absmax (bf16, blocks transposed, no longer nested) is what bitsandbytes
+    # itself now multiplies by, so it is used as it is rather than re-quantized.
+    unpacked = copy.copy(state)
+    unpacked.original_nested = False
+    packed, unpacked = _convert_weight_packed_for_cpu_inverse(weight.data, unpacked)
+    unpacked.absmax = state.absmax.T.reshape(-1).float()
+    return packed, unpacked
 
 
 @torch.no_grad()
@@ -94,6 +100,16 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError("Linear8bitLt has an int8 weight but no SCB row scales: it was not quantized by bitsandbytes")
     # bitsandbytes' CPU/XPU training path (MatMul8bitFp) dequantizes exactly so.
     return weight.data.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+
+
+def reject_quantized_bases(modules: dict[str, nn.Module], what: str) -> None:
+    """ValueError naming the first bitsandbytes-quantized module among ``modules`` (``{name: module}``)."""
+    for name, module in modules.items():
+        if is_quantized_linear(module):
+            raise ValueError(
+                f"{what} does not support the bitsandbytes-quantized base {name!r} ({type(module).__name__}); "
+                "lorafast.apply_lora (one adapter) and patch_peft run LoRA over quantized bases"
+            )
 
 
 class QuantizedLoRALinearFunction(torch.autograd.Function):
@@ -209,6 +225,7 @@ class QuantizedLoRALinear(FusedLoRALinear):
         layer.register_load_state_dict_post_hook(_allow_missing_lora_keys)
         layer.register_state_dict_post_hook(_base_keys_as_own)
         layer.register_load_state_dict_pre_hook(_own_keys_to_base)
+        layer.register_load_state_dict_post_hook(_reported_keys_as_own)
         layer.reset_lora_parameters()
         return layer
 
@@ -281,10 +298,18 @@ def _base_keys_as_own(module: nn.Module, state_dict: dict, prefix: str, local_me
 
 def _own_keys_to_base(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: the quantized linear's keys go to ``base_layer``; the factors stay."""
+    module._load_prefix = prefix
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix) :]
         if rest.split(".", 1)[0] not in ("lora_A", "lora_B", _BASE):
             state_dict[prefix + _BASE + "." + rest] = state_dict.pop(key)
+
+
+def _reported_keys_as_own(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook: missing/unexpected keys of ``base_layer`` reported under the layer's own names."""
+    inner = getattr(module, "_load_prefix", "") + _BASE + "."
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [k.replace(inner, inner[: -len(_BASE) - 1], 1) if k.startswith(inner) else k for k in keys]
 
 
 def _requantize(module: nn.Module, delta: torch.Tensor) -> None:
@@ -361,6 +386,90 @@ def _drop_quantization_marks(model: nn.Module) -> None:
         quantizer.remove_quantization_config(model)
 
 
+_PEFT_LAYERS = ("Linear4bit", "Linear8bitLt")  # peft.tuners.lora.bnb's LoRA layers over bitsandbytes bases
+_peft_fused: dict[str, type] = {}
+
+
+def _peft_bnb_class(name: str) -> type | None:
+    if not _bnb_classes():
+        return None
+    from peft.tuners.lora import bnb as peft_bnb
+
+    return getattr(peft_bnb, name, None)
+
+
+def _peft_fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's bnb LoRA forward with one active plain-LoRA adapter computed by :func:`quantized_lora_linear`."""
+    from .peft_patch import _adapter_reason, _base_is_frozen, _dropout_p
+
+    peft_class = type(self).__mro__[1]
+    extra = {k: v for k, v in kwargs.items() if v is not None}  # adapter_names (mixed batches) included
+    if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
+        return peft_class.forward(self, x, *args, **kwargs)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
+        return peft_class.forward(self, x, *args, **kwargs)
+    name = active[0]
+    return quantized_lora_linear(
+        x, self.get_base_layer(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+        _dropout_p(self, name), True,
+    )  # fmt: skip
+
+
+def _peft_fused_class(name: str) -> type:
+    if name not in _peft_fused:
+        peft_class = _peft_bnb_class(name)
+        _peft_fused[name] = type(
+            f"PeftFused{name}",
+            (peft_class,),
+            {
+                "forward": _peft_fused_forward,
+                "__module__": __name__,
+                "__doc__": f"PEFT's LoRA {name} whose forward runs lorafast's QLoRA linear (see patch_peft).",
+            },
+        )
+    return _peft_fused[name]
+
+
+def peft_fused_class(layer: nn.Module) -> type | None:
+    """The class ``patch_peft`` gives a PEFT ``lora.bnb.Linear4bit``/``Linear8bitLt`` layer with an adapter
+    lorafast runs (None for any other layer)."""
+    from .peft_patch import _adapter_reason
+
+    for name in _PEFT_LAYERS:
+        peft_class = _peft_bnb_class(name)
+        if peft_class is None:
+            continue
+        if type(layer) is peft_class or type(layer) is _peft_fused.get(name):
+            supported = any(_adapter_reason(layer, a) is None for a in layer.lora_A)
+            return _peft_fused_class(name) if supported else None
+    return None
+
+
+def unpatch_peft_quantized(model: nn.Module) -> int:
+    """Give every patched PEFT bnb layer of ``model`` its PEFT class back; returns how many were patched."""
+    fused = {cls: cls.__mro__[1] for cls in _peft_fused.values()}
+    count = 0
+    for module in model.modules():
+        if type(module) in fused:
+            module.__class__ = fused[type(module)]
+            count += 1
+    return count
+
+
+def patched_quantized_count(model: nn.Module) -> int:
+    """How many PEFT bnb layers of ``model`` run lorafast's QLoRA linear."""
+    fused = set(_peft_fused.values())
+    return sum(type(m) in fused for m in model.modules())
+
+
+def __getattr__(name: str):
+    # Lets pickle find the patched PEFT classes, built on first use.
+    if name.startswith("PeftFused") and name.removeprefix("PeftFused") in _PEFT_LAYERS:
+        return _peft_fused_class(name.removeprefix("PeftFused"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "QuantizedLoRALinear",
     "QuantizedLoRALinearFunction",
@@ -368,5 +477,7 @@ __all__ = [
     "dequantize_weight",
     "is_quantized_linear",
     "merge_lora_dense",
+    "peft_fused_class",
     "quantized_lora_linear",
+    "reject_quantized_bases",
 ]
