@@ -114,7 +114,9 @@ class FusedLoRALinear(LoRALayer):
         from .quantized import QuantizedLoRALinear, is_quantized_linear  # QLoRA bases
 
         if is_quantized_linear(linear) and cls is FusedLoRALinear:
-            return QuantizedLoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
+            return QuantizedLoRALinear.from_linear(
+                linear, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype
+            )
         conv1d = is_conv1d(linear)
         if not (conv1d or isinstance(linear, nn.Linear)):
             raise ValueError(

@@ -16,6 +16,7 @@ from torch import nn
 
 from .layer import FusedLoRALinear, LoRALayer, conv1d_class, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
+from .quantized import note_trainable_adapters
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
@@ -128,6 +129,7 @@ def apply_lora(
             name,
             FusedLoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype),
         )
+    note_trainable_adapters(model)  # lorafast.quantized: QLoRA under transformers' Trainer
     return model
 
 

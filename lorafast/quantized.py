@@ -112,6 +112,15 @@ def reject_quantized_bases(modules: dict[str, nn.Module], what: str) -> None:
             )
 
 
+def note_trainable_adapters(model: nn.Module) -> None:
+    """After LoRA layers were put over ``model``'s quantized linears: transformers' ``Trainer`` refuses a model whose
+    ``is_quantized`` is set unless it is a ``PeftModel`` (a "purely quantized" base has nothing to train). That flag
+    is read for that check alone, and lorafast's adapters are trainable, so it is cleared; the model's quantizer
+    and its ``quantization_config`` stay."""
+    if getattr(model, "is_quantized", False) and any(isinstance(m, QuantizedLoRALinear) for m in model.modules()):
+        model.is_quantized = False
+
+
 class QuantizedLoRALinearFunction(torch.autograd.Function):
     """x ``(..., in)`` in the compute dtype, the transient dense weight ``(out, in)`` (not saved), bias or None,
     lora_A ``(r, in)`` / lora_B ``(out, r)`` in their own dtype, the quantized module (dequantized again in
@@ -342,8 +351,8 @@ def _requantize(module: nn.Module, delta: torch.Tensor) -> None:
 @torch.no_grad()
 def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Turn a QLoRA model into a dense one in place: every bitsandbytes linear becomes an ``nn.Linear`` in ``dtype``
-    holding its dequantized W0 (plus ``scaling·B·A`` where lorafast LoRA wraps it, added in fp32), the rest of
-    the model is cast to ``dtype`` and transformers' quantization marks are removed, so ``save_pretrained``
+    holding its dequantized W0 (plus ``scaling·B·A`` where lorafast LoRA wraps it, added in fp32), the model's
+    other parameters are cast to ``dtype`` and transformers' quantization marks are removed, so ``save_pretrained``
     writes a plain checkpoint. Other LoRA layers are merged as :func:`lorafast.merge_lora` does. Returns ``model``.
     """
     from .model import _replace, merge_lora
@@ -360,8 +369,10 @@ def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     for name, dense in replacements.items():
         _replace(model, name, dense)
     merge_lora(model)
-    model.to(dtype)
     _drop_quantization_marks(model)
+    for param in model.parameters():  # not model.to(dtype): fp32 buffers (rotary frequencies) stay as loaded
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
     if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
         model.config.dtype = dtype
     return model

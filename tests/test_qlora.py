@@ -205,7 +205,9 @@ def test_bad_bases_fail_clearly():
     with pytest.raises(TypeError, match="from_linear"):
         QuantizedLoRALinear(D_IN, D_OUT)
     with pytest.raises(ValueError, match="Linear4bit"):
-        quantized_lora_linear(torch.randn(2, D_IN), nn.Linear(D_IN, D_OUT), torch.zeros(R, D_IN), torch.zeros(D_OUT, R), 1.0)
+        quantized_lora_linear(
+            torch.randn(2, D_IN), nn.Linear(D_IN, D_OUT), torch.zeros(R, D_IN), torch.zeros(D_OUT, R), 1.0
+        )
     unquantized = bnb.nn.Linear4bit(D_IN, D_OUT)  # never moved to a device: no quant_state
     with pytest.raises(ValueError, match="not quantized"):
         QuantizedLoRALinear.from_linear(unquantized, r=R)(torch.randn(2, D_IN))
@@ -265,8 +267,9 @@ def _rel(a, b):
 def _losses(model, steps=5):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for i in range(steps):
-        loss = model(**lm_batch("llama", seed=i)).loss
+    batch = lm_batch("llama")
+    for _ in range(steps):
+        loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -299,10 +302,14 @@ def test_patch_peft_matches_peft_qlora_fp32(base_dir, bits, caplog):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_patch_peft_matches_peft_qlora_bf16(base_dir, bits):
     """bf16 compute: within 3e-2 of PEFT (which runs the LoRA branch in fp32), and no further from an fp32 run."""
-    ref32, ref, ours = _peft(base_dir, bits), _peft(base_dir, bits, torch.bfloat16), _peft(base_dir, bits, torch.bfloat16)
+    ref32, ref, ours = (
+        _peft(base_dir, bits),
+        _peft(base_dir, bits, torch.bfloat16),
+        _peft(base_dir, bits, torch.bfloat16),
+    )
     lorafast.patch_peft(ours)
     batch = lm_batch("llama")
-    (exact_logits, exact_grads), (want_logits, want_grads) = _step(ref32, batch), _step(ref, batch)
+    (_, exact_grads), (want_logits, want_grads) = _step(ref32, batch), _step(ref, batch)
     logits, grads = _step(ours, batch)
     assert logits.dtype == torch.bfloat16
     assert _rel(logits, want_logits) < 3e-2
@@ -360,11 +367,13 @@ def test_merge_requantizes_as_peft_does(base_dir, bits):
     for name, module in ours.named_modules():
         if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             peft_module = merged_peft.get_submodule(name)
-            torch.testing.assert_close(dequantize_weight(module, torch.float32), dequantize_weight(peft_module, torch.float32))
+            torch.testing.assert_close(
+                dequantize_weight(module, torch.float32), dequantize_weight(peft_module, torch.float32)
+            )
     with torch.no_grad():
         merged = ours(**batch).logits
-    # Lossy: close to the unmerged model, not equal.
-    assert 0 < _rel(merged, unmerged) < 0.1
+        assert _rel(merged, merged_peft(**batch).logits) < 1e-5
+    assert _rel(merged, unmerged) > 1e-4  # the adapter is in the weights now, up to re-quantization
 
 
 @needs_bnb
@@ -392,10 +401,12 @@ def test_merge_lora_dense_gives_a_plain_bf16_model(base_dir, tmp_path):
 @needs_bnb
 def test_kbit_preparation_and_gradient_checkpointing_match_plain(base_dir):
     plain = lorafast.apply_lora(_load(base_dir), "all-linear", r=8, alpha=16, dropout=0.1)
+    for _, layer in lorafast.lora_layers(plain):
+        nn.init.normal_(layer.lora_B, std=0.05)
     prepared = prepare_model_for_kbit_training(_load(base_dir), use_gradient_checkpointing=True)
     prepared = lorafast.apply_lora(prepared, "all-linear", r=8, alpha=16, dropout=0.1)
     assert prepared.is_gradient_checkpointing
-    prepared.load_state_dict(plain.state_dict())
+    prepared.load_state_dict(lorafast.lora_state_dict(plain), strict=False)
     batch = lm_batch("llama")
     torch.manual_seed(5)
     want_logits, want_grads = _step(plain, batch)
