@@ -17,6 +17,8 @@ TRAIN = [
     "matplotlib",
 ]
 
+BITSANDBYTES = "bitsandbytes>=0.50,<0.51"
+
 setup(
     name="lorafast",
     version="0.1.0",
@@ -38,6 +40,8 @@ setup(
     extras_require={
         "train": TRAIN,
         "bench": ["pytest>=8", "pytest-benchmark>=4", *TRAIN],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", *TRAIN],
+        # QLoRA: LoRA over bitsandbytes 4-/8-bit bases (lorafast.quantized); 0.50 runs on the CPU too.
+        "qlora": [BITSANDBYTES],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", BITSANDBYTES, *TRAIN],
     },
 )
