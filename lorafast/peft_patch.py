@@ -21,7 +21,13 @@ from .function import lora_linear
 from .layer import is_conv1d
 from .multi_function import multi_lora_linear
 from .multi_stack import stack_factors
-from .quantized import patched_quantized_count, peft_fused_class, unpatch_peft_quantized
+from .quantized import (
+    is_quantized_linear,
+    patched_quantized_count,
+    peft_fused_class,
+    quantized_lora_linear,
+    unpatch_peft_quantized,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +67,10 @@ def _layer_reason(layer: nn.Module) -> str | None:
     if type(layer) is not _peft_linear_class():
         return f"PEFT {type(layer).__name__}"
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear and not is_conv1d(base):
+    quantized = is_quantized_linear(base)  # a bitsandbytes base: lorafast.quantized
+    if type(base) is not nn.Linear and not is_conv1d(base) and not quantized:
         return f"base {type(base).__name__}"
-    if not base.weight.is_floating_point() or base.weight.dim() != 2:
+    if not quantized and (not base.weight.is_floating_point() or base.weight.dim() != 2):
         return f"quantized base ({base.weight.dtype})"
     reasons = [_adapter_reason(layer, name) for name in layer.lora_A]
     # Patched when one adapter can run fused: each call checks its own adapter and falls back to PEFT.
@@ -89,11 +96,18 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
         return super(_fused_class, self).forward(x, *args, **kwargs)
     if adapter_names is not None:
+        if is_quantized_linear(self.get_base_layer()):  # mixed batches over a quantized base: PEFT's forward
+            return super(_fused_class, self).forward(x, *args, **kwargs)
         return _mixed_forward(self, x, adapter_names, kwargs)
     active = [a for a in self.active_adapters if a in self.lora_A]
     if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
         return super(_fused_class, self).forward(x, *args, **kwargs)
     name = active[0]
+    if is_quantized_linear(self.get_base_layer()):
+        return quantized_lora_linear(
+            x, self.get_base_layer(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+            _dropout_p(self, name), True,
+        )  # fmt: skip
     return lora_linear(
         x,
         _base_weight(self),

@@ -218,6 +218,43 @@ def test_bad_bases_fail_clearly():
         lorafast.add_adapter(nn.Sequential(layer), "a", target_modules=["0"])
 
 
+@needs_bnb
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_patch_peft_plain_lora_linear_over_a_quantized_base(kind, dropout):
+    """Outside a transformers model PEFT wraps a bitsandbytes layer in its plain ``lora.Linear``: patched too."""
+    config = LoraConfig(r=R, lora_alpha=8, lora_dropout=dropout, target_modules=["0"], init_lora_weights=False)
+    torch.manual_seed(3)
+    ref = get_peft_model(nn.Sequential(_quantized_linear(kind)[0]), config).train()
+    torch.manual_seed(3)
+    ours = get_peft_model(nn.Sequential(_quantized_linear(kind)[0]), config).train()
+    assert type(ours.base_model.model[0]).__name__ == "Linear"
+    lorafast.patch_peft(ours)
+    assert patched_layer_count(ours) == 1
+    x = torch.randn(N, D_IN, requires_grad=True)
+    if dropout:  # PEFT draws its own mask: compare lorafast against itself through a dense base instead
+        layer = ours.base_model.model[0]
+        dense = nn.Linear(D_IN, D_OUT).requires_grad_(False)
+        with torch.no_grad():
+            dense.weight.copy_(dequantize_weight(layer.base_layer, torch.float32))
+            dense.bias.copy_(layer.base_layer.bias)
+        torch.manual_seed(4)
+        want = lorafast.lora_linear(
+            x, dense.weight, dense.bias, layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2.0,
+            dropout, True,
+        )  # fmt: skip
+        torch.manual_seed(4)
+        torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
+        return
+    want, got = ref(x), ours(x)
+    assert _rel(got, want) < 1e-5
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [x, *[p for p in ref.parameters() if p.requires_grad]], grad)
+    got_grads = torch.autograd.grad(got, [x, *[p for p in ours.parameters() if p.requires_grad]], grad)
+    for g, w in zip(got_grads, want_grads):
+        assert _rel(g, w) < 1e-5
+
+
 # --- whole models ----------------------------------------------------------------------------------------------
 
 
