@@ -375,12 +375,26 @@ def test_apply_lora_all_linear_trains_and_loads_into_peft(base_dir, tmp_path):
     with torch.no_grad():
         assert _rel(model(**batch).logits, peft_model(**batch).logits) < 1e-5
 
+    # A whole patched PEFT QLoRA model pickles (torch.save) and runs the same after loading.
+    lorafast.patch_peft(peft_model)
+    torch.save(peft_model, tmp_path / "whole.pt")
+    restored = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert patched_layer_count(restored) == 14
+    with torch.no_grad():
+        assert _rel(restored(**batch).logits, model(**batch).logits) < 1e-5
+
     # And back: PEFT's QLoRA adapter loads into lorafast on the 4-bit model.
     peft_model.save_pretrained(tmp_path / "from_peft")
     back = lorafast.load_adapter(_load(base_dir), tmp_path / "from_peft")
     assert all(isinstance(m, QuantizedLoRALinear) for _, m in lorafast.lora_layers(back))
     with torch.no_grad():
         assert _rel(back(**batch).logits, peft_model(**batch).logits) < 1e-5
+    # remove_lora gives the bitsandbytes layers back, untouched.
+    lorafast.remove_lora(back)
+    assert not list(lorafast.lora_layers(back))
+    plain = _load(base_dir)
+    with torch.no_grad():
+        assert _rel(back(**batch).logits, plain(**batch).logits) == 0
 
 
 @needs_bnb
