@@ -24,7 +24,7 @@ METHODS = ("peft", "patched", "lorafast")
 R, ALPHA = 16, 32
 # CPU: a Llama small enough for 2 cores; CUDA: a 0.4B-parameter shape, where dequantization and memory matter.
 SHAPES = {
-    "cpu": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4, "batch": 4, "tokens": 128},
+    "cpu": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 2, "batch": 4, "tokens": 128},
     "cuda": {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 8, "batch": 8, "tokens": 1024},
 }
 VOCAB = 4096
