@@ -18,7 +18,6 @@ from torch import nn
 
 from .model import DEFAULT_TARGETS, _replace, lora_layers, multi_lora_layers, select_targets
 from .multi_layer import MultiLoRALinear
-from .quantized import reject_quantized_bases
 from .row_adapters import RowAdapters, scoped_row_adapters
 
 
@@ -57,7 +56,6 @@ def add_adapter(
             f"{list_adapters(model)}: only in {name!r} {sorted(set(matched) - set(layers))[:5]}, "
             f"only in the others {sorted(set(layers) - set(matched))[:5]}; every adapter must cover the same modules"
         )
-    reject_quantized_bases(matched, "add_adapter")  # lorafast.quantized: QLoRA runs through apply_lora
     if not layers:
         for param in model.parameters():
             param.requires_grad_(False)

@@ -25,6 +25,8 @@ from torch import nn
 
 from .backend import front_door, implementation
 from .layer import FusedLoRALinear, _allow_missing_lora_keys, _scaled_product, default_adapter_dtype
+from .multi_layer import MultiLoRALinear
+from .row_adapters import active_row_adapters
 from .validation import autocast_dtype, check_dropout, check_lora_inputs, check_rank, check_scaling
 
 _BASE = "base_layer"  # the quantized module's name inside QuantizedLoRALinear (hidden from state_dict keys)
@@ -102,14 +104,10 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return weight.data.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
 
 
-def reject_quantized_bases(modules: dict[str, nn.Module], what: str) -> None:
-    """ValueError naming the first bitsandbytes-quantized module among ``modules`` (``{name: module}``)."""
-    for name, module in modules.items():
-        if is_quantized_linear(module):
-            raise ValueError(
-                f"{what} does not support the bitsandbytes-quantized base {name!r} ({type(module).__name__}); "
-                "lorafast.apply_lora (one adapter) and patch_peft run LoRA over quantized bases"
-            )
+def held_quantized_bases(model: nn.Module) -> set[int]:
+    """``id()`` of the bitsandbytes modules that lorafast's QLoRA layers of ``model`` hold as ``base_layer``."""
+    kinds = (QuantizedLoRALinear, QuantizedMultiLoRALinear)
+    return {id(m.base_layer) for m in model.modules() if isinstance(m, kinds)}
 
 
 def note_trainable_adapters(model: nn.Module) -> None:
@@ -232,20 +230,23 @@ class QuantizedLoRALinear(FusedLoRALinear):
         layer.lora_B = nn.Parameter(torch.empty(layer.out_features, r, **factory))
         layer.merged = False
         layer.register_load_state_dict_post_hook(_allow_missing_lora_keys)
-        layer.register_state_dict_post_hook(_base_keys_as_own)
-        layer.register_load_state_dict_pre_hook(_own_keys_to_base)
-        layer.register_load_state_dict_post_hook(_reported_keys_as_own)
+        _register_key_hooks(layer)
         layer.reset_lora_parameters()
         return layer
 
     @property
     def weight(self) -> nn.Parameter:
         """The quantized weight (bitsandbytes' ``Params4bit``/``Int8Params``)."""
-        return self.base_layer.weight
+        stand_in = self.__dict__.get("_factor_like")
+        if stand_in is not None:
+            return stand_in
+        dense = self.__dict__.get("_dense")
+        return self.base_layer.weight if dense is None else dense[0]
 
     @property
     def bias(self) -> nn.Parameter | None:
-        return self.base_layer.bias
+        dense = self.__dict__.get("_dense")
+        return self.base_layer.bias if dense is None else dense[1]
 
     def reset_parameters(self) -> None:
         """Re-initialise the LoRA factors (the quantized base is left as it is)."""
@@ -296,6 +297,86 @@ class QuantizedLoRALinear(FusedLoRALinear):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
         )
+
+
+class QuantizedMultiLoRALinear(MultiLoRALinear):
+    """``MultiLoRALinear`` (named adapters, mixed batches) over a bitsandbytes ``Linear4bit``/``Linear8bitLt``.
+
+    As :class:`QuantizedLoRALinear`: the quantized module is ``base_layer`` under the quantized linear's own
+    state_dict keys, factors are fp32, one active adapter runs :func:`quantized_lora_linear`. A mixed batch
+    (``adapter_ids``) runs ``multi_lora_linear`` on a dequantized W0 that it keeps until backward.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> QuantizedMultiLoRALinear:
+        """Wrap a bitsandbytes ``Linear4bit``/``Linear8bitLt`` (kept, not copied; frozen), with no adapter yet."""
+        if not is_quantized_linear(linear):
+            raise ValueError(
+                f"QuantizedMultiLoRALinear wraps a bitsandbytes Linear4bit or Linear8bitLt, got {type(linear)}"
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_from(linear)
+        del layer.weight, layer.bias  # adopted by _init_from; they stay the bitsandbytes layer's own
+        layer.base_layer = linear.requires_grad_(False)
+        _register_key_hooks(layer)
+        return layer
+
+    weight = QuantizedLoRALinear.weight
+    bias = QuantizedLoRALinear.bias
+    base_weight = QuantizedLoRALinear.base_weight
+    _in_weight_layout = QuantizedLoRALinear._in_weight_layout
+
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> None:
+        """Add adapter ``name`` as ``MultiLoRALinear.add_adapter`` does, its factors in fp32."""
+        self._factor_like = torch.empty(0, device=self.base_layer.weight.device)  # what `weight` shows meanwhile
+        try:
+            super().add_adapter(name, r=r, alpha=alpha, dropout=dropout)
+        finally:
+            del self._factor_like
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``(..., in_features)`` -> ``(..., out_features)`` in x's dtype."""
+        if active_row_adapters(self) is None and self._layer_row_adapters is None:
+            if self.active_adapter is None:
+                return self.base_layer(x)
+            lora_A, lora_B, r, alpha, dropout = self.factors(self.active_adapter)
+            return quantized_lora_linear(x, self.base_layer, lora_A, lora_B, alpha / r, dropout, self.training)
+        dtype = compute_dtype(self.base_layer, x)
+        factors_dtype = next(iter(self.lora_A.values())).dtype if self.lora_A else dtype
+        # fp32 factors on a half-precision compute dtype: autocast stacks them in that dtype once, as it does for
+        # a dense base
+        cast = torch.autocast(x.device.type, dtype=dtype) if factors_dtype != dtype else contextlib.nullcontext()
+        out_dtype = x.dtype if autocast_dtype(x) is None else dtype
+        with _dense_base(self, dtype), cast:
+            return super().forward(x.to(dtype)).to(out_dtype)
+
+    @torch.no_grad()
+    def _set_merged(self, merged: bool) -> None:
+        if merged:
+            _requantize(self.base_layer, self.get_delta_weight(self.active_adapter))
+
+    def to_base_layer(self, merge: bool = False) -> nn.Module:
+        """The bitsandbytes module, the active adapter re-quantized into it (``merge``, lossy) or not."""
+        self._set_merged(merge)
+        return self.base_layer.train(self.training)
+
+
+@contextlib.contextmanager
+def _dense_base(layer: QuantizedMultiLoRALinear, dtype: torch.dtype):
+    """While the block runs, ``layer.weight``/``layer.bias`` are W0 dequantized to ``dtype`` and the bias in it."""
+    bias = layer.base_layer.bias
+    layer._dense = (dequantize_weight(layer.base_layer, dtype), None if bias is None else bias.to(dtype))
+    try:
+        yield
+    finally:
+        del layer._dense
+
+
+def _register_key_hooks(layer: nn.Module) -> None:
+    layer.register_state_dict_post_hook(_base_keys_as_own)
+    layer.register_load_state_dict_pre_hook(_own_keys_to_base)
+    layer.register_load_state_dict_post_hook(_reported_keys_as_own)
 
 
 def _base_keys_as_own(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -363,6 +444,10 @@ def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLoRALinear):
             delta = _scaled_product(module.lora_A, module.lora_B, module.scaling) if not module.merged else None
+            replacements[name] = _dense_linear(module.base_layer, dtype, delta)
+        elif isinstance(module, QuantizedMultiLoRALinear):
+            active = module.active_adapter
+            delta = None if active is None else module.get_delta_weight(active)
             replacements[name] = _dense_linear(module.base_layer, dtype, delta)
         elif is_quantized_linear(module) and not any(name.startswith(n + ".") for n in replacements):
             replacements[name] = _dense_linear(module, dtype, None)
@@ -484,11 +569,11 @@ def __getattr__(name: str):
 __all__ = [
     "QuantizedLoRALinear",
     "QuantizedLoRALinearFunction",
+    "QuantizedMultiLoRALinear",
     "compute_dtype",
     "dequantize_weight",
     "is_quantized_linear",
     "merge_lora_dense",
     "peft_fused_class",
     "quantized_lora_linear",
-    "reject_quantized_bases",
 ]

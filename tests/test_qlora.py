@@ -29,7 +29,12 @@ if HAS_BNB:
 
     from conftest import assert_close_scaled, keep_mask
     from lorafast.peft_patch import patched_layer_count
-    from lorafast.quantized import QuantizedLoRALinear, dequantize_weight, quantized_lora_linear
+    from lorafast.quantized import (
+        QuantizedLoRALinear,
+        QuantizedMultiLoRALinear,
+        dequantize_weight,
+        quantized_lora_linear,
+    )
 
 N, D_IN, D_OUT, R = 24, 128, 64, 4
 QUANT = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
@@ -216,8 +221,6 @@ def test_bad_bases_fail_clearly():
     layer, _ = _quantized_linear("nf4")
     with pytest.raises(ValueError, match="rank"):
         QuantizedLoRALinear.from_linear(layer, r=D_OUT + 1)
-    with pytest.raises(ValueError, match="add_adapter"):
-        lorafast.add_adapter(nn.Sequential(layer), "a", target_modules=["0"])
 
 
 @needs_bnb
@@ -255,6 +258,41 @@ def test_patch_peft_plain_lora_linear_over_a_quantized_base(kind, dropout):
     got_grads = torch.autograd.grad(got, [x, *[p for p in ours.parameters() if p.requires_grad]], grad)
     for g, w in zip(got_grads, want_grads):
         assert _rel(g, w) < 1e-5
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_named_adapters_single_and_mixed_match_float64(backend, kind):
+    layer, _ = _quantized_linear(kind)
+    model = nn.Sequential(layer)
+    lorafast.add_adapter(model, "a", target_modules=["0"], r=R, alpha=8)
+    lorafast.add_adapter(model, "b", target_modules=["0"], r=2, alpha=4)
+    lora = model[0]
+    assert isinstance(lora, QuantizedMultiLoRALinear) and lora.lora_A["b"].dtype == torch.float32
+    for name in "ab":
+        nn.init.normal_(lora.lora_B[name], std=0.1)
+    w, b = dequantize_weight(layer, torch.float64), layer.bias.double()
+    x = torch.randn(3, 8, D_IN, requires_grad=True)
+
+    def reference(name, rows):
+        if name is None:
+            return rows.double() @ w.T + b
+        lora_A, lora_B, r, alpha, _ = lora.factors(name)
+        return rows.double() @ w.T + b + (alpha / r) * (rows.double() @ lora_A.double().T) @ lora_B.double().T
+
+    lorafast.set_adapter(model, "b")
+    assert_close_scaled(model(x), reference("b", x))
+    saved = saved_activation_bytes(lambda: model(x), exclude=list(model.parameters()))
+    assert saved <= (x.numel() + x.shape[0] * x.shape[1] * 2) * x.element_size()
+    with lorafast.adapter_ids(model, ["a", None, "b"]):
+        y = model(x)
+    assert_close_scaled(y, torch.stack([reference("a", x[0]), reference(None, x[1]), reference("b", x[2])]))
+    y.square().sum().backward()
+    assert lora.lora_A["a"].grad.abs().sum() > 0 and lora.lora_B["b"].grad.abs().sum() > 0
+    before = _quant_snapshot(layer)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        lorafast.merge_lora(model)
+    assert model[0] is layer and not torch.equal(_quant_snapshot(layer)["weight"], before["weight"])
 
 
 # --- whole models ----------------------------------------------------------------------------------------------
@@ -397,6 +435,21 @@ def test_apply_lora_all_linear_trains_and_loads_into_peft(base_dir, tmp_path):
     plain = _load(base_dir)
     with torch.no_grad():
         assert _rel(back(**batch).logits, plain(**batch).logits) == 0
+
+
+@needs_bnb
+def test_named_adapter_on_a_4bit_model_loads_into_peft(base_dir, tmp_path):
+    model = lorafast.add_adapter(_load(base_dir), "medical", "all-linear", r=8, alpha=16)
+    lorafast.add_adapter(model, "legal", "all-linear", r=4, alpha=8)
+    assert len(dict(lorafast.multi_lora_layers(model))) == 14
+    for _, layer in lorafast.multi_lora_layers(model):
+        nn.init.normal_(layer.lora_B["legal"], std=0.05)
+    lorafast.set_adapter(model, "legal")
+    lorafast.save_adapter(model, tmp_path / "legal", adapter_name="legal")
+    peft_model = PeftModel.from_pretrained(_load(base_dir), tmp_path / "legal").train()
+    batch = lm_batch("llama", seed=2)
+    with torch.no_grad():
+        assert _rel(model(**batch).logits, peft_model(**batch).logits) < 1e-5
 
 
 @needs_bnb
