@@ -236,7 +236,9 @@ class QuantizedLoRALinear(FusedLoRALinear):
 
     @property
     def weight(self) -> nn.Parameter:
-        """The quantized weight (bitsandbytes' ``Params4bit``/``Int8Params``)."""
+        """The quantized weight (bitsandbytes' ``Params4bit``/``Int8Params``). Briefly something else for
+        ``QuantizedMultiLoRALinear``'s inherited code: an empty fp32 tensor while ``add_adapter`` makes factors,
+        the dequantized W0 during a mixed batch's forward."""
         stand_in = self.__dict__.get("_factor_like")
         if stand_in is not None:
             return stand_in
