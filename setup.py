@@ -19,6 +19,8 @@ TRAIN = [
     "matplotlib>=3.11",
 ]
 
+BITSANDBYTES = "bitsandbytes>=0.50"
+
 setup(
     name="lorafast",
     version="0.1.0",
@@ -40,6 +42,8 @@ setup(
     extras_require={
         "train": TRAIN,
         "bench": ["pytest>=9", "pytest-benchmark>=5", *TRAIN],
-        "test": ["pytest>=9", "pytest-benchmark>=5", "ruff>=0.17", *TRAIN],
+        # QLoRA: LoRA over bitsandbytes 4-/8-bit bases (lorafast.quantized); 0.50 runs on the CPU too.
+        "qlora": [BITSANDBYTES],
+        "test": ["pytest>=9", "pytest-benchmark>=5", "ruff>=0.17", BITSANDBYTES, *TRAIN],
     },
 )

@@ -7,6 +7,7 @@
 - :func:`add_adapter`, :func:`adapter_ids`, :func:`multi_lora_linear`, :class:`MultiLoRALinear`:
   several named adapters in one model, mixed in one batch (one adapter per sequence).
 - :func:`patch_peft`, :func:`unpatch_peft`: lorafast's fused LoRA inside a ``peft.PeftModel``.
+- :class:`QuantizedLoRALinear`, :func:`merge_lora_dense`: QLoRA over bitsandbytes 4-/8-bit bases.
 - :func:`adapter_checkpoints`: a ``transformers.Trainer`` saves and resumes only the adapter.
 """
 
@@ -18,6 +19,7 @@ from .multi_adapter import adapter_ids, add_adapter, list_adapters, multi_lora_l
 from .multi_function import MultiLoRALinearFunction, multi_lora_linear
 from .multi_layer import MultiLoRALinear
 from .peft_patch import patch_peft, unpatch_peft
+from .quantized import QuantizedLoRALinear, merge_lora_dense
 from .trainer import adapter_checkpoints
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "LoRALinearFunction",
     "MultiLoRALinear",
     "MultiLoRALinearFunction",
+    "QuantizedLoRALinear",
     "adapter_checkpoints",
     "adapter_ids",
     "add_adapter",
@@ -35,6 +38,7 @@ __all__ = [
     "lora_linear",
     "lora_state_dict",
     "merge_lora",
+    "merge_lora_dense",
     "multi_lora_layers",
     "multi_lora_linear",
     "parameter_counts",

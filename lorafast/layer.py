@@ -114,7 +114,14 @@ class FusedLoRALinear(LoRALayer):
         adapter_dtype: torch.dtype | None = None,
         use_dora: bool = False,
     ):
-        """Wrap an ``nn.Linear`` or ``Conv1D``, reusing (not copying) and freezing its weight and bias."""
+        """Wrap an ``nn.Linear`` or ``Conv1D``, reusing (not copying) and freezing its weight and bias; a
+        bitsandbytes ``Linear4bit``/``Linear8bitLt`` gives a :class:`lorafast.quantized.QuantizedLoRALinear`."""
+        from .quantized import QuantizedLoRALinear, is_quantized_linear  # QLoRA bases
+
+        if is_quantized_linear(linear) and cls is FusedLoRALinear:
+            return QuantizedLoRALinear.from_linear(
+                linear, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype
+            )
         conv1d = is_conv1d(linear)
         if not (conv1d or isinstance(linear, nn.Linear)):
             raise ValueError(

@@ -16,6 +16,7 @@ from torch import nn
 
 from .layer import FusedLoRALinear, LoRALayer, conv1d_class, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
+from .quantized import held_quantized_bases, note_trainable_adapters
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
@@ -45,9 +46,14 @@ def select_targets(
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
             raise ValueError(f"target_modules must be a regular expression or non-empty names, got {target_modules!r}")
+    held = held_quantized_bases(model)  # lorafast.quantized: a QLoRA layer's base_layer is no target of its own
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        return _all_linear(model, allowed)
-    matched = {name: module for name, module in model.named_modules() if name and _matches(name, target_modules)}
+        return {name: m for name, m in _all_linear(model, allowed).items() if id(m) not in held}
+    matched = {
+        name: module
+        for name, module in model.named_modules()
+        if name and _matches(name, target_modules) and id(module) not in held
+    }
     if isinstance(target_modules, str):
         unmatched = [] if matched else [target_modules]
     else:
@@ -131,6 +137,7 @@ def apply_lora(
                 module, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype, use_dora=use_dora
             ),
         )
+    note_trainable_adapters(model)  # lorafast.quantized: QLoRA under transformers' Trainer
     return model
 
 

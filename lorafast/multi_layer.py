@@ -36,7 +36,12 @@ class MultiLoRALinear(LoRALayer):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> MultiLoRALinear:
-        """Wrap ``linear`` with no adapter yet: its weight and bias Parameters are reused and frozen."""
+        """Wrap ``linear`` with no adapter yet: its weight and bias Parameters are reused and frozen; a bitsandbytes
+        ``Linear4bit``/``Linear8bitLt`` gives a :class:`lorafast.quantized.QuantizedMultiLoRALinear`."""
+        from .quantized import QuantizedMultiLoRALinear, is_quantized_linear  # QLoRA bases
+
+        if is_quantized_linear(linear) and cls is MultiLoRALinear:
+            return QuantizedMultiLoRALinear.from_linear(linear)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)

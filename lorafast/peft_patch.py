@@ -23,6 +23,13 @@ from .function import lora_linear
 from .layer import is_conv1d
 from .multi_function import multi_lora_linear
 from .multi_stack import stack_factors
+from .quantized import (
+    is_quantized_linear,
+    patched_quantized_count,
+    peft_fused_class,
+    quantized_lora_linear,
+    unpatch_peft_quantized,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,8 @@ def _adapter_reason(layer: nn.Module, name: str) -> str | None:
     """Why ``layer``'s adapter ``name`` cannot run fused, or None when it can."""
     if name in layer.lora_variant and not _is_dora(layer, name):
         return type(layer.lora_variant[name]).__name__.removesuffix("LinearVariant") or "LoRA variant"
+    if _is_dora(layer, name) and is_quantized_linear(layer.get_base_layer()):
+        return "DoRA over a quantized base"
     if layer.lora_bias.get(name, False):
         return "lora_bias"
     if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
@@ -66,9 +75,10 @@ def _layer_reason(layer: nn.Module) -> str | None:
     if type(layer) is not _peft_linear_class():
         return f"PEFT {type(layer).__name__}"
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear and not is_conv1d(base):
+    quantized = is_quantized_linear(base)  # a bitsandbytes base: lorafast.quantized
+    if type(base) is not nn.Linear and not is_conv1d(base) and not quantized:
         return f"base {type(base).__name__}"
-    if not base.weight.is_floating_point() or base.weight.dim() != 2:
+    if not quantized and (not base.weight.is_floating_point() or base.weight.dim() != 2):
         return f"quantized base ({base.weight.dtype})"
     reasons = [_adapter_reason(layer, name) for name in layer.lora_A]
     # Patched when one adapter can run fused: each call checks its own adapter and falls back to PEFT.
@@ -94,6 +104,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
         return super(_fused_class, self).forward(x, *args, **kwargs)
     if adapter_names is not None:
+        if is_quantized_linear(self.get_base_layer()):  # mixed batches over a quantized base: PEFT's forward
+            return super(_fused_class, self).forward(x, *args, **kwargs)
         return _mixed_forward(self, x, adapter_names, kwargs)
     active = [a for a in self.active_adapters if a in self.lora_A]
     if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
@@ -111,6 +123,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             _dropout_p(self, name),
             True,
         )
+    if is_quantized_linear(self.get_base_layer()):
+        return quantized_lora_linear(
+            x, self.get_base_layer(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+            _dropout_p(self, name), True,
+        )  # fmt: skip
     return lora_linear(
         x,
         _base_weight(self),
@@ -173,8 +190,10 @@ def patch_peft(model: nn.Module) -> nn.Module:
     """Run lorafast's fused LoRA linear in every supported PEFT LoRA ``Linear`` of ``model``; returns it.
 
     ``model``: a ``PeftModel`` or any module holding PEFT LoRA layers. Supported: a frozen floating ``nn.Linear``
-    or GPT-2 ``Conv1D`` base, adapters plain or DoRA, without other variants or ``lora_bias``. Others (Embedding, Conv,
-    quantized bases, ...) keep PEFT's forward; one ``lorafast.peft_patch`` log line counts the patched layers
+    or GPT-2 ``Conv1D`` base, PEFT's ``lora.bnb.Linear4bit``/``Linear8bitLt`` (QLoRA, see :mod:`lorafast.quantized`;
+    mixed batches there keep PEFT's forward), adapters plain or DoRA (DoRA over a quantized base keeps PEFT's
+    forward), without other variants or ``lora_bias``. Others
+    (Embedding, Conv, ...) keep PEFT's forward; one ``lorafast.peft_patch`` log line counts the patched layers
     and why others are not. Calling again patches layers added since. ValueError if it holds no PEFT LoRA layer.
     """
     from peft.tuners.lora.layer import LoraLayer
@@ -186,6 +205,11 @@ def patch_peft(model: nn.Module) -> nn.Module:
     reasons: Counter[str] = Counter()
     patched = 0
     for layer in layers:
+        quantized = peft_fused_class(layer)  # PEFT's bitsandbytes layers: lorafast.quantized
+        if quantized is not None:
+            layer.__class__ = quantized
+            patched += 1
+            continue
         if type(layer) is fused:
             patched += 1
             continue
@@ -204,6 +228,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
 
 def unpatch_peft(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_peft`: every patched layer runs PEFT's own forward again. Returns ``model``."""
+    unpatch_peft_quantized(model)
     if _fused_class is None:
         return model
     linear = _peft_linear_class()
@@ -215,4 +240,5 @@ def unpatch_peft(model: nn.Module) -> nn.Module:
 
 def patched_layer_count(model: nn.Module) -> int:
     """How many layers of ``model`` run lorafast's fused LoRA through :func:`patch_peft`."""
-    return 0 if _fused_class is None else sum(type(m) is _fused_class for m in model.modules())
+    quantized = patched_quantized_count(model)
+    return quantized + (0 if _fused_class is None else sum(type(m) is _fused_class for m in model.modules()))

@@ -1,0 +1,178 @@
+"""QLoRA benchmarks (bitsandbytes NF4, double quant): lorafast against PEFT QLoRA, interleaved.
+
+- one layer's forward+backward: PEFT QLoRA (``lora.bnb.Linear4bit``), the same after ``patch_peft``, lorafast's
+  ``QuantizedLoRALinear`` and, for scale, lorafast over the dense weight; time, activation bytes kept for backward
+  and, on CUDA, peak memory. CPU: fp32 compute; CUDA: bf16 compute, 4096→4096 and 4096→11008, n=8192, r=16.
+- a small Llama's training step (``qlora_step.py``): time, and peak memory (CUDA max allocated, or on CPU each
+  method's peak resident memory in a process of its own).
+
+Skipped where bitsandbytes is not installed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from harness import Timer, forward_backward, interleaved, peak_cuda_bytes, saved_bytes, summarize
+from report import Target
+from torch import nn
+
+from conftest import DEVICE, DRY_RUN
+
+bnb = pytest.importorskip("bitsandbytes", reason="the QLoRA benchmarks need bitsandbytes (pip install lorafast[qlora])")
+
+import lorafast  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+PEFT_Q, PATCHED_Q, LORAFAST_Q, DENSE = "PEFT QLoRA", "PEFT QLoRA + patch_peft", "lorafast QLoRA", "lorafast dense LoRA"
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+if DEVICE.type == "cuda":
+    CASES = [(4096, 4096, 8192, 16), (4096, 11008, 8192, 16)]
+    ROUNDS = 20
+elif DRY_RUN:  # bash bench/gpu.sh --dry-run: the GPU plan's steps, smallest shapes, one round
+    CASES = [(128, 256, 64, 16)]
+    ROUNDS = 1
+else:
+    CASES = [(1024, 2752, 1024, 16)]  # sized to keep the CPU benchmark suite near 10 minutes
+    ROUNDS = 4
+
+
+def _candidates(d_in, d_out, r, dropout=0.0) -> dict[str, nn.Module]:
+    """The four layers over one NF4-quantized weight (its dense copy for DENSE), with the same adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    dense = nn.Linear(d_in, d_out, bias=False, dtype=DTYPE, device=DEVICE).requires_grad_(False)
+
+    def quantized():
+        layer = bnb.nn.Linear4bit(
+            d_in, d_out, bias=False, compute_dtype=DTYPE, compress_statistics=True, quant_type="nf4"
+        )
+        layer.load_state_dict(dense.state_dict())
+        return layer.to(DEVICE)
+
+    def peft_layer():
+        holder = nn.Sequential(quantized())
+        holder.is_loaded_in_4bit = True  # what PEFT reads to wrap the layer as lora.bnb.Linear4bit
+        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["0"])
+        return get_peft_model(holder, config)
+
+    peft = peft_layer().base_model.model[0]
+    patched = lorafast.patch_peft(peft_layer()).base_model.model[0]
+    ours = lorafast.FusedLoRALinear.from_linear(quantized(), r=r, alpha=2 * r, dropout=dropout)
+    with torch.no_grad():
+        dense.weight.copy_(ours.base_weight())  # the same (dequantized) W0
+    reference = lorafast.FusedLoRALinear.from_linear(dense, r=r, alpha=2 * r, dropout=dropout, adapter_dtype=DTYPE)
+    assert type(peft).__name__ == "Linear4bit" and type(patched).__name__ == "PeftFusedLinear4bit"
+    with torch.no_grad():
+        nn.init.normal_(ours.lora_B, std=0.02)
+        reference.lora_A.copy_(ours.lora_A), reference.lora_B.copy_(ours.lora_B)
+        for layer in (peft, patched):
+            layer.lora_A["default"].weight.copy_(ours.lora_A)
+            layer.lora_B["default"].weight.copy_(ours.lora_B)
+    return {PEFT_Q: peft.train(), PATCHED_Q: patched.train(), LORAFAST_Q: ours.train(), DENSE: reference.train()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-n{c[2]}-r{c[3]}")
+def test_qlora_layer(benchmark, report, case):
+    d_in, d_out, tokens, r = case
+    candidates = _candidates(d_in, d_out, r)
+    x = torch.randn(tokens, d_in, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    grad_y = torch.randn(tokens, d_out, device=DEVICE, dtype=DTYPE)
+    runs = {name: forward_backward(module, x, grad_y) for name, module in candidates.items()}
+    times = {name: [] for name in runs}
+
+    def one_round():
+        for name, ts in interleaved(runs, 1, Timer(DEVICE), warmup=0).items():
+            times[name] += ts
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0 if DRY_RUN else 2, iterations=1)
+    timing = summarize(times, baselines=(PEFT_Q, DENSE))
+    where = f"{d_in}→{d_out}, n={tokens}, r={r}, {str(DTYPE).removeprefix('torch.')}"
+    rows = {}
+    for name, module in candidates.items():
+        rows[name] = {
+            "fwd_bwd_ms": timing[name]["seconds"] * 1e3, "vs_peft_qlora": timing[name][f"vs {PEFT_Q}"],
+            "vs_dense_lora": timing[name][f"vs {DENSE}"], "saved_bytes": saved_bytes(module, x),
+            "peak_bytes": peak_cuda_bytes(runs[name], DEVICE),
+        }  # fmt: skip
+        benchmark.extra_info[name] = rows[name]
+    ours, peft = rows[LORAFAST_Q], rows[PEFT_Q]
+    report.targets.append(Target(f"{DEVICE.type.upper()} QLoRA fwd+bwd lorafast / PEFT ({where})",
+                                 ours["vs_peft_qlora"], 1.0))  # fmt: skip
+    budget = (x.numel() + tokens * r) * x.element_size()
+    report.targets.append(Target(f"QLoRA saved MiB, |x| + n·r as limit ({where})", ours["saved_bytes"] / 2**20,
+                                 budget / 2**20))  # fmt: skip
+    note = (
+        f"QLoRA layer {where}: fwd+bwd ms lorafast {ours['fwd_bwd_ms']:.2f}, PEFT {peft['fwd_bwd_ms']:.2f}, "
+        f"patch_peft {rows[PATCHED_Q]['fwd_bwd_ms']:.2f}, dense LoRA {rows[DENSE]['fwd_bwd_ms']:.2f}; saved for "
+        f"backward lorafast {ours['saved_bytes'] / 2**20:.2f} MiB, PEFT {peft['saved_bytes'] / 2**20:.2f} MiB"
+    )
+    if DEVICE.type == "cuda":
+        note += "; peak MiB " + ", ".join(f"{n} {rows[n]['peak_bytes'] / 2**20:.0f}" for n in rows)
+        report.targets.append(Target(f"GPU QLoRA peak memory lorafast / PEFT ({where})",
+                                     ours["peak_bytes"] / peft["peak_bytes"], 1.0))  # fmt: skip
+    report.notes.append(note)
+
+
+def _peak_bytes(method: str, directory: Path, built) -> int:
+    from qlora_step import train_step
+
+    if DEVICE.type == "cuda":
+        model, optimizer, batch = built[method]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, optimizer, batch)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    command = [sys.executable, str(BENCH / "qlora_step.py"), "--method", method, "--dir", str(directory)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=os.environ)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+
+
+def test_qlora_training_step(benchmark, report):
+    from qlora_step import METHODS, SHAPES, build, make_batch, plan, save_base, train_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = save_base(Path(tmp), DEVICE)
+        batch = make_batch(DEVICE)
+        built = {}
+        for method in METHODS:
+            model, optimizer = build(method, directory, DEVICE)
+            built[method] = (model, optimizer, batch)
+        runs = {m: (lambda m=m: train_step(*built[m])) for m in METHODS}
+        times = {m: [] for m in METHODS}
+
+        def one_round():
+            for name, ts in interleaved(runs, 1, Timer(DEVICE), warmup=0).items():
+                times[name] += ts
+
+        rounds = 10 if DEVICE.type == "cuda" else 1 if DRY_RUN else 6
+        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0 if DRY_RUN else 1, iterations=1)
+        timing = summarize(times, baselines=("peft",))
+        peaks = {m: _peak_bytes(m, directory, built) for m in METHODS}
+    shape = SHAPES[plan(DEVICE)]
+    where = (
+        f"Llama hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, batch {shape['batch']}×"
+        f"{shape['tokens']}, NF4 double quant, all linear r=16"
+    )
+    for method in METHODS:
+        benchmark.extra_info[method] = {"step_s": timing[method]["seconds"], "peak_bytes": peaks[method]}
+    report.targets.append(Target(f"{DEVICE.type.upper()} QLoRA step time lorafast / PEFT ({where})",
+                                 timing["lorafast"]["vs peft"], 1.0))  # fmt: skip
+    report.targets.append(Target(f"{DEVICE.type.upper()} QLoRA step time patch_peft / PEFT ({where})",
+                                 timing["patched"]["vs peft"], 1.0))  # fmt: skip
+    report.targets.append(Target(f"{DEVICE.type.upper()} QLoRA peak memory lorafast / PEFT ({where})",
+                                 peaks["lorafast"] / peaks["peft"], 1.0))  # fmt: skip
+    peak_kind = "CUDA max allocated" if DEVICE.type == "cuda" else "process peak resident memory"
+    report.notes.append(
+        f"QLoRA step ({where}): s/step "
+        + ", ".join(f"{m} {timing[m]['seconds']:.3f}" for m in METHODS)
+        + f"; peak ({peak_kind}) MiB "
+        + ", ".join(f"{m} {peaks[m] / 2**20:.0f}" for m in METHODS)
+    )

@@ -1,0 +1,581 @@
+"""LoRA over bitsandbytes' quantized linears (QLoRA): ``Linear4bit`` (NF4/FP4, double quant or not) and
+``Linear8bitLt``.
+
+Each forward dequantizes W0 with bitsandbytes' own functions into a transient dense buffer in the compute dtype
+and runs lorafast's LoRA linear on it; backward dequantizes again. Nothing dense of W0 is kept for backward (it
+saves x and ``xa`` ``(n, r)`` only), and the quantized weight and its ``quant_state`` are only read.
+
+Compute dtype: the autocast dtype under ``torch.autocast``, else a ``Linear4bit``'s ``compute_dtype`` (x's dtype if
+unset), else x's dtype; the output has x's dtype, as bitsandbytes' layers return. 8-bit: W0 = CB·SCB/127 as
+bitsandbytes' CPU/XPU training path computes it, so on CUDA results differ from its int8 matmul (which also
+quantizes the activations, and splits out outlier columns above ``threshold``) by that activation quantization.
+
+bitsandbytes is optional: nothing here imports it unless a model already holds its layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+from .backend import front_door, implementation
+from .layer import FusedLoRALinear, _allow_missing_lora_keys, _scaled_product, default_adapter_dtype
+from .multi_layer import MultiLoRALinear
+from .row_adapters import active_row_adapters
+from .validation import autocast_dtype, check_dropout, check_lora_inputs, check_rank, check_scaling
+
+_BASE = "base_layer"  # the quantized module's name inside QuantizedLoRALinear (hidden from state_dict keys)
+
+
+def _bnb_classes() -> tuple[type, ...]:
+    """bitsandbytes' ``(Linear4bit, Linear8bitLt)`` if it has been imported (a model can hold them only then)."""
+    modules = sys.modules.get("bitsandbytes.nn.modules")
+    return () if modules is None else (modules.Linear4bit, modules.Linear8bitLt)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes ``Linear4bit`` (or subclass: ``LinearNF4``, ``LinearFP4``) or
+    ``Linear8bitLt``."""
+    classes = _bnb_classes()
+    return bool(classes) and isinstance(module, classes)
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return isinstance(module, _bnb_classes()[0])
+
+
+def compute_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype ``module``'s LoRA linear computes in for input x (see the module docstring)."""
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        return dtype
+    if _is_4bit(module) and module.compute_dtype is not None:
+        return module.compute_dtype
+    return x.dtype
+
+
+def _quant_state(module: nn.Module):
+    """A ``Linear4bit``'s QuantState in bitsandbytes' canonical layout (a copy where bitsandbytes' CPU inference
+    has repacked the weight; the module keeps its own)."""
+    weight = module.weight
+    state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+    if state is None:
+        raise ValueError(
+            f"{type(module).__name__} is not quantized yet (no quant_state): move it to a device (.to(...)) or load "
+            "the model with a BitsAndBytesConfig first"
+        )
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    # Undo the code layout only: the repacked absmax (bf16, blocks transposed, no longer nested) is what bitsandbytes
+    # itself now multiplies by, so it is used as it is rather than re-quantized.
+    unpacked = copy.copy(state)
+    unpacked.original_nested = False
+    packed, unpacked = _convert_weight_packed_for_cpu_inverse(weight.data, unpacked)
+    unpacked.absmax = state.absmax.T.reshape(-1).float()
+    return packed, unpacked
+
+
+@torch.no_grad()
+def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """W0 ``(out, in)`` of a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` as a new dense tensor in ``dtype``.
+
+    4-bit: ``bitsandbytes.functional.dequantize_4bit`` (NF4/FP4, nested absmax or not). 8-bit: ``CB·SCB/127``.
+    """
+    if _is_4bit(module):
+        from bitsandbytes.functional import dequantize_4bit
+
+        packed, state = _quant_state(module)
+        return dequantize_4bit(packed, state).to(dtype)
+    weight, state = module.weight, module.state
+    if weight.dtype != torch.int8:  # has_fp16_weights: the weight was never quantized
+        return weight.detach().to(dtype, copy=True)
+    scb = getattr(weight, "SCB", None)
+    scb = state.SCB if scb is None else scb
+    if scb is None:
+        raise ValueError("Linear8bitLt has an int8 weight but no SCB row scales: it was not quantized by bitsandbytes")
+    # bitsandbytes' CPU/XPU training path (MatMul8bitFp) dequantizes exactly so.
+    return weight.data.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+
+
+def held_quantized_bases(model: nn.Module) -> set[int]:
+    """``id()`` of the bitsandbytes modules that lorafast's QLoRA layers of ``model`` hold as ``base_layer``."""
+    kinds = (QuantizedLoRALinear, QuantizedMultiLoRALinear)
+    return {id(m.base_layer) for m in model.modules() if isinstance(m, kinds)}
+
+
+def note_trainable_adapters(model: nn.Module) -> None:
+    """After LoRA layers were put over ``model``'s quantized linears: transformers' ``Trainer`` refuses a model whose
+    ``is_quantized`` is set unless it is a ``PeftModel`` (a "purely quantized" base has nothing to train). That flag
+    is read for that check alone, and lorafast's adapters are trainable, so it is cleared; the model's quantizer
+    and its ``quantization_config`` stay."""
+    if getattr(model, "is_quantized", False) and any(isinstance(m, QuantizedLoRALinear) for m in model.modules()):
+        model.is_quantized = False
+
+
+class QuantizedLoRALinearFunction(torch.autograd.Function):
+    """x ``(..., in)`` in the compute dtype, the transient dense weight ``(out, in)`` (not saved), bias or None,
+    lora_A ``(r, in)`` / lora_B ``(out, r)`` in their own dtype, the quantized module (dequantized again in
+    backward) -> ``(..., out)``. Saves x and ``xa`` ``(n, r)``; gradients for x, A and B (in A's and B's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, module, scaling, dropout_p, seed, backend):
+        dtype = x.dtype
+        y, xa = implementation(backend)[0](
+            x.reshape(-1, x.shape[-1]), weight, bias, lora_A.to(dtype), lora_B.to(dtype), scaling, dropout_p, seed
+        )
+        ctx.save_for_backward(x, xa, lora_A, lora_B)
+        ctx.module, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = module, scaling, dropout_p, seed, backend
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, lora_A, lora_B = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        weight = dequantize_weight(ctx.module, x.dtype) if needs[0] else None
+        grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
+            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), xa, weight, lora_A.to(x.dtype),
+            lora_B.to(x.dtype), ctx.scaling, ctx.dropout_p, ctx.seed, (needs[0], needs[3], needs[4]),
+        )  # fmt: skip
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        grad_a = None if grad_a is None else grad_a.to(lora_A.dtype)
+        grad_b = None if grad_b is None else grad_b.to(lora_B.dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
+
+
+def quantized_lora_linear(
+    x: torch.Tensor,
+    module: nn.Module,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """:func:`lorafast.lora_linear` over a bitsandbytes ``Linear4bit``/``Linear8bitLt`` ``module``'s frozen W0 and bias.
+
+    x ``(..., in)`` -> ``(..., out)`` in x's dtype (the autocast dtype under ``torch.autocast``); lora_A ``(r, in)``,
+    lora_B ``(out, r)`` in any floating dtype (cast to the compute dtype, gradients in their own). ValueError as
+    lora_linear's, and for a module that is not quantized by bitsandbytes.
+    """
+    if not is_quantized_linear(module):
+        raise ValueError(f"quantized_lora_linear expects a bitsandbytes Linear4bit/Linear8bitLt, got {type(module)}")
+    dtype = compute_dtype(module, x)
+    under_autocast = autocast_dtype(x) is not None
+    out_dtype = dtype if under_autocast else x.dtype
+    bias = module.bias
+    with torch.autocast(device_type=x.device.type, enabled=False) if under_autocast else contextlib.nullcontext():
+        x_c = x.to(dtype)
+        bias_c = None if bias is None else bias.to(dtype)
+        factors = lora_A.to(dtype), lora_B.to(dtype)  # what the checks see; the Function casts its own
+        weight = dequantize_weight(module, dtype)
+
+        def check(*tensors):
+            check_lora_inputs(*tensors, scaling, dropout_p)
+            return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
+
+        def run(tensors, p, backend, seed):
+            x_, weight_, bias_ = tensors[:3]
+            return QuantizedLoRALinearFunction.apply(
+                x_, weight_, bias_, lora_A, lora_B, module, float(scaling), p, seed, backend
+            )
+
+        y = front_door(x_c, weight, bias_c, *factors, check, run)
+    return y.to(out_dtype)
+
+
+class QuantizedLoRALinear(FusedLoRALinear):
+    """``FusedLoRALinear`` over a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` (QLoRA).
+
+    The quantized module is kept as ``base_layer`` (its ``.to()``/device moves stay bitsandbytes'), yet the
+    state_dict keys are the quantized linear's own (``weight``, ``weight.absmax``, ..., ``bias``) plus ``lora_A``
+    ``(r, in)`` and ``lora_B`` ``(out, r)``, so a quantized checkpoint loads unchanged. Factors default to fp32.
+    ``merge()`` re-quantizes W0 + scaling·B·A as PEFT does (lossy: warns); see :func:`merge_lora_dense` for a
+    dense merge.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("build a QuantizedLoRALinear with QuantizedLoRALinear.from_linear(quantized_linear, ...)")
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> QuantizedLoRALinear:
+        """Wrap a bitsandbytes ``Linear4bit``/``Linear8bitLt`` (kept, not copied; frozen)."""
+        if not is_quantized_linear(linear):
+            raise ValueError(f"QuantizedLoRALinear wraps a bitsandbytes Linear4bit or Linear8bitLt, got {type(linear)}")
+        check_rank(r, linear.in_features, linear.out_features)
+        check_scaling(alpha)
+        check_dropout(dropout)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.base_layer = linear.requires_grad_(False)
+        factory = {"device": linear.weight.device, "dtype": default_adapter_dtype(torch.float32, adapter_dtype)}
+        layer.r, layer.alpha, layer.dropout = r, alpha, float(dropout)
+        layer.lora_A = nn.Parameter(torch.empty(r, layer.in_features, **factory))
+        layer.lora_B = nn.Parameter(torch.empty(layer.out_features, r, **factory))
+        layer.merged = False
+        layer.register_load_state_dict_post_hook(_allow_missing_lora_keys)
+        _register_key_hooks(layer)
+        layer.reset_lora_parameters()
+        return layer
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The quantized weight (bitsandbytes' ``Params4bit``/``Int8Params``). Briefly something else for
+        ``QuantizedMultiLoRALinear``'s inherited code: an empty fp32 tensor while ``add_adapter`` makes factors,
+        the dequantized W0 during a mixed batch's forward."""
+        stand_in = self.__dict__.get("_factor_like")
+        if stand_in is not None:
+            return stand_in
+        dense = self.__dict__.get("_dense")
+        return self.base_layer.weight if dense is None else dense[0]
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        dense = self.__dict__.get("_dense")
+        return self.base_layer.bias if dense is None else dense[1]
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the LoRA factors (the quantized base is left as it is)."""
+        self.reset_lora_parameters()
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 ``(out, in)`` dequantized to fp32 (a new tensor)."""
+        return dequantize_weight(self.base_layer, torch.float32)
+
+    def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``(..., in_features)`` -> ``(..., out_features)`` in x's dtype (see :func:`quantized_lora_linear`)."""
+        if self.merged:
+            return self.base_layer(x)
+        return quantized_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, self.dropout,
+                                     self.training)  # fmt: skip
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Re-quantize ``W0 + scaling·B·A`` into the base layer, as PEFT merges into a quantized base (lossy)."""
+        if self.merged:
+            warnings.warn("QuantizedLoRALinear is already merged; nothing to do", stacklevel=2)
+            return
+        self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
+        _requantize(self.base_layer, _scaled_product(*self._merged_factors))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Re-quantize ``W0 − scaling·B·A`` (the merged factors): lossy as well, W0 is not restored exactly."""
+        if not self.merged:
+            warnings.warn("QuantizedLoRALinear is not merged; nothing to do", stacklevel=2)
+            return
+        lora_A, lora_B, scaling = self._merged_factors
+        _requantize(self.base_layer, _scaled_product(lora_A, lora_B, -scaling))
+        self.merged, self._merged_factors = False, None
+
+    def to_base_layer(self, merge: bool = False) -> nn.Module:
+        """The bitsandbytes module, the adapter re-quantized into it (``merge``, lossy) or not."""
+        self._set_merged(merge)
+        return self.base_layer.train(self.training)
+
+    def extra_repr(self) -> str:
+        merged = ", merged=True" if self.merged else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
+        )
+
+
+class QuantizedMultiLoRALinear(MultiLoRALinear):
+    """``MultiLoRALinear`` (named adapters, mixed batches) over a bitsandbytes ``Linear4bit``/``Linear8bitLt``.
+
+    As :class:`QuantizedLoRALinear`: the quantized module is ``base_layer`` under the quantized linear's own
+    state_dict keys, factors are fp32, one active adapter runs :func:`quantized_lora_linear`. A mixed batch
+    (``adapter_ids``) runs ``multi_lora_linear`` on a dequantized W0 that it keeps until backward.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> QuantizedMultiLoRALinear:
+        """Wrap a bitsandbytes ``Linear4bit``/``Linear8bitLt`` (kept, not copied; frozen), with no adapter yet."""
+        if not is_quantized_linear(linear):
+            raise ValueError(
+                f"QuantizedMultiLoRALinear wraps a bitsandbytes Linear4bit or Linear8bitLt, got {type(linear)}"
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_from(linear)
+        del layer.weight, layer.bias  # adopted by _init_from; they stay the bitsandbytes layer's own
+        layer.base_layer = linear.requires_grad_(False)
+        _register_key_hooks(layer)
+        return layer
+
+    weight = QuantizedLoRALinear.weight
+    bias = QuantizedLoRALinear.bias
+    base_weight = QuantizedLoRALinear.base_weight
+    _in_weight_layout = QuantizedLoRALinear._in_weight_layout
+
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> None:
+        """Add adapter ``name`` as ``MultiLoRALinear.add_adapter`` does, its factors in fp32."""
+        self._factor_like = torch.empty(0, device=self.base_layer.weight.device)  # what `weight` shows meanwhile
+        try:
+            super().add_adapter(name, r=r, alpha=alpha, dropout=dropout)
+        finally:
+            del self._factor_like
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``(..., in_features)`` -> ``(..., out_features)`` in x's dtype."""
+        if active_row_adapters(self) is None and self._layer_row_adapters is None:
+            if self.active_adapter is None:
+                return self.base_layer(x)
+            lora_A, lora_B, r, alpha, dropout = self.factors(self.active_adapter)
+            return quantized_lora_linear(x, self.base_layer, lora_A, lora_B, alpha / r, dropout, self.training)
+        dtype = compute_dtype(self.base_layer, x)
+        factors_dtype = next(iter(self.lora_A.values())).dtype if self.lora_A else dtype
+        # fp32 factors on a half-precision compute dtype: autocast stacks them in that dtype once, as it does for
+        # a dense base
+        cast = torch.autocast(x.device.type, dtype=dtype) if factors_dtype != dtype else contextlib.nullcontext()
+        out_dtype = x.dtype if autocast_dtype(x) is None else dtype
+        with _dense_base(self, dtype), cast:
+            return super().forward(x.to(dtype)).to(out_dtype)
+
+    @torch.no_grad()
+    def _set_merged(self, merged: bool) -> None:
+        if merged:
+            _requantize(self.base_layer, self.get_delta_weight(self.active_adapter))
+
+    def to_base_layer(self, merge: bool = False) -> nn.Module:
+        """The bitsandbytes module, the active adapter re-quantized into it (``merge``, lossy) or not."""
+        self._set_merged(merge)
+        return self.base_layer.train(self.training)
+
+
+@contextlib.contextmanager
+def _dense_base(layer: QuantizedMultiLoRALinear, dtype: torch.dtype):
+    """While the block runs, ``layer.weight``/``layer.bias`` are W0 dequantized to ``dtype`` and the bias in it."""
+    bias = layer.base_layer.bias
+    layer._dense = (dequantize_weight(layer.base_layer, dtype), None if bias is None else bias.to(dtype))
+    try:
+        yield
+    finally:
+        del layer._dense
+
+
+def _register_key_hooks(layer: nn.Module) -> None:
+    layer.register_state_dict_post_hook(_base_keys_as_own)
+    layer.register_load_state_dict_pre_hook(_own_keys_to_base)
+    layer.register_load_state_dict_post_hook(_reported_keys_as_own)
+
+
+def _base_keys_as_own(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: ``<prefix>base_layer.<key>`` -> ``<prefix><key>``."""
+    inner = prefix + _BASE + "."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _own_keys_to_base(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the quantized linear's keys go to ``base_layer``; the factors stay."""
+    module._load_prefix = prefix
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if rest.split(".", 1)[0] not in ("lora_A", "lora_B", _BASE):
+            state_dict[prefix + _BASE + "." + rest] = state_dict.pop(key)
+
+
+def _reported_keys_as_own(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook: missing/unexpected keys of ``base_layer`` reported under the layer's own names."""
+    inner = getattr(module, "_load_prefix", "") + _BASE + "."
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [k.replace(inner, inner[: -len(_BASE) - 1], 1) if k.startswith(inner) else k for k in keys]
+
+
+def _requantize(module: nn.Module, delta: torch.Tensor) -> None:
+    """Replace ``module``'s quantized weight by the quantization of ``dequant(W0) + delta`` (fp32 math), with
+    bitsandbytes' own parameter classes and settings (PEFT's merge). Warns: lossy."""
+    import bitsandbytes as bnb
+
+    warnings.warn(
+        f"merging LoRA into a quantized {type(module).__name__} re-quantizes the weight: the result differs from "
+        "W0 + scaling·B·A by rounding; lorafast.merge_lora_dense() merges into a dense copy instead",
+        stacklevel=4,
+    )
+    weight = module.weight
+    merged = dequantize_weight(module, torch.float32).add_(delta.to(torch.float32))
+    if _is_4bit(module):
+        state = _quant_state(module)[1]
+        kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
+        kwargs.update(requires_grad=False, bnb_quantized=False)
+        kwargs.pop("quant_state", None)
+        merged = merged.to(state.dtype)
+        module.weight = bnb.nn.Params4bit(merged.to("cpu"), **kwargs).to(weight.device)
+    else:
+        module.weight = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False, has_fp16_weights=False).to(
+            weight.device
+        )
+        module.state.reset_grads()
+        module.state.CB, module.state.SCB = None, None
+
+
+@torch.no_grad()
+def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Turn a QLoRA model into a dense one in place: every bitsandbytes linear becomes an ``nn.Linear`` in ``dtype``
+    holding its dequantized W0 (plus ``scaling·B·A`` where lorafast LoRA wraps it, added in fp32), the model's
+    other parameters are cast to ``dtype`` and transformers' quantization marks are removed, so ``save_pretrained``
+    writes a plain checkpoint. Other LoRA layers are merged as :func:`lorafast.merge_lora` does. Returns ``model``.
+    """
+    from .model import _replace, merge_lora
+
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    replacements = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLoRALinear):
+            delta = _scaled_product(module.lora_A, module.lora_B, module.scaling) if not module.merged else None
+            replacements[name] = _dense_linear(module.base_layer, dtype, delta)
+        elif isinstance(module, QuantizedMultiLoRALinear):
+            active = module.active_adapter
+            delta = None if active is None else module.get_delta_weight(active)
+            replacements[name] = _dense_linear(module.base_layer, dtype, delta)
+        elif is_quantized_linear(module) and not any(name.startswith(n + ".") for n in replacements):
+            replacements[name] = _dense_linear(module, dtype, None)
+    for name, dense in replacements.items():
+        _replace(model, name, dense)
+    merge_lora(model)
+    _drop_quantization_marks(model)
+    for param in model.parameters():  # not model.to(dtype): fp32 buffers (rotary frequencies) stay as loaded
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
+        model.config.dtype = dtype
+    return model
+
+
+def _dense_linear(module: nn.Module, dtype: torch.dtype, delta: torch.Tensor | None) -> nn.Linear:
+    weight = dequantize_weight(module, torch.float32)
+    if delta is not None:
+        weight += delta
+    with torch.device("meta"):
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if module.bias is not None:
+        dense.bias = nn.Parameter(module.bias.detach().to(dtype, copy=True), requires_grad=False)
+    return dense.train(module.training)
+
+
+def _drop_quantization_marks(model: nn.Module) -> None:
+    """Let transformers forget the model was quantized (as its ``dequantize()`` does), so it saves as a dense one."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+
+
+_PEFT_LAYERS = ("Linear4bit", "Linear8bitLt")  # peft.tuners.lora.bnb's LoRA layers over bitsandbytes bases
+_peft_fused: dict[str, type] = {}
+
+
+def _peft_bnb_class(name: str) -> type | None:
+    if not _bnb_classes():
+        return None
+    from peft.tuners.lora import bnb as peft_bnb
+
+    return getattr(peft_bnb, name, None)
+
+
+def _peft_fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's bnb LoRA forward with one active plain-LoRA adapter computed by :func:`quantized_lora_linear`."""
+    from .peft_patch import _adapter_reason, _base_is_frozen, _dropout_p
+
+    peft_class = type(self).__mro__[1]
+    extra = {k: v for k, v in kwargs.items() if v is not None}  # adapter_names (mixed batches) included
+    if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
+        return peft_class.forward(self, x, *args, **kwargs)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
+        return peft_class.forward(self, x, *args, **kwargs)
+    name = active[0]
+    return quantized_lora_linear(
+        x, self.get_base_layer(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+        _dropout_p(self, name), True,
+    )  # fmt: skip
+
+
+def _peft_fused_class(name: str) -> type:
+    if name not in _peft_fused:
+        peft_class = _peft_bnb_class(name)
+        _peft_fused[name] = type(
+            f"PeftFused{name}",
+            (peft_class,),
+            {
+                "forward": _peft_fused_forward,
+                "__module__": __name__,
+                "__doc__": f"PEFT's LoRA {name} whose forward runs lorafast's QLoRA linear (see patch_peft).",
+            },
+        )
+    return _peft_fused[name]
+
+
+def peft_fused_class(layer: nn.Module) -> type | None:
+    """The class ``patch_peft`` gives a PEFT ``lora.bnb.Linear4bit``/``Linear8bitLt`` layer with an adapter
+    lorafast runs (None for any other layer)."""
+    from .peft_patch import _adapter_reason
+
+    for name in _PEFT_LAYERS:
+        peft_class = _peft_bnb_class(name)
+        if peft_class is None:
+            continue
+        if type(layer) is peft_class or type(layer) is _peft_fused.get(name):
+            supported = any(_adapter_reason(layer, a) is None for a in layer.lora_A)
+            return _peft_fused_class(name) if supported else None
+    return None
+
+
+def unpatch_peft_quantized(model: nn.Module) -> int:
+    """Give every patched PEFT bnb layer of ``model`` its PEFT class back; returns how many were patched."""
+    fused = {cls: cls.__mro__[1] for cls in _peft_fused.values()}
+    count = 0
+    for module in model.modules():
+        if type(module) in fused:
+            module.__class__ = fused[type(module)]
+            count += 1
+    return count
+
+
+def patched_quantized_count(model: nn.Module) -> int:
+    """How many PEFT bnb layers of ``model`` run lorafast's QLoRA linear."""
+    fused = set(_peft_fused.values())
+    return sum(type(m) in fused for m in model.modules())
+
+
+def __getattr__(name: str):
+    # Lets pickle find the patched PEFT classes, built on first use.
+    if name.startswith("PeftFused") and name.removeprefix("PeftFused") in _PEFT_LAYERS:
+        return _peft_fused_class(name.removeprefix("PeftFused"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "QuantizedLoRALinear",
+    "QuantizedLoRALinearFunction",
+    "QuantizedMultiLoRALinear",
+    "compute_dtype",
+    "dequantize_weight",
+    "is_quantized_linear",
+    "merge_lora_dense",
+    "peft_fused_class",
+    "quantized_lora_linear",
+]
