@@ -248,9 +248,11 @@ def _one_adapter_cases(dtype, r) -> dict[str, Callable[[], object]]:
     a = torch.empty(r, IN_FEATURES, dtype=dtype)
     b = torch.empty(OUT_FEATURES, r, dtype=dtype)
     xa = torch.empty(TOKENS, r, dtype=dtype)
+    g = torch.empty(OUT_FEATURES, dtype=torch.float32)  # DoRA's column scale
     return {
         "forward": lambda: kernels.lora_forward(x, w, bias, a, b, 2.0, 0.0, 0),
         "forward, dropout": lambda: kernels.lora_forward(x, w, bias, a, b, 2.0, 0.1, 7),
+        "forward, DoRA": lambda: kernels.dora_forward(x, w, bias, a, b, 2.0, 0.0, 0, g),
         "dX": lambda: kernels.fused_lora_dx(dy, w, a, b, 2.0),
         "dX, dropout": lambda: kernels.fused_lora_dx(dy, w, a, b, 2.0, 0.1, 7),
         "dA, dropout": lambda: kernels.lora_weight_grad(x, xa, 2.0, 0.1, 7, split=1),

@@ -4,6 +4,7 @@
 """
 
 from .adapter_segments import AdapterSegments, adapter_segments
+from .dora_linear import dora_forward
 from .dropout_mask import dropout_keep_mask
 from .dropout_xa import dropout_xa
 from .fused_lora_matmul import fused_lora_dx, fused_lora_forward
@@ -21,6 +22,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "AdapterSegments",
     "adapter_segments",
+    "dora_forward",
     "dropout_keep_mask",
     "dropout_xa",
     "fused_lora_dx",
