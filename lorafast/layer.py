@@ -224,7 +224,7 @@ class FusedLoRALinear(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
         if self.merged:
-            trainable = [p for p in (self.lora_A, self.lora_B, self.lora_magnitude) if p is not None]
+            trainable = [p for p in (self.lora_A, self.lora_B, getattr(self, "lora_magnitude", None)) if p is not None]
             if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in trainable):
                 raise RuntimeError(
                     "FusedLoRALinear is merged, so lora_A and lora_B no longer act on the output and "
