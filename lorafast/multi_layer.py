@@ -1,8 +1,8 @@
 """``MultiLoRALinear``: an ``nn.Linear`` with several named LoRA adapters, one per row if asked.
 
 It runs in one of three ways: rows with adapter ids (``lorafast.adapter_ids``, whose ids belong to the call, or
-:meth:`set_row_adapters`) each use their adapter in one mixed batch (:func:`lorafast.multi_lora_linear`, the
-adapters stacked and zero-padded to the largest rank, kept until one changes); otherwise the active adapter
+:meth:`set_row_adapters`) each use their adapter in one mixed batch (``multi_function.apply_multi_lora`` on the
+adapters' own Parameters, read in place by every call: any write to a factor is seen); otherwise the active adapter
 (:meth:`set_adapter`) runs as :class:`FusedLoRALinear` would; with none active, the plain base layer.
 """
 
@@ -16,7 +16,6 @@ from torch import nn
 
 from .layer import LoRALayer, adopt_frozen_base
 from .multi_function import apply_multi_lora, dropout_tensor, host_values_on, scalings_dtype
-from .multi_stack import StackedFactorsCache
 from .row_adapters import RowAdapters, active_row_adapters
 from .validation import autocast_dtype, check_dropout, check_rank, check_scaling
 
@@ -54,7 +53,6 @@ class MultiLoRALinear(LoRALayer):
         self.row_adapters: torch.Tensor | None = None  # set_row_adapters's ids, None when not set
         self._layer_row_adapters: RowAdapters | None = None
         self._values_cache: tuple | None = None  # (key, (scalings, dropout)) of _adapter_values
-        self._stacked_cache = StackedFactorsCache()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -115,16 +113,6 @@ class MultiLoRALinear(LoRALayer):
         if name not in self.lora_A:
             raise ValueError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
 
-    def stacked_adapters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-        """``(A (K, R, in), B (K, out, R), scalings)`` in ``dtype`` (None: the adapters'), zero-padded to rank R;
-        rebuilt only when an adapter changes (``lorafast.multi_stack``); gradients reach the adapters' Parameters."""
-        names = self.adapter_names
-        lora_A = [self.lora_A[n] for n in names]
-        lora_A_stacked, lora_B_stacked = self._stacked_cache.get(
-            lora_A, [self.lora_B[n] for n in names], dtype or lora_A[0].dtype
-        )
-        return lora_A_stacked, lora_B_stacked, [self.scaling(n) for n in names]
-
     def factors(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
         self._check_name(name)
         lora_A = self.lora_A[name]
@@ -152,10 +140,11 @@ class MultiLoRALinear(LoRALayer):
         if not self.lora_A:
             return F.linear(x, self.weight, self.bias)
         cast = autocast_dtype(x)
-        # under autocast, stacked (and kept) in the autocast dtype: no cast of the factors per call
-        lora_A, lora_B, _ = self.stacked_adapters(cast)
+        names = self.adapter_names
+        lora_A, lora_B = [self.lora_A[n] for n in names], [self.lora_B[n] for n in names]
         scalings, dropout = self._adapter_values(x.device, scalings_dtype(x.dtype if cast is None else cast))
         dropout = dropout if self.training else None
+        # the Parameters themselves: every call reads their current storage, nothing is kept that could go stale
         return apply_multi_lora(x, self.weight, self.bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
 
     def _adapter_values(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
