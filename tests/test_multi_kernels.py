@@ -314,6 +314,30 @@ def test_only_the_gradients_asked_for(needs_grad):
     assert kernels.multi_lora_backward(gy, x, xa, w, a, bb, s, row_adapter, (False,) * 3) == (None, None, None)
 
 
+@pytest.mark.parametrize("dropout", [None, torch.tensor([0.1, 0.0, 0.3])], ids=["no_dropout", "dropout"])
+def test_each_adapters_own_factors_read_in_place(dropout):
+    """The library's entries take K separate A_k ``(r_k, in)`` and B_k ``(out, r_k)`` of their own ranks and strides
+    (no padded stack) and return each adapter's own gradients."""
+    x, w, b, a, bb, s, row_adapter, gy = _case(3, (3, 8, 5))
+    row_adapter = make_ids(37, 4, "mixed")  # every adapter has rows
+    ranks = (3, 8, 5)
+    lora_A = [a[k, :r].clone() for k, r in enumerate(ranks)]
+    lora_B = [bb[k, :, :r].t().contiguous().t() for k, r in enumerate(ranks)]  # column-major B's
+    lora_A[1] = lora_A[1].t().contiguous().t()  # and one column-major A
+    seed = 77 if dropout is None else SEED
+    y, xa = kernels.multi_lora_linear.forward(x, w, b, lora_A, lora_B, s, row_adapter, dropout, seed)
+    dx, da, db = kernels.multi_lora_linear.backward(
+        gy, x, xa, w, lora_A, lora_B, s, row_adapter, ALL_GRADS, dropout, seed
+    )
+    y_ref, xa_ref, dx_ref, da_ref, db_ref = reference(x, w, b, a, bb, s, row_adapter, gy, dropout, seed)
+    for actual, expected in ((y, y_ref), (xa, xa_ref), (dx, dx_ref)):
+        _close(actual, expected)
+    for k, r in enumerate(ranks):
+        assert da[k].shape == (r, 70) and db[k].shape == (50, r)
+        _close(da[k], da_ref[k, :r])
+        _close(db[k], db_ref[k, :, :r])
+
+
 @pytest.mark.parametrize("R", [1, 256])
 def test_rank_extremes(R):
     x, w, b, a, bb, s, row_adapter, gy = _case(2, (R, max(1, R // 3)), n=20, in_f=40, out_f=30)

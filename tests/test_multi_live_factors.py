@@ -9,6 +9,7 @@ with named adapters.
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import lm_batch, tiny_gpt2
 
 import lorafast.kernels.multi_factors as multi_factors
 from conftest import assert_close_scaled, reference_lora
@@ -22,7 +23,6 @@ from lorafast import (
     remove_adapter,
     set_adapter,
 )
-from tiny_models import lm_batch, tiny_gpt2
 
 IDS = ["b", None, "a", "c", "b"]  # sequence i's adapter
 
@@ -224,7 +224,7 @@ def test_adapters_of_different_dtypes_in_one_layer_are_a_clear_error():
     add_adapter(model, "b", target_modules=["0"], r=2, adapter_dtype=torch.float64)
     with pytest.raises(ValueError, match="share one floating dtype"), adapter_ids(model, [0, 1]):
         model(torch.randn(2, 6))
-    with pytest.raises(ValueError, match="adapter_dtype must be a floating torch.dtype"):
+    with pytest.raises(ValueError, match=r"adapter_dtype must be a floating torch\.dtype"):
         add_adapter(model, "c", target_modules=["0"], adapter_dtype=torch.int8)
     assert list_adapters(model) == ["a", "b"]
 
