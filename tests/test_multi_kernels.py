@@ -572,9 +572,9 @@ def test_mixed_autotuners_key_on_the_token_bucket(tuned):
 def test_mixed_kernels_take_small_fp32_tiles():
     fp32, bf16 = torch.empty(0), torch.empty(0, dtype=torch.bfloat16)
     gemm = multi_lora_matmul_tuned.early_config_prune
-    for dropout_c, warps in ((False, 4), (True, 8)):
-        kept = gemm(GEMM_CONFIGS, {"u_ptr": fp32, "R_PAD": 64, "DROPOUT_C": dropout_c})
-        assert kept and all(c.kwargs["BLOCK_N"] <= 64 and c.num_warps == warps for c in kept)
+    for flags, warps, stages in (({}, 4, 4), ({"DROPOUT_C": True}, 8, 4), ({"DROPOUT_UP": True}, 4, 3)):
+        kept = gemm(GEMM_CONFIGS, {"u_ptr": fp32, "R_PAD": 64, **flags})
+        assert kept and all(c.kwargs["BLOCK_N"] <= 64 and (c.num_warps, c.num_stages) == (warps, stages) for c in kept)
     assert any(c.kwargs["BLOCK_N"] == 128 for c in gemm(GEMM_CONFIGS, {"u_ptr": bf16, "R_PAD": 64}))
     for tuned, pointer, width in (
         (multi_dropout_xa_tuned, "x_ptr", "BLOCK_K"),

@@ -38,7 +38,7 @@ from .launch import (
     rank_block,
     token_bucket,
 )
-from .multi_factors import A_COL, RANK_COL, TABLE_WIDTH, AdapterFactors, adapter_factors
+from .multi_factors import A_COL, RANK_COL, TABLE_WIDTH, AdapterFactors, adapter_factors, factor_pointer
 
 _UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
 _TABLE_WIDTH = tl.constexpr(TABLE_WIDTH)
@@ -59,7 +59,8 @@ def multi_dropout_xa_kernel(
     x_ptr, table_ptr, factor_ptr, dropout_ptr, block_adapter_ptr, block_rows_ptr, xa_ptr,
     K, R, seed,
     stride_xm, stride_xk, stride_dropout, stride_xam, stride_xar, M_BUCKET,
-    DROPPED_ONLY: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPPED_ONLY: tl.constexpr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -80,11 +81,13 @@ def multi_dropout_xa_kernel(
     if adapter >= 0:
         keep_scale = 1.0 / (1.0 - p)
         x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        entry = table_ptr + lora * _TABLE_WIDTH  # A_k's pointer, strides and rank (multi_factors)
-        a_base = tl.load(entry + _A_COL).to(tl.pointer_type(factor_ptr.dtype.element_ty))
-        stride_ak = tl.load(entry + _A_COL + 2)
-        at_ptrs = a_base + offs_k[:, None] * stride_ak + offs_r[None, :] * tl.load(entry + _A_COL + 1)
-        r_mask = offs_r < tl.load(entry + _RANK_COL)  # ranks r_k..R-1 read as zeros
+        # A_k's pointer, strides and rank (multi_factors)
+        rank = tl.load(table_ptr + lora * _TABLE_WIDTH + _RANK_COL).to(tl.int32)
+        a_base, stride_ar, stride_ak = factor_pointer(
+            table_ptr, lora, _A_COL, factor_ptr, K, rank, UNIT_STRIDE, ALIGNED
+        )
+        at_ptrs = a_base + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+        r_mask = offs_r < rank  # ranks r_k..R-1 read as zeros
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -127,7 +130,7 @@ def launch_multi_dropout_xa(
         x, factors.table, factors.a_factors[0], dropout, segments.block_adapter, segments.block_rows, xa,
         K, R, int(seed),
         *x.stride(), dropout.stride(0), *xa.stride(), token_bucket(n),
-        dropped_only, rank_block(R), dot_precision(x.dtype),
+        dropped_only, factors.unit_stride, factors.aligned, rank_block(R), dot_precision(x.dtype),
     )  # fmt: skip
     launch(multi_dropout_xa_kernel, multi_dropout_xa_tuned, lambda meta: (num_blocks,), args, config)
 

@@ -22,10 +22,14 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
 A_COL, B_COL = 0, 3  # a factor's columns in a table row: pointer, stride over r, stride over the features
 RANK_COL = 6
 TABLE_WIDTH = 8
+_A_COL = tl.constexpr(A_COL)
+_TABLE_WIDTH = tl.constexpr(TABLE_WIDTH)
 
 _MAX_TABLES = 4096  # tables kept (a few per layer: each distinct set of factors and each gradient layout)
 _tables: dict[tuple, torch.Tensor] = {}
@@ -39,6 +43,8 @@ class AdapterFactors(NamedTuple):
     b_factors: tuple[torch.Tensor, ...]  # K B's (out, r_k)
     table: torch.Tensor  # (K, TABLE_WIDTH) int64 on the factors' device
     rank: int  # max r_k: the width of xa and g
+    unit_stride: bool  # every factor contiguous: the kernels take A's stride over in and B's over r as 1
+    aligned: bool  # and every pointer 16-byte aligned: the kernels are told so
 
     @property
     def num_adapters(self) -> int:
@@ -47,6 +53,10 @@ class AdapterFactors(NamedTuple):
     @property
     def ranks(self) -> tuple[int, ...]:
         return tuple(a.shape[0] for a in self.a_factors)
+
+    @property
+    def equal_ranks(self) -> bool:
+        return all(a.shape[0] == self.rank for a in self.a_factors)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,12 +96,38 @@ def adapter_factors(lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tenso
             values += [a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(1), b.stride(0), a.shape[0], 0]
         return _device_table(values, (len(lora_A), TABLE_WIDTH), device)
 
-    return AdapterFactors(lora_A, lora_B, _kept(key, build), max(a.shape[0] for a in lora_A))
+    contiguous = all(a.is_contiguous() and b.is_contiguous() for a, b in zip(lora_A, lora_B))
+    # what Triton's argument specialisation would have assumed of pointer and stride arguments
+    aligned = contiguous and all(t.data_ptr() % 16 == 0 for pair in zip(lora_A, lora_B) for t in pair)
+    rank = max(a.shape[0] for a in lora_A)
+    return AdapterFactors(lora_A, lora_B, _kept(key, build), rank, contiguous, aligned)
 
 
 def stacked_factors(lora_A: torch.Tensor, lora_B: torch.Tensor) -> AdapterFactors:
     """:func:`adapter_factors` of stacked ``(K, R, in)`` and ``(K, out, R)`` tensors (each adapter of rank R; views)."""
     return adapter_factors(lora_A.unbind(0), lora_B.unbind(0))
+
+
+@triton.jit
+def factor_pointer(
+    table, adapter, COL: tl.constexpr, like, in_features, rank, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr
+):
+    """``(pointer, stride over r, stride over the features)`` of factor ``COL`` (pointing to ``like``'s element type)
+    of ``adapter`` (int32) in the factor table at ``table``. With ``UNIT_STRIDE`` (contiguous factors) the strides
+    are those of contiguous rows, from ``in_features`` and the adapter's ``rank`` (kernel arguments where they can
+    be: the compiler sees the factor as it would a pointer argument); with ``ALIGNED`` the pointer is 16-byte
+    aligned."""
+    pointer = tl.load(table + adapter * _TABLE_WIDTH + COL).to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    if UNIT_STRIDE:
+        if COL == _A_COL:  # A (r, in)
+            return pointer, in_features, 1
+        else:  # B (out, r)
+            return pointer, 1, rank
+    else:  # int32 (a factor holds < 2**31 elements), as stride arguments are: the offset tiles stay 32-bit
+        entry = table + adapter * _TABLE_WIDTH + COL
+        return pointer, tl.load(entry + 1).to(tl.int32), tl.load(entry + 2).to(tl.int32)
 
 
 def grad_layout(ranks: Sequence[int], features: int, device: torch.device) -> torch.Tensor:

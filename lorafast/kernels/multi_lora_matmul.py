@@ -42,7 +42,7 @@ from .launch import (
     token_bucket,
 )
 from .multi_dropout_xa import launch_multi_dropout_xa
-from .multi_factors import A_COL, B_COL, RANK_COL, TABLE_WIDTH, stacked_factors
+from .multi_factors import A_COL, B_COL, RANK_COL, TABLE_WIDTH, factor_pointer, stacked_factors
 
 # Rows per program: BLOCK_M (from adapter_segments); the block table is built for it, so every config keeps it.
 _UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
@@ -57,9 +57,10 @@ def _configs() -> list[triton.Config]:
     fits the 227 KiB of shared memory of an H100/H200 up to rank 256 (the wider tiles' do not).
     """
     configs = {}
-    # + an 8-warp 64×64 tile: 4-byte inputs from rank 64 with the dX mask (see _prune)
-    extra = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8)
-    for c in [*gemm_configs(), extra]:
+    # + 64×64 tiles for 4-byte inputs from rank 64 (see _prune): 8 warps (the dX mask), 3 stages (the forward's xa)
+    tile = {"BLOCK_M": BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
+    extra = [triton.Config(tile, num_stages=4, num_warps=8), triton.Config(tile, num_stages=3, num_warps=4)]
+    for c in [*gemm_configs(), *extra]:
         kwargs = {**c.kwargs, "BLOCK_M": BLOCK_M}
         key = (tuple(sorted(kwargs.items())), c.num_warps, c.num_stages)
         configs.setdefault(key, triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
@@ -68,14 +69,18 @@ def _configs() -> list[triton.Config]:
 
 def _prune(configs, named_args, **kwargs):
     """``prune_for_rank``, and from rank 64 with 4-byte inputs 64×64×32 tiles only (8 warps
-    when dX draws a mask): the (BLOCK_M, R_PAD) accumulator of U·P_k sits beside the
-    output's in the K loop (``bench/kernel_report.py`` checks every config offline)."""
+    when dX draws a mask, 3 stages when the forward reads the dropped rows' xa): the (BLOCK_M,
+    R_PAD) accumulator of U·P_k sits beside the output's in the K loop (``bench/kernel_report.py``
+    checks every config offline)."""
     u = named_args.get("u_ptr")
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
     if isinstance(u, torch.Tensor) and u.element_size() == 4 and r_pad >= 64:
         warps = 8 if named_args.get("DROPOUT_C", False) else 4  # the mask drawn beside both accumulators
+        stages = 3 if named_args.get("DROPOUT_UP", False) else 4  # the table's pointers beside the xa branch
         narrow = [
-            c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_K"] == 32 and c.num_warps == warps
+            c
+            for c in configs
+            if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == (64, 32, warps, stages)
         ]
         if narrow:
             return narrow
@@ -113,7 +118,8 @@ def multi_lora_matmul_kernel(
     c_ptr, num_blocks, N, K, R, seed,
     stride_um, stride_uk, stride_vk, stride_vn, stride_upm, stride_upr, stride_cm, stride_cn, stride_bias,
     stride_scale, stride_dropout, M_BUCKET,
-    P_COL: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_C: tl.constexpr, DROPOUT_UP: tl.constexpr,
+    P_COL: tl.constexpr, Q_COL: tl.constexpr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr,
+    EQUAL_RANKS: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_C: tl.constexpr, DROPOUT_UP: tl.constexpr,
     DROPOUT_C: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -131,19 +137,21 @@ def multi_lora_matmul_kernel(
     offs_r = tl.arange(0, R_PAD)
     m_mask = rows >= 0
     n_mask = offs_n < N
-    lora = tl.maximum(adapter, 0).to(tl.int64)
+    lora = tl.maximum(adapter, 0)  # int32: it only indexes K-long tables
     # adapter k's own P_k and Q_k, through the factor table (multi_factors): pointer, stride over r, over features
-    entry = table_ptr + lora * _TABLE_WIDTH
-    factor_ty = tl.pointer_type(factor_ptr.dtype.element_ty)
-    p_base = tl.load(entry + P_COL).to(factor_ty)
-    stride_pr = tl.load(entry + P_COL + 1)
-    stride_pk = tl.load(entry + P_COL + 2)
-    r_mask = offs_r < tl.load(entry + _RANK_COL)  # ranks r_k..R-1 read as zeros
-    up_mask = m_mask[:, None] & (offs_r < R)[None, :]
+    # the adapter's rank: R itself where every r_k = R, else read (ranks r_k..R-1 then read rank r_k − 1, so no
+    # rank mask is kept live in the K loop; their U·P_k is zeroed after it)
+    rank = R if EQUAL_RANKS else tl.load(table_ptr + lora * _TABLE_WIDTH + _RANK_COL).to(tl.int32)
+    # A's in_features: K where A is P (forward), N where A is Q (dX)
+    p_base, stride_pr, stride_pk = factor_pointer(table_ptr, lora, P_COL, factor_ptr, K, rank, UNIT_STRIDE, ALIGNED)
+    r_mask = offs_r < R
+    if EQUAL_RANKS:
+        p_ptrs = p_base + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
+    else:
+        p_ptrs = p_base + offs_k[:, None] * stride_pk + tl.minimum(offs_r, rank - 1)[None, :] * stride_pr
 
     u_ptrs = u_ptr + rows[:, None] * stride_um + offs_k[None, :] * stride_uk
     v_ptrs = v_ptr + offs_k[:, None] * stride_vk + offs_n[None, :] * stride_vn
-    p_ptrs = p_base + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
     # U·P_k is computed here, except under DROPOUT_UP for adapters with p_k > 0: their UP is given.
     lora_here = adapter >= 0
     if DROPOUT_UP:
@@ -161,9 +169,13 @@ def multi_lora_matmul_kernel(
     else:  # base rows, UP only: zeros
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if not EQUAL_RANKS:
+        r_mask = offs_r < rank
+        up_acc = tl.where(r_mask[None, :], up_acc, 0.0)
 
     up = up_acc.to(up_ptr.dtype.element_ty)
     up_ptrs = up_ptr + rows[:, None] * stride_upm + offs_r[None, :] * stride_upr
+    up_mask = m_mask[:, None] & (offs_r < R)[None, :]
     if DROPOUT_UP:
         if lora_here | (adapter < 0):
             if pid_n == 0:
@@ -174,10 +186,12 @@ def multi_lora_matmul_kernel(
         tl.store(up_ptrs, up, mask=up_mask)
     if WRITE_C:
         if adapter >= 0:
-            q_entry = entry + (3 - P_COL)  # Q is the other factor
-            q_base = tl.load(q_entry).to(factor_ty)
+            # Q_k: the other factor
+            q_base, stride_qr, stride_qn = factor_pointer(
+                table_ptr, lora, Q_COL, factor_ptr, N, rank, UNIT_STRIDE, ALIGNED
+            )
             q = tl.load(
-                q_base + offs_r[:, None] * tl.load(q_entry + 1) + offs_n[None, :] * tl.load(q_entry + 2),
+                q_base + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
                 mask=r_mask[:, None] & n_mask[None, :],
                 other=0.0,
             ).to(up.dtype)
@@ -258,7 +272,9 @@ def multi_lora_matmul(
         *u.stride(), *v.stride(), *up.stride(), *out.stride(),
         bias.stride(0) if bias is not None else 0, scalings.stride(0), dropout.stride(0) if has_dropout else 0,
         token_bucket(M),
-        p_col, bias is not None, write_c, has_dropout and dropout_up, has_dropout and write_c and not dropout_up,
+        p_col, B_COL if p_col == A_COL else A_COL, factors.unit_stride, factors.aligned, factors.equal_ranks,
+        bias is not None, write_c,
+        has_dropout and dropout_up, has_dropout and write_c and not dropout_up,
         rank_block(R), dot_precision(u.dtype),
     )  # fmt: skip
     launch(multi_lora_matmul_kernel, multi_lora_matmul_tuned, grid, args, config)
