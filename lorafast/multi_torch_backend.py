@@ -28,6 +28,8 @@ def _call_stack(lora_A, lora_B, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     if isinstance(lora_A, torch.Tensor):
         return lora_A, lora_B
     rank = max(a.shape[0] for a in lora_A)
+    if all(a.shape[0] == rank for a in lora_A):
+        return torch.stack([a.to(dtype) for a in lora_A]), torch.stack([b.to(dtype) for b in lora_B])
     stacked_a = torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a in lora_A])
     stacked_b = torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for b in lora_B])
     return stacked_a, stacked_b
