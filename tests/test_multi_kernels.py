@@ -572,7 +572,8 @@ def test_mixed_autotuners_key_on_the_token_bucket(tuned):
 def test_mixed_kernels_take_small_fp32_tiles():
     fp32, bf16 = torch.empty(0), torch.empty(0, dtype=torch.bfloat16)
     gemm = multi_lora_matmul_tuned.early_config_prune
-    for flags, warps, stages in (({}, 4, 4), ({"DROPOUT_C": True}, 8, 4), ({"DROPOUT_UP": True}, 4, 3)):
+    cases = (({}, 4, 4), ({"DROPOUT_C": True}, 8, 4), ({"DROPOUT_UP": True}, 4, 3), ({"EQUAL_RANKS": False}, 4, 3))
+    for flags, warps, stages in cases:
         kept = gemm(GEMM_CONFIGS, {"u_ptr": fp32, "R_PAD": 64, **flags})
         assert kept and all(c.kwargs["BLOCK_N"] <= 64 and (c.num_warps, c.num_stages) == (warps, stages) for c in kept)
     assert any(c.kwargs["BLOCK_N"] == 128 for c in gemm(GEMM_CONFIGS, {"u_ptr": bf16, "R_PAD": 64}))

@@ -57,9 +57,9 @@ def _configs() -> list[triton.Config]:
     fits the 227 KiB of shared memory of an H100/H200 up to rank 256 (the wider tiles' do not).
     """
     configs = {}
-    # + 64×64 tiles for 4-byte inputs from rank 64 (see _prune): 8 warps (the dX mask), 3 stages (the forward's xa)
+    # + 64×64 tiles for 4-byte inputs from rank 64 (see _prune): 8 warps (the dX mask), 3 stages
     tile = {"BLOCK_M": BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
-    extra = [triton.Config(tile, num_stages=4, num_warps=8), triton.Config(tile, num_stages=3, num_warps=4)]
+    extra = [triton.Config(tile, num_stages=s, num_warps=w) for s in (3, 4) for w in (4, 8)]
     for c in [*gemm_configs(), *extra]:
         kwargs = {**c.kwargs, "BLOCK_M": BLOCK_M}
         key = (tuple(sorted(kwargs.items())), c.num_warps, c.num_stages)
@@ -69,14 +69,15 @@ def _configs() -> list[triton.Config]:
 
 def _prune(configs, named_args, **kwargs):
     """``prune_for_rank``, and from rank 64 with 4-byte inputs 64×64×32 tiles only (8 warps
-    when dX draws a mask, 3 stages when the forward reads the dropped rows' xa): the (BLOCK_M,
-    R_PAD) accumulator of U·P_k sits beside the output's in the K loop (``bench/kernel_report.py``
-    checks every config offline)."""
+    when dX draws a mask, 3 stages when the forward reads the dropped rows' xa or the adapters'
+    ranks differ): the (BLOCK_M, R_PAD) accumulator of U·P_k sits beside the output's in the K
+    loop (``bench/kernel_report.py`` checks every config offline)."""
     u = named_args.get("u_ptr")
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
     if isinstance(u, torch.Tensor) and u.element_size() == 4 and r_pad >= 64:
         warps = 8 if named_args.get("DROPOUT_C", False) else 4  # the mask drawn beside both accumulators
-        stages = 3 if named_args.get("DROPOUT_UP", False) else 4  # the table's pointers beside the xa branch
+        # the factor table's values beside the xa branch, or the adapter's own rank
+        stages = 3 if named_args.get("DROPOUT_UP", False) or not named_args.get("EQUAL_RANKS", True) else 4
         narrow = [
             c
             for c in configs
