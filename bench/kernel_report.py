@@ -284,7 +284,20 @@ def _multi_adapter_cases(dtype, r) -> dict[str, Callable[[], object]]:
             x, g, scalings, ids, transpose=True, dropout=dropout, seed=7
         ),
         "multi dB": lambda: kernels.multi_lora_weight_grad(dy, g, scalings, ids),
+        # each adapter's own factors, of unequal ranks (as a MultiLoRALinear holds them): forward and backward
+        "multi fwd+bwd, mixed ranks": lambda: _mixed_ranks_step(x, dy, w, bias, r, scalings, dropout, ids),
     }
+
+
+def _mixed_ranks_step(x, dy, w, bias, r, scalings, dropout, ids):
+    """The library's mixed-adapter forward and backward over separate factors of ranks r, r/2, r, r/4."""
+    from lorafast.kernels import multi_lora_linear
+
+    ranks = [r, max(1, r // 2), r, max(1, r // 4)]
+    lora_A = [torch.empty(k, IN_FEATURES, dtype=x.dtype) for k in ranks]
+    lora_B = [torch.empty(OUT_FEATURES, k, dtype=x.dtype) for k in ranks]
+    _, xa = multi_lora_linear.forward(x, w, bias, lora_A, lora_B, scalings, ids, dropout, 7)
+    multi_lora_linear.backward(dy, x, xa, w, lora_A, lora_B, scalings, ids, (True, True, True), dropout, 7)
 
 
 @dataclasses.dataclass(frozen=True)

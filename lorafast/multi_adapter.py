@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .model import DEFAULT_TARGETS, _replace, lora_layers, multi_lora_layers, select_targets
+from .layer import default_adapter_dtype
+from .model import DEFAULT_TARGETS, _replace, _single_adapter_bases, lora_layers, multi_lora_layers, select_targets
 from .multi_layer import MultiLoRALinear
 from .row_adapters import RowAdapters, scoped_row_adapters
 
@@ -35,13 +36,16 @@ def add_adapter(
     r: int = 8,
     alpha: float = 16,
     dropout: float = 0.0,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Add a named LoRA adapter (its own r, alpha, dropout) to ``model`` in place; returns ``model``.
 
-    The first one turns the targeted ``nn.Linear`` modules (``target_modules`` as in ``apply_lora``) into
-    MultiLoRALinear (sharing their weights), freezes every other parameter and becomes active; later ones must
-    target the same modules. All factors train, so several adapters can train in one mixed batch. ValueError
-    on ``apply_lora`` layers, an existing name, or targets that match nothing, are not linear, or differ.
+    The first one turns the targeted ``nn.Linear`` and GPT-2 ``Conv1D`` modules (``target_modules`` as in
+    ``apply_lora``) into MultiLoRALinear (sharing their weights), freezes every other parameter and becomes active;
+    later ones must target the same modules. ``adapter_dtype`` as in ``apply_lora`` (None: fp32 factors on an
+    fp16/bf16 model). All factors train, so several adapters can train in one mixed batch. ValueError on
+    ``apply_lora`` layers, an existing name, a bad adapter_dtype, or targets that match nothing, are not linear, or
+    differ.
     """
     if next(lora_layers(model), None) is not None:
         raise ValueError(
@@ -49,7 +53,8 @@ def add_adapter(
             "call remove_lora() or merge_lora() first"
         )
     layers = dict(multi_lora_layers(model))
-    matched = select_targets(model, target_modules, allowed=(nn.Linear, MultiLoRALinear))
+    matched = select_targets(model, target_modules, allowed=(*_single_adapter_bases(), MultiLoRALinear))
+    default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
     if layers and set(matched) != set(layers):
         raise ValueError(
             f"adapter {name!r} targets different modules than the model's other adapters "
@@ -65,7 +70,7 @@ def add_adapter(
     if name in first.adapter_names:
         raise ValueError(f"the model already has an adapter named {name!r}; remove_adapter() it first")
     for layer in layers.values():
-        layer.add_adapter(name, r=r, alpha=alpha, dropout=dropout)
+        layer.add_adapter(name, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
     for module_name, layer in layers.items():
         if matched[module_name] is not layer:
             _replace(model, module_name, layer)

@@ -1,5 +1,6 @@
-"""The mixed-adapter LoRA linear ``y_i = x_i·W0ᵀ + b + s_k·(drop_k(x_i)·A_kᵀ)·B_kᵀ`` (k: row i's adapter out of K
-stacked ones, −1: the base layer only) as an autograd Function, and its entry point ``multi_lora_linear``.
+"""The mixed-adapter LoRA linear ``y_i = x_i·W0ᵀ + b + s_k·(drop_k(x_i)·A_kᵀ)·B_kᵀ`` (k: row i's adapter out of K,
+−1: the base layer only) as an autograd Function over each adapter's own factors, and its entry points
+``multi_lora_linear`` (adapters stacked) and ``apply_multi_lora`` (the adapters' own Parameters, read in place).
 
 Requests for different tasks share one batch, in inference and in training: backward gives every adapter exactly
 the gradient its own rows would give it alone. Kept for backward: x itself, ``xa`` ``(n, R)``, the row ids and the
@@ -19,33 +20,40 @@ MAX_STACKED_RANK = 256
 
 
 class MultiLoRALinearFunction(torch.autograd.Function):
-    """Gradients for x and the stacked A and B only. x ``(..., in)``, weight ``(out, in)``, bias ``(out,)``/None,
-    lora_A ``(K, R, in)``, lora_B ``(K, out, R)``, scalings ``(K,)`` float32, row_adapter ``(n,)`` int64 (n rows of
-    x), dropout ``(K,)`` float32 or None, seed, backend, and for Triton optionally the batch's row tables
-    (``kernels.batch_segments``) that forward and backward share; unchecked (see multi_lora_linear)."""
+    """Gradients for x and each adapter's own A and B only. x ``(..., in)``, weight ``(out, in)``, bias
+    ``(out,)``/None, scalings ``(K,)``, row_adapter ``(n,)`` int64 (n rows of x), dropout ``(K,)`` float32 or None,
+    seed, backend, for Triton optionally the batch's row tables (``kernels.batch_segments``) that forward and
+    backward share, then the K A's ``(r_k, in)`` and the K B's ``(out, r_k)`` themselves (read in place by each
+    call, forward and backward: no copy is kept); unchecked (see multi_lora_linear)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, backend, segments=None):
+    def forward(ctx, x, weight, bias, scalings, row_adapter, dropout, seed, backend, segments, *factors):
+        num_adapters = len(factors) // 2
         tables = {} if segments is None else {"segments": segments}
         y, xa = implementation(backend, mixed=True)[0](
-            x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=dropout, seed=seed,
-            **tables,
+            x.reshape(-1, x.shape[-1]), weight, bias, factors[:num_adapters], factors[num_adapters:], scalings,
+            row_adapter, dropout=dropout, seed=seed, **tables,
         )  # fmt: skip
-        ctx.save_for_backward(x, xa, weight, lora_A, lora_B, scalings, row_adapter, dropout)
-        ctx.backend, ctx.seed, ctx.tables = backend, seed, tables
+        ctx.save_for_backward(x, xa, weight, scalings, row_adapter, dropout, *factors)
+        ctx.backend, ctx.seed, ctx.tables, ctx.num_adapters = backend, seed, tables, num_adapters
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, xa, weight, lora_A, lora_B, scalings, row_adapter, dropout = ctx.saved_tensors
+        x, xa, weight, scalings, row_adapter, dropout, *factors = ctx.saved_tensors
+        k = ctx.num_adapters
         needs = ctx.needs_input_grad
+        needs_a, needs_b = needs[9 : 9 + k], needs[9 + k :]
         grad_x, grad_a, grad_b = implementation(ctx.backend, mixed=True)[1](
-            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), xa, weight, lora_A, lora_B, scalings,
-            row_adapter, (needs[0], needs[3], needs[4]), dropout=dropout, seed=ctx.seed, **ctx.tables,
+            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), xa, weight, factors[:k], factors[k:],
+            scalings, row_adapter, (needs[0], any(needs_a), any(needs_b)), dropout=dropout, seed=ctx.seed,
+            **ctx.tables,
         )  # fmt: skip
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None
+        grad_a = [g if need else None for g, need in zip(grad_a or [None] * k, needs_a)]
+        grad_b = [g if need else None for g, need in zip(grad_b or [None] * k, needs_b)]
+        return grad_x, *([None] * 8), *grad_a, *grad_b
 
 
 def row_adapter_ids(adapter_ids: torch.Tensor, x_shape: Sequence[int], num_adapters: int | None = None) -> torch.Tensor:
@@ -140,21 +148,33 @@ def host_values_on(values: Sequence[float], dtype: torch.dtype, device) -> torch
 
 
 def apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=None, row_tables=None):
-    """:func:`multi_lora_linear` with scalings ``(K,)`` tensor, row_adapter ``(n,)`` int64 and dropout ``(K,)``
-    float32 or None already made (shapes checked here). ``row_tables``: a ``RowAdapters`` whose cache keeps the
-    Triton kernels' row tables of this batch for every layer that sees the same rows (None: built per call)."""
+    """The mixed-adapter LoRA linear for the K adapters' own factors: lora_A K ``(r_k, in)``, lora_B K
+    ``(out, r_k)`` (one floating dtype, which may differ from x's: fp32 factors on a half-precision base), read in
+    place by every call. scalings ``(K,)`` tensor, row_adapter ``(n,)`` int64 and dropout ``(K,)`` float32 or None
+    already made (shapes checked here). ``row_tables``: a ``RowAdapters`` whose cache keeps the Triton kernels' row
+    tables of this batch for every layer that sees the same rows (None: built per call)."""
+    lora_A, lora_B = list(lora_A), list(lora_B)
 
-    def check(*tensors):
-        check_multi_lora_shapes(*tensors)
+    def check(x, weight, bias, lora_A, lora_B):
+        check_base_inputs({"x": x, "weight": weight}, x, weight, bias)
+        check_same_dtype_and_device({"weight": weight} | ({} if bias is None else {"bias": bias}), x)
+        check_factors(lora_A, lora_B, weight.shape[1], weight.shape[0], x.device)
+        if max(a.shape[0] for a in lora_A) > MAX_STACKED_RANK:
+            raise ValueError(f"the largest adapter rank must be at most {MAX_STACKED_RANK}")
         return dropout is not None, (scalings, row_adapter, dropout)
 
     return front_door(x, weight, bias, lora_A, lora_B, check, lambda *args: _run(*args, row_tables=row_tables))
 
 
 def _run(tensors, checked, backend, seed, row_tables=None):
+    x, weight, bias, lora_A, lora_B = tensors
+    if isinstance(lora_A, torch.Tensor):  # stacked (multi_lora_linear): each adapter's block, a view
+        lora_A, lora_B = lora_A.unbind(0), lora_B.unbind(0)
     scalings, row_adapter, dropout = checked
-    segments = _row_segments(row_adapter, tensors[3].shape[0], row_tables) if backend == "triton" else None
-    return MultiLoRALinearFunction.apply(*tensors, scalings, row_adapter, dropout, seed, backend, segments)
+    segments = _row_segments(row_adapter, len(lora_A), row_tables) if backend == "triton" else None
+    return MultiLoRALinearFunction.apply(
+        x, weight, bias, scalings, row_adapter, dropout, seed, backend, segments, *lora_A, *lora_B
+    )
 
 
 def _row_segments(row_adapter: torch.Tensor, num_adapters: int, row_tables):
@@ -213,3 +233,27 @@ def check_multi_lora_inputs(x, weight, bias, lora_A, lora_B, scalings) -> torch.
     for value in values:
         check_scaling(value)
     return host_values_on(values, dtype, x.device)
+
+
+def check_factors(
+    lora_A: Sequence[torch.Tensor], lora_B: Sequence[torch.Tensor], in_features: int, out_features: int, device
+) -> None:
+    """ValueError unless K >= 1 A's ``(r_k, in)`` and B's ``(out, r_k)``, one floating dtype, on ``device``."""
+    if len(lora_A) != len(lora_B) or not lora_A:
+        raise ValueError(f"need as many A's as B's, at least one: got {len(lora_A)} and {len(lora_B)}")
+    dtype = lora_A[0].dtype
+    for k, (a, b) in enumerate(zip(lora_A, lora_B)):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            raise ValueError(f"adapter {k}'s factors must be tensors, got {type(a).__name__}, {type(b).__name__}")
+        if a.dim() != 2 or a.shape[1] != in_features or b.dim() != 2 or tuple(b.shape) != (out_features, a.shape[0]):
+            raise ValueError(
+                f"adapter {k}: A must be (r, in_features={in_features}) and B (out_features={out_features}, r), "
+                f"got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        if a.dtype != dtype or b.dtype != dtype or not dtype.is_floating_point:
+            raise ValueError(
+                f"the adapters of a mixed batch must share one floating dtype: adapter 0 is {dtype}, adapter {k} has "
+                f"{a.dtype} and {b.dtype}"
+            )
+        if a.device != device or b.device != device:
+            raise ValueError(f"device mismatch: x is on {device} but adapter {k}'s factors are on {a.device}")

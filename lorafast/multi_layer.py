@@ -1,8 +1,8 @@
 """``MultiLoRALinear``: an ``nn.Linear`` with several named LoRA adapters, one per row if asked.
 
 It runs in one of three ways: rows with adapter ids (``lorafast.adapter_ids``, whose ids belong to the call, or
-:meth:`set_row_adapters`) each use their adapter in one mixed batch (:func:`lorafast.multi_lora_linear`, the
-adapters stacked and zero-padded to the largest rank, kept until one changes); otherwise the active adapter
+:meth:`set_row_adapters`) each use their adapter in one mixed batch (``multi_function.apply_multi_lora`` on the
+adapters' own Parameters, read in place by every call: any write to a factor is seen); otherwise the active adapter
 (:meth:`set_adapter`) runs as :class:`FusedLoRALinear` would; with none active, the plain base layer.
 """
 
@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import LoRALayer, adopt_frozen_base
+from .layer import LoRALayer, _adopt_conv1d, adopt_frozen_base, default_adapter_dtype, is_conv1d
 from .multi_function import apply_multi_lora, dropout_tensor, host_values_on, scalings_dtype
-from .multi_stack import StackedFactorsCache
 from .row_adapters import RowAdapters, active_row_adapters
 from .validation import autocast_dtype, check_dropout, check_rank, check_scaling
 
@@ -36,21 +35,27 @@ class MultiLoRALinear(LoRALayer):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> MultiLoRALinear:
-        """Wrap ``linear`` with no adapter yet: its weight and bias Parameters are reused and frozen; a bitsandbytes
+        """Wrap ``linear`` (an ``nn.Linear`` or GPT-2's ``Conv1D``, kept in its ``(in, out)`` layout and read
+        transposed) with no adapter yet: its weight and bias Parameters are reused and frozen; a bitsandbytes
         ``Linear4bit``/``Linear8bitLt`` gives a :class:`lorafast.quantized.QuantizedMultiLoRALinear`."""
         from .quantized import QuantizedMultiLoRALinear, is_quantized_linear  # QLoRA bases
 
         if is_quantized_linear(linear) and cls is MultiLoRALinear:
             return QuantizedMultiLoRALinear.from_linear(linear)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
+            raise ValueError(
+                f"from_linear expects an nn.Linear, got {type(linear).__name__} (transformers' Conv1D works too)"
+            )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_from(linear)
         return layer
 
     def _init_from(self, linear: nn.Linear) -> None:
-        adopt_frozen_base(self, linear)
+        if is_conv1d(linear):
+            _adopt_conv1d(self, linear)
+        else:
+            adopt_frozen_base(self, linear)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.alphas: dict[str, float] = {}
@@ -59,7 +64,6 @@ class MultiLoRALinear(LoRALayer):
         self.row_adapters: torch.Tensor | None = None  # set_row_adapters's ids, None when not set
         self._layer_row_adapters: RowAdapters | None = None
         self._values_cache: tuple | None = None  # (key, (scalings, dropout)) of _adapter_values
-        self._stacked_cache = StackedFactorsCache()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -75,8 +79,12 @@ class MultiLoRALinear(LoRALayer):
         self._check_name(name)
         return self.alphas[name] / self.lora_A[name].shape[0]
 
-    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> None:
-        """Add adapter ``name``: A Kaiming-uniform, B zeros (so it starts as the base layer)."""
+    def add_adapter(
+        self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, adapter_dtype: torch.dtype | None = None
+    ) -> None:
+        """Add adapter ``name``: A Kaiming-uniform, B zeros (so it starts as the base layer). ``adapter_dtype`` as in
+        ``FusedLoRALinear`` (None: fp32 on an fp16/bf16 weight, else the weight's); a layer's adapters share one
+        dtype in a mixed batch."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
@@ -84,7 +92,7 @@ class MultiLoRALinear(LoRALayer):
         check_rank(r, self.in_features, self.out_features)
         check_scaling(alpha)
         check_dropout(dropout)
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory = {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
         lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         self.lora_A[name] = lora_A
@@ -120,16 +128,6 @@ class MultiLoRALinear(LoRALayer):
         if name not in self.lora_A:
             raise ValueError(f"no adapter named {name!r}; this layer has {self.adapter_names}")
 
-    def stacked_adapters(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-        """``(A (K, R, in), B (K, out, R), scalings)`` in ``dtype`` (None: the adapters'), zero-padded to rank R;
-        rebuilt only when an adapter changes (``lorafast.multi_stack``); gradients reach the adapters' Parameters."""
-        names = self.adapter_names
-        lora_A = [self.lora_A[n] for n in names]
-        lora_A_stacked, lora_B_stacked = self._stacked_cache.get(
-            lora_A, [self.lora_B[n] for n in names], dtype or lora_A[0].dtype
-        )
-        return lora_A_stacked, lora_B_stacked, [self.scaling(n) for n in names]
-
     def factors(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
         self._check_name(name)
         lora_A = self.lora_A[name]
@@ -148,20 +146,22 @@ class MultiLoRALinear(LoRALayer):
         if row_adapters is not None:
             return self._mixed_forward(x, row_adapters)
         if self.active_adapter is None:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.base_weight(), self.bias)
         return self._adapter_forward(x, self.active_adapter)
 
     def _mixed_forward(self, x: torch.Tensor, row_adapters: RowAdapters) -> torch.Tensor:
         row_adapters.check_adapters(self.adapter_names)
         rows = row_adapters.rows(x.shape, x.device)
         if not self.lora_A:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.base_weight(), self.bias)
         cast = autocast_dtype(x)
-        # under autocast, stacked (and kept) in the autocast dtype: no cast of the factors per call
-        lora_A, lora_B, _ = self.stacked_adapters(cast)
+        names = self.adapter_names
+        lora_A, lora_B = [self.lora_A[n] for n in names], [self.lora_B[n] for n in names]
         scalings, dropout = self._adapter_values(x.device, scalings_dtype(x.dtype if cast is None else cast))
         dropout = dropout if self.training else None
-        return apply_multi_lora(x, self.weight, self.bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
+        # the Parameters themselves: every call reads their current storage, nothing is kept that could go stale
+        weight = self.base_weight()
+        return apply_multi_lora(x, weight, self.bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
 
     def _adapter_values(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(scalings (K,), dropout (K,) float32 or None)`` on ``device``, rebuilt when adapters change, not per call
@@ -177,7 +177,8 @@ class MultiLoRALinear(LoRALayer):
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={a.shape[0]}, alpha={self.alphas[n]})" for n, a in self.lora_A.items())
+        layout = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"adapters=[{adapters}], active={self.active_adapter!r}"
+            f"adapters=[{adapters}], active={self.active_adapter!r}{layout}"
         )

@@ -329,11 +329,14 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
     base_weight = QuantizedLoRALinear.base_weight
     _in_weight_layout = QuantizedLoRALinear._in_weight_layout
 
-    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> None:
-        """Add adapter ``name`` as ``MultiLoRALinear.add_adapter`` does, its factors in fp32."""
+    def add_adapter(
+        self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, adapter_dtype: torch.dtype | None = None
+    ) -> None:
+        """Add adapter ``name`` as ``MultiLoRALinear.add_adapter`` does, its factors in ``adapter_dtype`` (fp32 by
+        default)."""
         self._factor_like = torch.empty(0, device=self.base_layer.weight.device)  # what `weight` shows meanwhile
         try:
-            super().add_adapter(name, r=r, alpha=alpha, dropout=dropout)
+            super().add_adapter(name, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
         finally:
             del self._factor_like
 

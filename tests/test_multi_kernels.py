@@ -314,6 +314,30 @@ def test_only_the_gradients_asked_for(needs_grad):
     assert kernels.multi_lora_backward(gy, x, xa, w, a, bb, s, row_adapter, (False,) * 3) == (None, None, None)
 
 
+@pytest.mark.parametrize("dropout", [None, torch.tensor([0.1, 0.0, 0.3])], ids=["no_dropout", "dropout"])
+def test_each_adapters_own_factors_read_in_place(dropout):
+    """The library's entries take K separate A_k ``(r_k, in)`` and B_k ``(out, r_k)`` of their own ranks and strides
+    (no padded stack) and return each adapter's own gradients."""
+    x, w, b, a, bb, s, row_adapter, gy = _case(3, (3, 8, 5))
+    row_adapter = make_ids(37, 4, "mixed")  # every adapter has rows
+    ranks = (3, 8, 5)
+    lora_A = [a[k, :r].clone() for k, r in enumerate(ranks)]
+    lora_B = [bb[k, :, :r].t().contiguous().t() for k, r in enumerate(ranks)]  # column-major B's
+    lora_A[1] = lora_A[1].t().contiguous().t()  # and one column-major A
+    seed = 77 if dropout is None else SEED
+    y, xa = kernels.multi_lora_linear.forward(x, w, b, lora_A, lora_B, s, row_adapter, dropout, seed)
+    dx, da, db = kernels.multi_lora_linear.backward(
+        gy, x, xa, w, lora_A, lora_B, s, row_adapter, ALL_GRADS, dropout, seed
+    )
+    y_ref, xa_ref, dx_ref, da_ref, db_ref = reference(x, w, b, a, bb, s, row_adapter, gy, dropout, seed)
+    for actual, expected in ((y, y_ref), (xa, xa_ref), (dx, dx_ref)):
+        _close(actual, expected)
+    for k, r in enumerate(ranks):
+        assert da[k].shape == (r, 70) and db[k].shape == (50, r)
+        _close(da[k], da_ref[k, :r])
+        _close(db[k], db_ref[k, :, :r])
+
+
 @pytest.mark.parametrize("R", [1, 256])
 def test_rank_extremes(R):
     x, w, b, a, bb, s, row_adapter, gy = _case(2, (R, max(1, R // 3)), n=20, in_f=40, out_f=30)
@@ -548,9 +572,10 @@ def test_mixed_autotuners_key_on_the_token_bucket(tuned):
 def test_mixed_kernels_take_small_fp32_tiles():
     fp32, bf16 = torch.empty(0), torch.empty(0, dtype=torch.bfloat16)
     gemm = multi_lora_matmul_tuned.early_config_prune
-    for dropout_c, warps in ((False, 4), (True, 8)):
-        kept = gemm(GEMM_CONFIGS, {"u_ptr": fp32, "R_PAD": 64, "DROPOUT_C": dropout_c})
-        assert kept and all(c.kwargs["BLOCK_N"] <= 64 and c.num_warps == warps for c in kept)
+    cases = (({}, 4, 4), ({"DROPOUT_C": True}, 8, 4), ({"DROPOUT_UP": True}, 4, 3), ({"EQUAL_RANKS": False}, 4, 3))
+    for flags, warps, stages in cases:
+        kept = gemm(GEMM_CONFIGS, {"u_ptr": fp32, "R_PAD": 64, **flags})
+        assert kept and all(c.kwargs["BLOCK_N"] <= 64 and (c.num_warps, c.num_stages) == (warps, stages) for c in kept)
     assert any(c.kwargs["BLOCK_N"] == 128 for c in gemm(GEMM_CONFIGS, {"u_ptr": bf16, "R_PAD": 64}))
     for tuned, pointer, width in (
         (multi_dropout_xa_tuned, "x_ptr", "BLOCK_K"),

@@ -13,7 +13,6 @@ import torch
 
 import lorafast
 import lorafast.kernels
-from conftest import reference_lora
 from lorafast import adapter_ids, add_adapter, multi_lora_layers
 from lorafast import kernels as kernel_modules
 from lorafast.multi_function import row_adapter_ids
@@ -121,56 +120,3 @@ def test_row_tables_are_built_once_per_batch_and_row_count_shared_by_layers_and_
     with adapter_ids(model, ["b", None, "a"]):  # a new block: new tables
         model(torch.randn(3, 5, 24)).sum().backward()
     assert builds == [15, 6, 15]
-
-
-def _layer_reference(layer, x, ids):
-    """Row i through adapter ids[i] from the layer's Parameters by plain autograd, −1: the base layer."""
-    names = layer.adapter_names
-    rows = []
-    for i, k in enumerate(ids):
-        name = names[k] if k >= 0 else None
-        lora = (layer.lora_A[name], layer.lora_B[name], layer.scaling(name)) if name else (None, None, 0.0)
-        if name is None:
-            rows.append(x[i] @ layer.weight.T + layer.bias)
-        else:
-            rows.append(reference_lora(x[i : i + 1], layer.weight, layer.bias, *lora)[0])
-    return torch.stack(rows)
-
-
-def test_stacked_factors_are_kept_until_an_adapter_changes(backend, monkeypatch):
-    import lorafast.multi_stack
-
-    builds = []
-    original = lorafast.multi_stack.stack_factors
-    monkeypatch.setattr(lorafast.multi_stack, "stack_factors", lambda *a: builds.append(1) or original(*a))
-    model = _model((0.0, 0.0, 0.0))
-    layer = model[0]
-    x, ids = torch.randn(5, 24), [1, -1, 0, 2, 1]
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    with adapter_ids(model, ids):
-        for _ in range(2):  # forward, backward twice (gradient accumulation): the stacks of the 2 layers once
-            model(x).square().mean().backward()
-        assert len(builds) == 2
-        optimizer.step()  # in place: the version counters move
-        torch.testing.assert_close(layer(x), _layer_reference(layer, x, ids), atol=1e-4, rtol=1e-4)
-        assert len(builds) == 3
-        state = {k: v + 0.1 for k, v in model.state_dict().items() if "lora_" in k}
-        model.load_state_dict(state, strict=False)  # copy_ into the Parameters
-        torch.testing.assert_close(layer(x), _layer_reference(layer, x, ids), atol=1e-4, rtol=1e-4)
-        layer.add_adapter("d", r=5)  # the ids still refer to a, b, c; the stack grows
-        with torch.no_grad():
-            layer.lora_B["d"].normal_()
-        torch.testing.assert_close(layer(x), _layer_reference(layer, x, ids), atol=1e-4, rtol=1e-4)
-    assert len(builds) == 5
-    assert set(model.state_dict()) >= {f"{i}.lora_{f}.{n}" for i in (0, 2) for f in "AB" for n in "abc"}
-    # the gradients of the kept stack reach each adapter's Parameters exactly
-    model.zero_grad()
-    with adapter_ids(model, [1, 1, 0, 0, 2]):
-        layer(x).square().sum().backward()
-    mixed = {n: (layer.lora_A[n].grad.clone(), layer.lora_B[n].grad.clone()) for n in "abc"}
-    for name, rows in (("a", [2, 3]), ("b", [0, 1]), ("c", [4])):
-        layer.zero_grad()
-        layer.set_adapter(name)
-        layer(x[rows]).square().sum().backward()
-        torch.testing.assert_close(mixed[name][0], layer.lora_A[name].grad, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(mixed[name][1], layer.lora_B[name].grad, atol=1e-4, rtol=1e-4)

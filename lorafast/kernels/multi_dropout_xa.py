@@ -1,7 +1,8 @@
 """Mixed-adapter LoRA down-projection with per-adapter dropout: ``xa_i = (x_i ⊙ keep_i / (1 − p_k))·A_kᵀ``.
 
-Shapes: x ``(n, in)``, stacked A ``(K, R, in)``, dropout p ``(K,)`` float32 (runtime values in [0, 1)), xa
-``(n, R)``; k = row_adapter[i], and ``xa_i = 0`` where k = −1. keep is the single-adapter mask of the same element
+Shapes: x ``(n, in)``, per adapter A_k ``(r_k, in)`` read in place through the factor table of ``multi_factors``,
+dropout p ``(K,)`` float32 (runtime values in [0, 1)), xa ``(n, R)`` (R the largest rank, zeros past r_k); k =
+row_adapter[i], and ``xa_i = 0`` where k = −1. keep is the single-adapter mask of the same element
 for adapter k's p (i the row's index in x): ``keep_i == dropout_keep_mask(seed, (n, in), p_k)[i]``.
 
 One program per row block of the ``adapter_segments`` table (``BLOCK_M`` rows of one adapter) walks ``in`` once:
@@ -37,8 +38,12 @@ from .launch import (
     rank_block,
     token_bucket,
 )
+from .multi_factors import A_COL, RANK_COL, TABLE_WIDTH, AdapterFactors, adapter_factors, factor_pointer
 
 _UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
+_TABLE_WIDTH = tl.constexpr(TABLE_WIDTH)
+_A_COL = tl.constexpr(A_COL)
+_RANK_COL = tl.constexpr(RANK_COL)
 
 
 def _configs() -> list[triton.Config]:
@@ -51,10 +56,11 @@ def _configs() -> list[triton.Config]:
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def multi_dropout_xa_kernel(
-    x_ptr, a_ptr, dropout_ptr, block_adapter_ptr, block_rows_ptr, xa_ptr,
+    x_ptr, table_ptr, factor_ptr, dropout_ptr, block_adapter_ptr, block_rows_ptr, xa_ptr,
     K, R, seed,
-    stride_xm, stride_xk, stride_aa, stride_ar, stride_ak, stride_dropout, stride_xam, stride_xar, M_BUCKET,
-    DROPPED_ONLY: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_xm, stride_xk, stride_dropout, stride_xam, stride_xar, M_BUCKET,
+    DROPPED_ONLY: tl.constexpr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -71,23 +77,28 @@ def multi_dropout_xa_kernel(
     mask_rows = tl.maximum(rows, 0)  # padding slots (−1) draw for row 0, never stored
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
-    r_mask = offs_r < R
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     if adapter >= 0:
         keep_scale = 1.0 / (1.0 - p)
         x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        at_ptrs = a_ptr + lora * stride_aa + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+        # A_k's pointer, strides and rank (multi_factors)
+        rank = tl.load(table_ptr + lora * _TABLE_WIDTH + _RANK_COL).to(tl.int32)
+        a_base, stride_ar, stride_ak = factor_pointer(
+            table_ptr, lora, _A_COL, factor_ptr, K, rank, UNIT_STRIDE, ALIGNED
+        )
+        at_ptrs = a_base + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+        r_mask = offs_r < rank  # ranks r_k..R-1 read as zeros
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             keep = keep_mask(seed, mask_rows, k0, BLOCK_K, p)
             dropped = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0).to(x.dtype)
-            at = tl.load(at_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            at = tl.load(at_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(dropped.dtype)
             acc = dot(dropped, at, acc, DOT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             at_ptrs += BLOCK_K * stride_ak
     xa_ptrs = xa_ptr + rows[:, None] * stride_xam + offs_r[None, :] * stride_xar
-    tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+    tl.store(xa_ptrs, acc.to(xa_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_r < R)[None, :])
 
 
 multi_dropout_xa_tuned = triton.autotune(
@@ -100,7 +111,7 @@ multi_dropout_xa_tuned = triton.autotune(
 
 def launch_multi_dropout_xa(
     x: torch.Tensor,
-    lora_A: torch.Tensor,
+    factors: AdapterFactors,
     dropout: torch.Tensor,
     seed: int,
     segments: AdapterSegments,
@@ -108,18 +119,18 @@ def launch_multi_dropout_xa(
     dropped_only: bool,
     config: triton.Config | None,
 ) -> None:
-    """Write ``drop(x)·A_kᵀ`` into ``xa`` ``(n, R)`` (checked arguments; all rows, or with
-    ``dropped_only`` only those of adapters with p_k > 0)."""
+    """Write ``drop(x)·A_kᵀ`` into ``xa`` ``(n, R)`` (checked arguments, the adapters' ``factors``; all rows, or
+    with ``dropped_only`` only those of adapters with p_k > 0)."""
     n, K = x.shape
-    R = lora_A.shape[1]
+    R = factors.rank
     if n == 0:
         return
     num_blocks = segments.num_blocks
     args = (
-        x, lora_A, dropout, segments.block_adapter, segments.block_rows, xa,
+        x, factors.table, factors.a_factors[0], dropout, segments.block_adapter, segments.block_rows, xa,
         K, R, int(seed),
-        *x.stride(), *lora_A.stride(), dropout.stride(0), *xa.stride(), token_bucket(n),
-        dropped_only, rank_block(R), dot_precision(x.dtype),
+        *x.stride(), dropout.stride(0), *xa.stride(), token_bucket(n),
+        dropped_only, factors.unit_stride, factors.aligned, rank_block(R), dot_precision(x.dtype),
     )  # fmt: skip
     launch(multi_dropout_xa_kernel, multi_dropout_xa_tuned, lambda meta: (num_blocks,), args, config)
 
@@ -150,5 +161,7 @@ def multi_dropout_xa(
         raise ValueError("dropout must be a (K,) torch.float32 tensor here, got None")
     segments = resolve_segments(segments, row_adapter, num_adapters, n, x.device, config)
     xa = torch.empty(n, R, dtype=x.dtype, device=x.device)
-    launch_multi_dropout_xa(x, lora_A, dropout, seed, segments, xa, False, config)
+    adapters = lora_A.unbind(0)
+    factors = adapter_factors(adapters, adapters)  # the B columns of the table are not read here
+    launch_multi_dropout_xa(x, factors, dropout, seed, segments, xa, False, config)
     return xa

@@ -1,7 +1,8 @@
 """The mixed-adapter LoRA linear's forward and backward composed from the Triton kernels.
 
-Same contract as ``lorafast.multi_torch_backend`` (x ``(n, in)``, lora_A ``(K, R, in)``, lora_B ``(K, out, R)``,
-scalings ``(K,)`` float32, row_adapter ``(n,)`` ids in [-1, K), dropout None or ``(K,)`` float32 p_k in [0, 1),
+Same contract as ``lorafast.multi_torch_backend`` (x ``(n, in)``, the K adapters' own A_k ``(r_k, in)`` and B_k
+``(out, r_k)`` — stacked ``(K, R, in)``/``(K, out, R)`` at the checked entries — scalings ``(K,)`` float32,
+row_adapter ``(n,)`` ids in [-1, K), dropout None or ``(K,)`` float32 p_k in [0, 1),
 seed an int or a 0-d int64 CPU tensor). With k = row_adapter[i] and keep_i adapter k's dropout mask of x's row i
 (``dropout_keep_mask(seed, (n, in), p_k)[i]``, regenerated from the seed in every kernel, never stored):
 
@@ -10,10 +11,12 @@ seed an int or a 0-d int64 CPU tensor). With k = row_adapter[i] and keep_i adapt
     dX_i = dY_i·W0 + s_k/(1 − p_k)·keep_i ⊙ ((dY_i·B_k)·A_k)
     dA_k = s_k/(1 − p_k)·Σ_{i: k_i = k} (dY_i·B_k)ᵀ·(x_i ⊙ keep_i),   dB_k = s_k·Σ_{i: k_i = k} dY_iᵀ·xa_i
 
-One launch per kernel for all adapters. Forward: under dropout ``multi_dropout_xa`` first projects the masked rows
-of the adapters with p_k > 0, then ``fused_multi_lora_forward`` (one pass over x: ``x·W0ᵀ``, the other rows'
-``x_i·A_kᵀ``, the rank-R update). Backward: ``fused_multi_lora_dx`` (one pass over dY: ``dY·W0``, ``g_i = dY_i·B_k``,
-the masked rank-R update of dX), then the per-adapter ``multi_lora_weight_grad`` reductions for dA and dB.
+One launch per kernel for all adapters, each reading the adapters' own storage through their factor table
+(``multi_factors``: pointers, strides, ranks; no stacked copy that could go stale). Forward: under dropout
+``multi_dropout_xa`` first projects the masked rows of the adapters with p_k > 0, then ``fused_multi_lora_forward``
+(one pass over x: ``x·W0ᵀ``, the other rows' ``x_i·A_kᵀ``, the rank-R update). Backward: ``fused_multi_lora_dx``
+(one pass over dY: ``dY·W0``, ``g_i = dY_i·B_k``, the masked rank-R update of dX), then the per-adapter
+``multi_lora_weight_grad`` reductions for dA and dB, written into each adapter's own place of one flat buffer per kind.
 The row tables (:func:`batch_segments`) are built once per batch by the caller and shared by forward and backward
 (built here when not given). Under torch.compile both run as the operators ``lorafast::multi_lora_forward`` and
 ``lorafast::multi_lora_backward``: no graph break at a mixed-adapter layer.
@@ -26,6 +29,7 @@ import torch
 from .adapter_segments import BLOCK_M, AdapterSegments, RowChunks, adapter_segments, resolve_segments
 from .launch import check_tensor
 from .lora_linear import host_seed, seed_tensor
+from .multi_factors import B_COL, adapter_factors, split_grads
 from .multi_lora_matmul import check_operands, multi_forward, multi_lora_matmul
 from .multi_lora_weight_grad import multi_weight_grad
 
@@ -35,10 +39,12 @@ def batch_segments(row_adapter: torch.Tensor, num_adapters: int) -> AdapterSegme
     return adapter_segments(row_adapter, num_adapters, BLOCK_M)
 
 
-# The launchers' unchecked entries: multi_lora_linear checked these inputs at its front door.
+# The launchers' unchecked entries: multi_lora_linear checked these inputs at its front door. The adapters come as
+# K A's (r_k, in) and K B's (out, r_k), read in place through their factor table; dA and dB as flat buffers.
 def _forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segments):
-    segments = segments or batch_segments(row_adapter, lora_A.shape[0])
-    return multi_forward(x, weight, bias, lora_A, lora_B, scalings, segments, None, dropout, host_seed(seed))
+    factors = adapter_factors(lora_A, lora_B)
+    segments = segments or batch_segments(row_adapter, factors.num_adapters)
+    return multi_forward(x, weight, bias, factors, scalings, segments, None, dropout, host_seed(seed))
 
 
 def _backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, needs_grad, dropout, seed, segments):
@@ -46,16 +52,17 @@ def _backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, need
     grad_x = grad_a = grad_b = None
     if not (need_dx or need_da or need_db):
         return grad_x, grad_a, grad_b
-    segments = segments or batch_segments(row_adapter, lora_A.shape[0])
-    seed = host_seed(seed)
+    factors = adapter_factors(lora_A, lora_B)
+    segments = segments or batch_segments(row_adapter, factors.num_adapters)
+    seed, ranks, dtype = host_seed(seed), factors.ranks, factors.dtype
     if need_dx or need_da:
         grad_x, g = multi_lora_matmul(
-            grad_y, weight, lora_B, lora_A, None, scalings, segments, need_dx, None, dropout, seed
+            grad_y, weight, factors, B_COL, None, scalings, segments, need_dx, None, dropout, seed
         )
         if need_da:
-            grad_a = multi_weight_grad(x, g, scalings, segments, transpose=True, dropout=dropout, seed=seed)
+            grad_a = multi_weight_grad(x, g, scalings, segments, ranks, dtype, True, dropout=dropout, seed=seed)
     if need_db:
-        grad_b = multi_weight_grad(grad_y, xa, scalings, segments)
+        grad_b = multi_weight_grad(grad_y, xa, scalings, segments, ranks, dtype)
     return grad_x, grad_a, grad_b
 
 
@@ -85,8 +92,8 @@ def _forward_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
     scalings: torch.Tensor,
     row_adapter: torch.Tensor,
     dropout: torch.Tensor | None,
@@ -101,7 +108,7 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segment_tensors, block_m, chunk_rows):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[1])
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], max(a.shape[0] for a in lora_A))
 
 
 @torch.library.custom_op("lorafast::multi_lora_backward", mutates_args=())
@@ -110,8 +117,8 @@ def _backward_op(
     x: torch.Tensor,
     xa: torch.Tensor,
     weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
+    lora_A: list[torch.Tensor],
+    lora_B: list[torch.Tensor],
     scalings: torch.Tensor,
     row_adapter: torch.Tensor,
     need_dx: bool,
@@ -134,8 +141,13 @@ def _(
     grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, need_dx, need_da, need_db, dropout, seed,
     segment_tensors, block_m, chunk_rows,
 ):  # fmt: skip
-    shapes = (x.shape, lora_A.shape, lora_B.shape)
-    return tuple(grad_y.new_empty(shape if need else (0,)) for shape, need in zip(shapes, (need_dx, need_da, need_db)))
+    total_rank = sum(a.shape[0] for a in lora_A)
+    shapes = (x.shape, (total_rank * x.shape[1],), (total_rank * grad_y.shape[1],))
+    dtypes = (grad_y.dtype, lora_A[0].dtype, lora_A[0].dtype)
+    return tuple(
+        grad_y.new_empty(shape if need else (0,), dtype=dtype)
+        for shape, dtype, need in zip(shapes, dtypes, (need_dx, need_da, need_db))
+    )
 
 
 def multi_lora_forward(
@@ -152,13 +164,14 @@ def multi_lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (n, out), xa (n, R))`` for x ``(n, in)``, checked; ``xa_i = drop(x)_i·A_kᵀ`` (zeros where k = −1).
 
+    ``lora_A`` ``(K, R, in)``, ``lora_B`` ``(K, out, R)``: K adapters stacked (each read in place, as a view);
     ``dropout``: None or ``(K,)`` float32 on x's device (p_k = 0: exactly no dropout for adapter k); ``seed``:
     ``lorafast.dropout.dropout_seed("triton")``; ``segments``: :func:`batch_segments` of row_adapter if built.
     """
     seed = host_seed(seed)
     num_adapters = check_operands(x, weight, lora_A, lora_B, scalings, row_adapter, bias, dropout, seed)
     segments = resolve_segments(segments, row_adapter, num_adapters, x.shape[0], x.device, None)
-    return forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segments)
+    return _forward(x, weight, bias, lora_A.unbind(0), lora_B.unbind(0), scalings, row_adapter, dropout, seed, segments)
 
 
 def multi_lora_backward(
@@ -182,12 +195,21 @@ def multi_lora_backward(
     check_tensor("x", x, (n, weight.shape[1]), grad_y)
     check_tensor("xa", xa, (n, lora_A.shape[1]), grad_y)
     segments = resolve_segments(segments, row_adapter, num_adapters, n, grad_y.device, None)
-    return backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, needs_grad, dropout, seed, segments)
+    grad_x, grad_a, grad_b = _backward(
+        grad_y, x, xa, weight, lora_A.unbind(0), lora_B.unbind(0), scalings, row_adapter, needs_grad, dropout, seed,
+        segments,
+    )  # fmt: skip
+    return grad_x, _view(grad_a, lora_A.shape), _view(grad_b, lora_B.shape)
+
+
+def _view(flat: torch.Tensor | None, shape) -> torch.Tensor | None:
+    return None if flat is None else flat.view(shape)
 
 
 def forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=None, seed=0, segments=None):
-    """:func:`multi_lora_forward` unchecked: the library's entry (its front door checked the inputs)."""
-    args = (x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout)
+    """The library's unchecked entry (its front door checked the inputs): ``(y (n, out), xa (n, R))`` for the K
+    adapters' own A's ``(r_k, in)`` and B's ``(out, r_k)`` (sequences; one dtype, which may differ from x's)."""
+    args = (x, weight, bias, list(lora_A), list(lora_B), scalings, row_adapter, dropout)
     if not torch.compiler.is_compiling():
         return _forward(*args, seed, segments)
     return _forward_op(*args, seed_tensor(seed), *_flatten(segments))
@@ -195,9 +217,16 @@ def forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout=None
 
 def backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, needs_grad, dropout=None, seed=0,
              segments=None):  # fmt: skip
-    """:func:`multi_lora_backward` unchecked."""
-    args = (grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter)
+    """:func:`forward`'s backward: ``(dX, [dA_k (r_k, in)], [dB_k (out, r_k)])`` (None where not needed), each
+    adapter's gradients in its factors' dtype, views of one flat buffer per kind."""
+    args = (grad_y, x, xa, weight, list(lora_A), list(lora_B), scalings, row_adapter)
     if not torch.compiler.is_compiling():
-        return _backward(*args, needs_grad, dropout, seed, segments)
-    grads = _backward_op(*args, *needs_grad, dropout, seed_tensor(seed), *_flatten(segments))
-    return tuple(g if need else None for g, need in zip(grads, needs_grad, strict=True))
+        grads = _backward(*args, needs_grad, dropout, seed, segments)
+    else:
+        grads = _backward_op(*args, *needs_grad, dropout, seed_tensor(seed), *_flatten(segments))
+        grads = tuple(g if need else None for g, need in zip(grads, needs_grad, strict=True))
+    grad_x, grad_a, grad_b = grads
+    ranks = [a.shape[0] for a in lora_A]
+    grad_a = None if grad_a is None else split_grads(grad_a, ranks, x.shape[1], transpose=True)
+    grad_b = None if grad_b is None else split_grads(grad_b, ranks, grad_y.shape[1], transpose=False)
+    return grad_x, grad_a, grad_b

@@ -1,10 +1,11 @@
 """Mixed-adapter fused LoRA matmul: ``C_i = U_i·V + b + s_k·keep_i ⊙ ((U_i·P_k)·Q_k)`` with ``k = adapter[i]``.
 
-Shapes: U ``(M, K)``, V ``(K, N)``, stacked P ``(A, K, R)`` and Q ``(A, R, N)`` for A adapters, scalings s ``(A,)``
-and dropout p ``(A,)`` float32 (runtime values, p_k in [0, 1)), b ``(N,)``, C ``(M, N)``, UP ``(M, R)`` with
-``UP_i = U_i·P_k`` (zeros where k = −1: those rows get ``U_i·V + b`` only). keep is adapter k's dropout mask of C's
-positions (``dropout_mask.keep_mask`` with p_k, row i's index in U), or all ones. Both big products of the
-mixed-adapter LoRA linear have this form, with ``drop(x)_i = x_i ⊙ keep_i / (1 − p_k)``:
+Shapes: U ``(M, K)``, V ``(K, N)``, per adapter P_k ``(K, r_k)`` and Q_k ``(r_k, N)``, read in place through the
+factor table of ``multi_factors`` (each adapter's own pointer, strides and rank; no stacked copy), scalings s ``(A,)``
+and dropout p ``(A,)`` float32 for A adapters (runtime values, p_k in [0, 1)), b ``(N,)``, C ``(M, N)``, UP ``(M, R)``
+(R the largest rank) with ``UP_i = U_i·P_k`` (zeros past r_k, and where k = −1: those rows get ``U_i·V + b`` only).
+keep is adapter k's dropout mask of C's positions (``dropout_mask.keep_mask`` with p_k, row i's index in U), or all
+ones. Both big products of the mixed-adapter LoRA linear have this form, with ``drop(x)_i = x_i ⊙ keep_i / (1 − p_k)``:
 - forward ``y = x·W0ᵀ + b + s_k·(drop(x)_i·A_kᵀ)·B_kᵀ``: U = x, V = W0ᵀ, P = Aᵀ, Q = Bᵀ, UP = xa, no mask on C.
   Under dropout the rows of adapters with p_k > 0 read their UP = ``drop(x)_i·A_kᵀ``, written before by
   ``multi_dropout_xa``; the others compute it here;
@@ -14,7 +15,7 @@ mixed-adapter LoRA linear have this form, with ``drop(x)_i = x_i ⊙ keep_i / (1
 Rows are gathered through the block table of ``adapter_segments`` (built for the kernel's fixed ``BLOCK_M``): program
 row block j owns the rows ``block_rows[j·BLOCK_M:(j+1)·BLOCK_M]`` (−1: padding), all of adapter ``block_adapter[j]``,
 and one ``BLOCK_N`` column tile of C. As in ``fused_lora_matmul``, each U tile it loads feeds both U·V and U·P_k;
-after the K loop the rank-R product with the tile's columns of Q_k, scaled by s_k, is added with the bias and the tile
+after the K loop the rank-r_k product with the tile's columns of Q_k, scaled by s_k, is added with the bias and the tile
 is scattered back to its rows. The programs of column tile 0 also write UP. Blocks of base rows (k = −1) skip the LoRA
 products; blocks past the last segment exit at once. p_k and s_k are per-program scalars loaded for the block's
 adapter; an adapter with p_k = 0 gets exactly the result without dropout.
@@ -41,9 +42,12 @@ from .launch import (
     token_bucket,
 )
 from .multi_dropout_xa import launch_multi_dropout_xa
+from .multi_factors import A_COL, B_COL, RANK_COL, TABLE_WIDTH, factor_pointer, stacked_factors
 
 # Rows per program: BLOCK_M (from adapter_segments); the block table is built for it, so every config keeps it.
 _UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
+_TABLE_WIDTH = tl.constexpr(TABLE_WIDTH)
+_RANK_COL = tl.constexpr(RANK_COL)
 
 
 def _configs() -> list[triton.Config]:
@@ -53,9 +57,10 @@ def _configs() -> list[triton.Config]:
     fits the 227 KiB of shared memory of an H100/H200 up to rank 256 (the wider tiles' do not).
     """
     configs = {}
-    # + an 8-warp 64×64 tile: 4-byte inputs from rank 64 with the dX mask (see _prune)
-    extra = triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8)
-    for c in [*gemm_configs(), extra]:
+    # + 64×64 tiles for 4-byte inputs from rank 64 (see _prune): 8 warps (the dX mask), 3 stages
+    tile = {"BLOCK_M": BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
+    extra = [triton.Config(tile, num_stages=s, num_warps=w) for s in (3, 4) for w in (4, 8)]
+    for c in [*gemm_configs(), *extra]:
         kwargs = {**c.kwargs, "BLOCK_M": BLOCK_M}
         key = (tuple(sorted(kwargs.items())), c.num_warps, c.num_stages)
         configs.setdefault(key, triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
@@ -64,14 +69,19 @@ def _configs() -> list[triton.Config]:
 
 def _prune(configs, named_args, **kwargs):
     """``prune_for_rank``, and from rank 64 with 4-byte inputs 64×64×32 tiles only (8 warps
-    when dX draws a mask): the (BLOCK_M, R_PAD) accumulator of U·P_k sits beside the
-    output's in the K loop (``bench/kernel_report.py`` checks every config offline)."""
+    when dX draws a mask, 3 stages when the forward reads the dropped rows' xa or the adapters'
+    ranks differ): the (BLOCK_M, R_PAD) accumulator of U·P_k sits beside the output's in the K
+    loop (``bench/kernel_report.py`` checks every config offline)."""
     u = named_args.get("u_ptr")
     r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
     if isinstance(u, torch.Tensor) and u.element_size() == 4 and r_pad >= 64:
         warps = 8 if named_args.get("DROPOUT_C", False) else 4  # the mask drawn beside both accumulators
+        # the factor table's values beside the xa branch, or the adapter's own rank
+        stages = 3 if named_args.get("DROPOUT_UP", False) or not named_args.get("EQUAL_RANKS", True) else 4
         narrow = [
-            c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_K"] == 32 and c.num_warps == warps
+            c
+            for c in configs
+            if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == (64, 32, warps, stages)
         ]
         if narrow:
             return narrow
@@ -96,7 +106,7 @@ def _k_loop(
             acc = dot(u, v, acc, DOT_PRECISION)
             v_ptrs += BLOCK_K * stride_vk
         if LORA:
-            pk = tl.load(p_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            pk = tl.load(p_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(u.dtype)
             up_acc = dot(u, pk, up_acc, DOT_PRECISION)
             p_ptrs += BLOCK_K * stride_pk
         u_ptrs += BLOCK_K * stride_uk
@@ -105,12 +115,13 @@ def _k_loop(
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
 def multi_lora_matmul_kernel(
-    u_ptr, v_ptr, p_ptr, q_ptr, bias_ptr, scale_ptr, dropout_ptr, block_adapter_ptr, block_rows_ptr, up_ptr, c_ptr,
-    num_blocks, N, K, R, seed,
-    stride_um, stride_uk, stride_vk, stride_vn, stride_pa, stride_pk, stride_pr, stride_qa, stride_qr, stride_qn,
-    stride_upm, stride_upr, stride_cm, stride_cn, stride_bias, stride_scale, stride_dropout, M_BUCKET,
-    HAS_BIAS: tl.constexpr, WRITE_C: tl.constexpr, DROPOUT_UP: tl.constexpr, DROPOUT_C: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    u_ptr, v_ptr, table_ptr, factor_ptr, bias_ptr, scale_ptr, dropout_ptr, block_adapter_ptr, block_rows_ptr, up_ptr,
+    c_ptr, num_blocks, N, K, R, seed,
+    stride_um, stride_uk, stride_vk, stride_vn, stride_upm, stride_upr, stride_cm, stride_cn, stride_bias,
+    stride_scale, stride_dropout, M_BUCKET,
+    P_COL: tl.constexpr, Q_COL: tl.constexpr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr,
+    EQUAL_RANKS: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_C: tl.constexpr, DROPOUT_UP: tl.constexpr,
+    DROPOUT_C: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     if WRITE_C:
@@ -127,12 +138,21 @@ def multi_lora_matmul_kernel(
     offs_r = tl.arange(0, R_PAD)
     m_mask = rows >= 0
     n_mask = offs_n < N
+    lora = tl.maximum(adapter, 0)  # int32: it only indexes K-long tables
+    # adapter k's own P_k and Q_k, through the factor table (multi_factors): pointer, stride over r, over features
+    # the adapter's rank: R itself where every r_k = R, else read (ranks r_k..R-1 then read rank r_k − 1, so no
+    # rank mask is kept live in the K loop; their U·P_k is zeroed after it)
+    rank = R if EQUAL_RANKS else tl.load(table_ptr + lora * _TABLE_WIDTH + _RANK_COL).to(tl.int32)
+    # A's in_features: K where A is P (forward), N where A is Q (dX)
+    p_base, stride_pr, stride_pk = factor_pointer(table_ptr, lora, P_COL, factor_ptr, K, rank, UNIT_STRIDE, ALIGNED)
     r_mask = offs_r < R
-    lora = tl.maximum(adapter, 0).to(tl.int64)
+    if EQUAL_RANKS:
+        p_ptrs = p_base + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
+    else:
+        p_ptrs = p_base + offs_k[:, None] * stride_pk + tl.minimum(offs_r, rank - 1)[None, :] * stride_pr
 
     u_ptrs = u_ptr + rows[:, None] * stride_um + offs_k[None, :] * stride_uk
     v_ptrs = v_ptr + offs_k[:, None] * stride_vk + offs_n[None, :] * stride_vn
-    p_ptrs = p_ptr + lora * stride_pa + offs_k[:, None] * stride_pk + offs_r[None, :] * stride_pr
     # U·P_k is computed here, except under DROPOUT_UP for adapters with p_k > 0: their UP is given.
     lora_here = adapter >= 0
     if DROPOUT_UP:
@@ -150,10 +170,13 @@ def multi_lora_matmul_kernel(
     else:  # base rows, UP only: zeros
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if not EQUAL_RANKS:
+        r_mask = offs_r < rank
+        up_acc = tl.where(r_mask[None, :], up_acc, 0.0)
 
     up = up_acc.to(up_ptr.dtype.element_ty)
     up_ptrs = up_ptr + rows[:, None] * stride_upm + offs_r[None, :] * stride_upr
-    up_mask = m_mask[:, None] & r_mask[None, :]
+    up_mask = m_mask[:, None] & (offs_r < R)[None, :]
     if DROPOUT_UP:
         if lora_here | (adapter < 0):
             if pid_n == 0:
@@ -164,11 +187,15 @@ def multi_lora_matmul_kernel(
         tl.store(up_ptrs, up, mask=up_mask)
     if WRITE_C:
         if adapter >= 0:
+            # Q_k: the other factor
+            q_base, stride_qr, stride_qn = factor_pointer(
+                table_ptr, lora, Q_COL, factor_ptr, N, rank, UNIT_STRIDE, ALIGNED
+            )
             q = tl.load(
-                q_ptr + lora * stride_qa + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
+                q_base + offs_r[:, None] * stride_qr + offs_n[None, :] * stride_qn,
                 mask=r_mask[:, None] & n_mask[None, :],
                 other=0.0,
-            )
+            ).to(up.dtype)
             scale = tl.load(scale_ptr + lora * stride_scale)
             if DROPOUT_C:
                 p = tl.load(dropout_ptr + lora * stride_dropout)
@@ -216,16 +243,17 @@ def check_operands(u, weight, lora_A, lora_B, scalings, row_adapter, bias=None, 
 
 
 def multi_lora_matmul(
-    u, v, pk, q, bias, scalings, segments, write_c, config, dropout=None, seed=0, dropout_up=False, up=None
+    u, v, factors, p_col, bias, scalings, segments, write_c, config, dropout=None, seed=0, dropout_up=False, up=None
 ):
-    """Unchecked launch of the kernel for U ``(M, K)``, V ``(K, N)``, P ``(A, K, R)``, Q ``(A, R, N)`` (any strides).
+    """Unchecked launch of the kernel for U ``(M, K)``, V ``(K, N)`` (any strides) and the adapters ``factors``
+    (:class:`AdapterFactors`): P_k is factor ``p_col`` (``A_COL``: Aᵀ, forward; ``B_COL``: B, dX), Q_k the other.
 
     ``dropout_up``: ``up`` holds the UP rows of the adapters with p_k > 0 (forward); otherwise,
     with ``dropout`` and ``write_c``, C's low-rank term is masked and scaled (dX).
-    Returns ``(C, UP)``; C is None unless ``write_c``.
+    Returns ``(C, UP)``; C is None unless ``write_c``; UP ``(M, R)``, R the largest rank.
     """
     M, K = u.shape
-    N, R = v.shape[1], pk.shape[2]
+    N, R = v.shape[1], factors.rank
     if up is None:
         up = torch.empty(M, R, dtype=u.dtype, device=u.device)
     c = torch.empty(M, N, dtype=u.dtype, device=u.device) if write_c else None
@@ -239,13 +267,15 @@ def multi_lora_matmul(
     out = c if write_c else up
     has_dropout = dropout is not None
     args = (
-        u, v, pk, q, bias if bias is not None else v, scalings, dropout if has_dropout else scalings,
-        segments.block_adapter, segments.block_rows, up, out,
-        num_blocks, N, K, R, int(seed),
-        *u.stride(), *v.stride(), *pk.stride(), *q.stride(), *up.stride(), *out.stride(),
+        u, v, factors.table, factors.a_factors[0], bias if bias is not None else v, scalings,
+        dropout if has_dropout else scalings, segments.block_adapter, segments.block_rows, up,
+        out, num_blocks, N, K, R, int(seed),
+        *u.stride(), *v.stride(), *up.stride(), *out.stride(),
         bias.stride(0) if bias is not None else 0, scalings.stride(0), dropout.stride(0) if has_dropout else 0,
         token_bucket(M),
-        bias is not None, write_c, has_dropout and dropout_up, has_dropout and write_c and not dropout_up,
+        p_col, B_COL if p_col == A_COL else A_COL, factors.unit_stride, factors.aligned, factors.equal_ranks,
+        bias is not None, write_c,
+        has_dropout and dropout_up, has_dropout and write_c and not dropout_up,
         rank_block(R), dot_precision(u.dtype),
     )  # fmt: skip
     launch(multi_lora_matmul_kernel, multi_lora_matmul_tuned, grid, args, config)
@@ -270,7 +300,7 @@ def fused_multi_lora_forward(
 
     Args:
         x: ``(n, in)``, any strides; weight: W0 ``(out, in)``; bias: ``(out,)`` or None.
-        lora_A: ``(K, R, in)``; lora_B: ``(K, out, R)`` (adapters of lower rank zero-padded).
+        lora_A: ``(K, R, in)``; lora_B: ``(K, out, R)`` (adapters of lower rank zero-padded); read in place.
         scalings: ``(K,)`` float32, s_k = alpha_k / r_k; row_adapter: ``(n,)`` int64 (or int32) ids in [-1, K).
         segments: ``adapter_segments(row_adapter, K, BLOCK_M)`` if already built, else built here.
         config: pin one of the kernel's configs (tests); None autotunes on CUDA.
@@ -279,19 +309,19 @@ def fused_multi_lora_forward(
     """
     num_adapters = check_operands(x, weight, lora_A, lora_B, scalings, row_adapter, bias, dropout, seed)
     segments = resolve_segments(segments, row_adapter, num_adapters, x.shape[0], x.device, config)
-    return multi_forward(x, weight, bias, lora_A, lora_B, scalings, segments, config, dropout, seed)
+    factors = stacked_factors(lora_A, lora_B)
+    return multi_forward(x, weight, bias, factors, scalings, segments, config, dropout, seed)
 
 
-def multi_forward(x, weight, bias, lora_A, lora_B, scalings, segments, config=None, dropout=None, seed=0):
-    """:func:`fused_multi_lora_forward` unchecked, with the segments built."""
+def multi_forward(x, weight, bias, factors, scalings, segments, config=None, dropout=None, seed=0):
+    """:func:`fused_multi_lora_forward` unchecked, for :class:`AdapterFactors`, with the segments built."""
     xa = None
     if dropout is not None:
-        xa = torch.empty(x.shape[0], lora_A.shape[1], dtype=x.dtype, device=x.device)
-        launch_multi_dropout_xa(x, lora_A, dropout, seed, segments, xa, True, None)
+        xa = torch.empty(x.shape[0], factors.rank, dtype=x.dtype, device=x.device)
+        launch_multi_dropout_xa(x, factors, dropout, seed, segments, xa, True, None)
     return multi_lora_matmul(
-        x, weight.t(), lora_A.transpose(1, 2), lora_B.transpose(1, 2), bias, scalings, segments, True, config,
-        dropout, seed, dropout_up=True, up=xa,
-    )  # fmt: skip
+        x, weight.t(), factors, A_COL, bias, scalings, segments, True, config, dropout, seed, dropout_up=True, up=xa
+    )
 
 
 def fused_multi_lora_dx(
@@ -314,4 +344,5 @@ def fused_multi_lora_dx(
     """
     num_adapters = check_operands(grad_y, weight, lora_A, lora_B, scalings, row_adapter, None, dropout, seed, True)
     segments = resolve_segments(segments, row_adapter, num_adapters, grad_y.shape[0], grad_y.device, config)
-    return multi_lora_matmul(grad_y, weight, lora_B, lora_A, None, scalings, segments, with_dx, config, dropout, seed)
+    factors = stacked_factors(lora_A, lora_B)
+    return multi_lora_matmul(grad_y, weight, factors, B_COL, None, scalings, segments, with_dx, config, dropout, seed)

@@ -15,7 +15,8 @@ cut into chunks of ``chunk_rows``), so an adapter holding most of a batch gets m
 programs. Each program walks its chunk of the rows sorted by adapter, gathers ``BLOCK_M`` rows
 of U and V at a time, reduces them into fp32 for ``BLOCK_P`` columns of U, and writes its
 partial sum, scaled by s_k / (1 − p_k) (exactly s_k where p_k = 0). A second kernel adds each
-adapter's chunk partials in chunk order, so the result is deterministic (no atomics). Adapters
+adapter's chunk partials in chunk order, so the result is deterministic (no atomics), and writes it
+into the adapter's own ``(r_k, P)`` or ``(P, r_k)`` place of one flat buffer (no padding). Adapters
 without rows get zeros; rows with k = −1 count for none.
 """
 
@@ -46,6 +47,7 @@ from .launch import (
     token_bucket,
 )
 from .lora_weight_grad import lora_weight_grad_tuned
+from .multi_factors import grad_layout
 from .multi_lora_matmul import BLOCK_M
 
 
@@ -98,18 +100,31 @@ def multi_lora_weight_grad_kernel(
 
 
 @triton.jit
-def chunk_sum_kernel(partial_ptr, chunk_bounds_ptr, c_ptr, SIZE, BLOCK: tl.constexpr):
-    """``C[k] = Σ_{j: chunks of k, in order} partial[j]`` over ``SIZE`` elements each (contiguous)."""
+def chunk_sum_kernel(
+    partial_ptr, chunk_bounds_ptr, layout_ptr, out_ptr, P, stride_cs, stride_cp, stride_cr,
+    TRANSPOSE: tl.constexpr, R_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Adapter k's gradient ``Σ_{j: chunks of k, in order} partial[j, :, :r_k]`` (``partial`` ``(chunks, P, R)``) into
+    its own place in the flat ``out``: offset and r_k from ``layout`` (``multi_factors.grad_layout``), laid out
+    ``(r_k, P)`` with ``TRANSPOSE`` (dA), else ``(P, r_k)`` (dB)."""
     adapter = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < SIZE
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = tl.arange(0, R_PAD)
+    offset = tl.load(layout_ptr + adapter * 2)
+    rank = tl.load(layout_ptr + adapter * 2 + 1)
+    mask = (offs_p < P)[:, None] & (offs_r < rank)[None, :]
+    tile = offs_p[:, None] * stride_cp + offs_r[None, :] * stride_cr
+    acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
     for chunk in range(tl.load(chunk_bounds_ptr + adapter), tl.load(chunk_bounds_ptr + adapter + 1)):
-        acc += tl.load(partial_ptr + chunk * SIZE + offs, mask=mask, other=0.0)  # chunk: int64, as chunk_bounds
-    tl.store(c_ptr + adapter.to(tl.int64) * SIZE + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(partial_ptr + chunk * stride_cs + tile, mask=mask, other=0.0)  # chunk: int64, as chunk_bounds
+    if TRANSPOSE:
+        out_ptrs = out_ptr + offset + offs_r[None, :] * P + offs_p[:, None]
+    else:
+        out_ptrs = out_ptr + offset + offs_p[:, None] * rank + offs_r[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_SUM_BLOCK = 1024
+_SUM_TILE = 4096  # elements of a chunk_sum program's (BLOCK_P, R_PAD) tile
 
 
 multi_lora_weight_grad_tuned = triton.autotune(
@@ -149,20 +164,27 @@ def multi_lora_weight_grad(
         segments = adapter_segments(row_adapter, num_adapters, BLOCK_M, chunk_rows)
     else:
         check_segments(segments, n, num_adapters, u.device)
-    return multi_weight_grad(u, v, scalings, segments, transpose, chunk_rows, config, dropout, seed)
+    ranks = (R,) * num_adapters
+    flat = multi_weight_grad(u, v, scalings, segments, ranks, u.dtype, transpose, chunk_rows, config, dropout, seed)
+    P = u.shape[1]
+    return flat.view((num_adapters, R, P) if transpose else (num_adapters, P, R))
 
 
-def multi_weight_grad(u, v, scalings, segments, transpose=False, chunk_rows=None, config=None, dropout=None, seed=0):
-    """:func:`multi_lora_weight_grad` unchecked, with the segments built."""
+def multi_weight_grad(
+    u, v, scalings, segments, ranks, dtype, transpose=False, chunk_rows=None, config=None, dropout=None, seed=0
+):
+    """:func:`multi_lora_weight_grad` unchecked, with the segments built, for adapters of ``ranks`` (r_k <= v's R):
+    the flat ``(Σ r_k·P,)`` buffer of ``dtype`` holding each adapter's C_k without padding (``multi_factors``)."""
     (n, P), R, num_adapters = u.shape, v.shape[1], scalings.shape[0]
     rank_pad = rank_block(R)
-    shape = (num_adapters, R, P) if transpose else (num_adapters, P, R)
+    out = torch.empty(sum(ranks) * P, dtype=dtype, device=u.device)
     if n == 0:
-        return torch.zeros(shape, dtype=u.dtype, device=u.device)
+        return out.zero_()
     chunks: RowChunks = segments.chunks
     if chunk_rows is not None and chunk_rows != chunks.chunk_rows:
         chunks = row_chunks(segments.bounds, n, chunk_rows)
-    partial = torch.empty(chunks.num_chunks, *shape[1:], dtype=torch.float32, device=u.device)
+    shape = (R, P) if transpose else (P, R)
+    partial = torch.empty(chunks.num_chunks, *shape, dtype=torch.float32, device=u.device)
     # The kernel writes (P, R) tiles: a transposed view of the partials puts them as (R, P).
     partial_pr = partial.transpose(1, 2) if transpose else partial
 
@@ -179,9 +201,9 @@ def multi_weight_grad(u, v, scalings, segments, transpose=False, chunk_rows=None
         has_dropout, rank_pad, dot_precision(u.dtype),
     )  # fmt: skip
     launch(multi_lora_weight_grad_kernel, multi_lora_weight_grad_tuned, grid, args, config)
-    out = torch.empty(shape, dtype=u.dtype, device=u.device)
-    size = shape[1] * shape[2]
-    chunk_sum_kernel[(triton.cdiv(size, _SUM_BLOCK), num_adapters)](
-        partial, chunks.chunk_bounds, out, size, BLOCK=_SUM_BLOCK
-    )
+    block_p = max(1, _SUM_TILE // rank_pad)
+    chunk_sum_kernel[(triton.cdiv(P, block_p), num_adapters)](
+        partial_pr, chunks.chunk_bounds, grad_layout(ranks, P, u.device), out, P, *partial_pr.stride(),
+        TRANSPOSE=transpose, R_PAD=rank_pad, BLOCK_P=block_p,
+    )  # fmt: skip
     return out
