@@ -9,12 +9,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from test_dora import central_differences
 from tiny_models import MODELS, TASK_TYPES, lm_batch
 
 import lorafast
 from conftest import assert_close_scaled
 from lorafast import apply_lora, load_adapter, lora_layers, patch_peft, save_adapter
 from lorafast.adapter import CONFIG_NAME, WEIGHTS_NAME
+from lorafast.dropout import draw_seed, keep_mask
 from lorafast.peft_patch import patched_layer_count
 
 KINDS = ["bart", "llama"]
@@ -26,7 +28,7 @@ def _peft_dora(kind, r=8, dropout=0.0):
     torch.manual_seed(1)
     config = LoraConfig(
         r=r, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False,
-        use_dora=True, task_type=TASK_TYPES[kind],
+        use_dora=True, task_type=TASK_TYPES[kind], fan_in_fan_out=kind == "gpt2",
     )  # fmt: skip
     model = get_peft_model(MODELS[kind](), config)
     with torch.no_grad():
@@ -53,7 +55,7 @@ def dora_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "gpt2"])  # GPT-2: Conv1D, fan_in_fan_out
 def test_patched_dora_logits_and_gradients_equal_peft(kind, dora_calls):
     peft_model = _peft_dora(kind)
     layers = sum(1 for n, _ in peft_model.named_modules() if n.endswith("lora_magnitude_vector"))
@@ -71,6 +73,35 @@ def test_patched_dora_logits_and_gradients_equal_peft(kind, dora_calls):
     assert want.keys() == got.keys() and len(want) == 3 * layers  # A, B and m of every layer
     for name in want:
         _close(got[name], want[name])
+
+
+def test_patched_dora_layer_with_dropout_has_the_gradients_of_central_differences(dora_calls):
+    """float64, dropout 0.3, a patched PEFT DoRA layer: dX, dA, dB, dm equal central differences of the function
+    lorafast computes (its mask from the seed; the norm held constant, as PEFT's detached norm is)."""
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=2, lora_alpha=3, lora_dropout=0.3, target_modules=["0"], init_lora_weights=False, use_dora=True
+    )
+    model = patch_peft(get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 5)).double(), config))
+    layer = model.base_model.model[0].train()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    weight, bias, s = layer.base_layer.weight.detach(), layer.base_layer.bias.detach(), layer.scaling["default"]
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    y = layer(x)
+    assert dora_calls["n"] == 1
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, a, b, m), grad)
+    torch.manual_seed(3)
+    keep = keep_mask(draw_seed(), x.shape, 0.3)
+    norm = torch.linalg.vector_norm(weight + s * b @ a, dim=1).detach()
+
+    def loss(x, a, b, m):
+        return ((m / norm * (x @ weight.t() + s * ((x * keep / 0.7) @ a.t()) @ b.t()) + bias) * grad).sum()
+
+    for want_grad, numeric in zip(got, central_differences(loss, (x, a, b, m)), strict=True):
+        torch.testing.assert_close(want_grad, numeric, atol=1e-7, rtol=1e-6)
 
 
 def test_patched_dora_merge_and_unmerge_are_peft_s():
