@@ -70,6 +70,34 @@ def test_triton_matches_reference_on_cuda(shape, dtype, dropout_p, gemm, monkeyp
     _assert_matches_reference((x, w, b, a, bb), y, grads, gy, keep, dropout_p)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dora_matches_reference_on_cuda(dtype, dropout_p):
+    """DoRA on the compiled kernels (g in the fused GEMM's epilogue): y and dX, dA, dB, dm against g·(LoRA without
+    bias) + b in fp32 with the same seed, g = m/‖W0 + s·BA‖ from float64."""
+    from lorafast.dora import dora_linear
+
+    n, d_in, d_out, r = SHAPES[-1]
+    x, w, b, a, bb = _inputs(n, d_in, d_out, r, dtype)
+    m = torch.linalg.vector_norm(w.double(), dim=1).mul_(1.2).float().requires_grad_()
+    x, a, bb = (t.requires_grad_() for t in (x, a, bb))
+    torch.manual_seed(5)
+    y = dora_linear(x, w, b, a, bb, m, 2.0, dropout_p, training=True)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb, m), gy)
+    torch.manual_seed(5)
+    keep = kernels.dropout_keep_mask(draw_seed(), (n, d_in), dropout_p, DEVICE) if dropout_p else None
+    ref = [t.detach().float().requires_grad_() for t in (x, a, bb, m)]
+    norm = torch.linalg.vector_norm(w.double() + 2.0 * bb.double() @ a.double(), dim=1).float()
+    z = reference_lora(ref[0], w.float(), None, ref[1], ref[2], 2.0, keep=keep, p=dropout_p)
+    y_ref = ref[3] / norm * z + b.float()
+    grads_ref = torch.autograd.grad(y_ref, ref, gy.float())
+    atol, rtol = TOLERANCES[torch.float16 if dtype == torch.float32 else dtype]  # fp32 may run as tf32
+    for got, want in zip((y, *grads), (y_ref, *grads_ref), strict=True):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.float(), want, atol=atol * scale, rtol=rtol)
+
+
 def _assert_matches_reference(inputs, y, grads, gy, keep, dropout_p, scaling=2.0):
     x, w, b, a, bb = inputs
     ref = [t.detach().float().requires_grad_() for t in (x, a, bb)]
