@@ -119,6 +119,7 @@ class FusedLoRALinear(LoRALayer):
         from .quantized import QuantizedLoRALinear, is_quantized_linear  # QLoRA bases
 
         if is_quantized_linear(linear) and cls is FusedLoRALinear:
+            check_no_dora_over_quantized(use_dora, [type(linear).__name__])
             return QuantizedLoRALinear.from_linear(
                 linear, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype
             )
@@ -245,6 +246,15 @@ class FusedLoRALinear(LoRALayer):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
+        )
+
+
+def check_no_dora_over_quantized(use_dora: bool, quantized: list[str]) -> None:
+    """ValueError if DoRA is asked for over the ``quantized`` (bitsandbytes) bases named."""
+    if use_dora and quantized:
+        raise ValueError(
+            f"use_dora=True over bitsandbytes bases ({', '.join(sorted(set(quantized)))}) is not supported yet; "
+            "use plain LoRA there, or PEFT's DoRA layers (patch_peft leaves them on PEFT's forward)"
         )
 
 

@@ -14,9 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .layer import FusedLoRALinear, LoRALayer, conv1d_class, default_adapter_dtype
+from .layer import FusedLoRALinear, LoRALayer, check_no_dora_over_quantized, conv1d_class, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
-from .quantized import held_quantized_bases, note_trainable_adapters
+from .quantized import held_quantized_bases, is_quantized_linear, note_trainable_adapters
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
@@ -127,6 +127,7 @@ def apply_lora(
         )
     matched = select_targets(model, target_modules, allowed=_single_adapter_bases())
     default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
+    check_no_dora_over_quantized(use_dora, [type(m).__name__ for m in matched.values() if is_quantized_linear(m)])
     for param in model.parameters():
         param.requires_grad_(False)
     for name, module in matched.items():

@@ -186,3 +186,14 @@ def test_dora_over_a_4bit_base_keeps_peft_forward(tmp_path, dora_calls):
     with torch.no_grad():
         torch.testing.assert_close(models[1](**batch).logits, models[0](**batch).logits)
     assert dora_calls["n"] == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_lorafast_dora_over_a_4bit_base_is_refused_before_the_model_changes():
+    import bitsandbytes as bnb
+
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 32), torch.nn.Linear(32, 16))
+    with pytest.raises(ValueError, match="use_dora=True over bitsandbytes bases"):
+        apply_lora(model, target_modules=["0", "1"], use_dora=True)
+    assert type(model[0]) is bnb.nn.Linear4bit and type(model[1]) is torch.nn.Linear
+    assert model[1].weight.requires_grad  # nothing was frozen
