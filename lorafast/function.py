@@ -59,7 +59,7 @@ def lora_linear(
 
     CUDA tensors run the Triton kernels, others the PyTorch path (``LORAFAST_BACKEND`` overrides, see
     :mod:`lorafast.backend`). Under ``torch.autocast`` all inputs are first cast as ``F.linear``'s would be.
-    Raises ValueError on a shape, dtype or device mismatch, r outside [1, min(in, out)], dropout_p outside
+    Raises ValueError on a shape, dtype or device mismatch, r < 1, dropout_p outside
     [0, 1), a weight or bias that requires grad (no gradient is computed for them), or an unusable backend.
     """
 

@@ -67,11 +67,12 @@ class FusedLoRALinear(LoRALayer):
 
     Keeps ``nn.Linear``'s state_dict keys (``weight``, ``bias``), so a base checkpoint loads unchanged (the
     missing factors keep their init), and adds ``lora_A`` ``(r, in)`` (Kaiming-uniform, as PEFT) and ``lora_B``
-    ``(out, r)`` (zeros: the layer starts equal to the base layer). ``r`` in [1, min(in, out)], ``dropout`` (on
-    the LoRA input in training) in [0, 1). ``adapter_dtype`` of the factors, None: fp32 on an fp16/bf16 weight
-    (as PEFT, so optimizer updates keep their precision), else the weight's; they are cast to the compute
-    dtype in forward and their gradients arrive in adapter_dtype. ``from_linear`` also wraps GPT-2's ``Conv1D``
-    (weight ``(in, out)``), kept in that layout and key, read transposed without a copy (``fan_in_fan_out``).
+    ``(out, r)`` (zeros: the layer starts equal to the base layer). ``r`` >= 1 (above min(in, out) too, as
+    PEFT), ``dropout`` (on the LoRA input in training) in [0, 1). ``adapter_dtype`` of the factors, None: fp32
+    on an fp16/bf16 weight (as PEFT, so optimizer updates keep their precision), else the weight's; they are
+    cast to the compute dtype in forward and their gradients arrive in adapter_dtype. ``from_linear`` also
+    wraps GPT-2's ``Conv1D`` (weight ``(in, out)``), kept in that layout and key, read transposed without a
+    copy (``fan_in_fan_out``).
     """
 
     def __init__(

@@ -10,13 +10,16 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_rank(r: int, in_features: int, out_features: int) -> None:
-    """Raise ValueError unless ``1 <= r <= min(in_features, out_features)``."""
+    """Raise ValueError unless ``r`` is an int >= 1.
+
+    As PEFT, a rank above ``min(in_features, out_features)`` is allowed: ``B·A`` then has rank at most
+    ``min(in, out)``, over-parameterised but legal (tiny heads and PEFT's own tests use it).
+    """
     if isinstance(r, bool) or not isinstance(r, int):
         raise ValueError(f"LoRA rank r must be an int, got {type(r).__name__}")
-    if not 1 <= r <= min(in_features, out_features):
+    if r < 1:
         raise ValueError(
-            f"LoRA rank r={r} must be between 1 and min(in_features, out_features) = "
-            f"min({in_features}, {out_features}) = {min(in_features, out_features)}"
+            f"LoRA rank r={r} must be at least 1 (layer of in_features={in_features}, out_features={out_features})"
         )
 
 
