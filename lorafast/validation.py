@@ -23,6 +23,11 @@ def check_rank(r: int, in_features: int, out_features: int) -> None:
         )
 
 
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The LoRA update's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora`` (rank-stabilised LoRA)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def check_dropout(p: float) -> None:
     """Raise ValueError unless the dropout probability is in [0, 1)."""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:

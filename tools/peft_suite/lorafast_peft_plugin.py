@@ -117,7 +117,7 @@ def pytest_addoption(parser):
     )
 
 
-_CONFIG_IN_ID = re.compile(r"(\w+)Config-")
+_CONFIG_IN_ID = re.compile(r"([A-Za-z]+)Config(?![A-Za-z])")
 
 
 def _is_lora_case(item) -> bool:
