@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .model import DEFAULT_TARGETS, _replace, lora_layers, multi_lora_layers, select_targets
+from .model import DEFAULT_TARGETS, _replace, layer_settings, lora_layers, multi_lora_layers, select_targets
 from .multi_layer import MultiLoRALinear
 from .row_adapters import RowAdapters, scoped_row_adapters
 
@@ -35,8 +35,14 @@ def add_adapter(
     r: int = 8,
     alpha: float = 16,
     dropout: float = 0.0,
+    *,
+    use_rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> nn.Module:
     """Add a named LoRA adapter (its own r, alpha, dropout) to ``model`` in place; returns ``model``.
+
+    ``use_rslora``, ``rank_pattern``, ``alpha_pattern`` as in ``apply_lora``.
 
     The first one turns the targeted ``nn.Linear`` modules (``target_modules`` as in ``apply_lora``) into
     MultiLoRALinear (sharing their weights), freezes every other parameter and becomes active; later ones must
@@ -50,6 +56,7 @@ def add_adapter(
         )
     layers = dict(multi_lora_layers(model))
     matched = select_targets(model, target_modules, allowed=(nn.Linear, MultiLoRALinear))
+    settings = layer_settings(matched, r, alpha, rank_pattern, alpha_pattern)
     if layers and set(matched) != set(layers):
         raise ValueError(
             f"adapter {name!r} targets different modules than the model's other adapters "
@@ -64,8 +71,9 @@ def add_adapter(
     first = next(iter(layers.values()))
     if name in first.adapter_names:
         raise ValueError(f"the model already has an adapter named {name!r}; remove_adapter() it first")
-    for layer in layers.values():
-        layer.add_adapter(name, r=r, alpha=alpha, dropout=dropout)
+    for module_name, layer in layers.items():
+        layer_r, layer_alpha = settings[module_name]
+        layer.add_adapter(name, r=layer_r, alpha=layer_alpha, dropout=dropout, use_rslora=use_rslora)
     for module_name, layer in layers.items():
         if matched[module_name] is not layer:
             _replace(model, module_name, layer)

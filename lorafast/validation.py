@@ -9,7 +9,7 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_rank(r: int, in_features: int, out_features: int) -> None:
+def check_rank(r: int, in_features: int | None = None, out_features: int | None = None) -> None:
     """Raise ValueError unless ``r`` is an int >= 1.
 
     As PEFT, a rank above ``min(in_features, out_features)`` is allowed: ``B·A`` then has rank at most
@@ -18,9 +18,8 @@ def check_rank(r: int, in_features: int, out_features: int) -> None:
     if isinstance(r, bool) or not isinstance(r, int):
         raise ValueError(f"LoRA rank r must be an int, got {type(r).__name__}")
     if r < 1:
-        raise ValueError(
-            f"LoRA rank r={r} must be at least 1 (layer of in_features={in_features}, out_features={out_features})"
-        )
+        layer = "" if in_features is None else f" (layer of in_features={in_features}, out_features={out_features})"
+        raise ValueError(f"LoRA rank r={r} must be at least 1{layer}")
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:

@@ -207,7 +207,7 @@ def test_unpatch_restores_peft_and_errors():
     assert type(peft_model.base_model.model.model.layers[0].self_attn.q_proj) is Linear
     with pytest.raises(ValueError, match="holds no PEFT LoRA layer"):
         patch_peft(MODELS["llama"]())
-    with pytest.raises(TypeError, match="expects a peft.PeftModel"):
+    with pytest.raises(TypeError, match=r"expects a peft\.PeftModel"):
         patch_peft("model")
 
 

@@ -1,7 +1,7 @@
 """A pytest plugin that runs PEFT's own test suite with every PEFT model passed through ``lorafast.patch_peft``.
 
 Loaded with ``-p lorafast_peft_plugin`` (this folder on ``PYTHONPATH``) before PEFT's test modules are imported, it
-wraps ``peft.get_peft_model``, ``PeftModel.from_pretrained`` and ``PeftModel.add_adapter`` / ``load_adapter``
+wraps ``peft.get_peft_model``, ``peft.inject_adapter_in_model``, ``PeftModel.from_pretrained`` and ``PeftModel.add_adapter`` / ``load_adapter``
 (layers added later are patched too), so each model a test builds or loads runs lorafast's fused LoRA linear
 where lorafast supports the layer. ``LORAFAST_PEFT_PATCH=0`` loads the plugin without patching (the
 baseline run: same collection, same skips). Cases that need the Hugging Face hub are skipped in both runs, named
@@ -73,6 +73,7 @@ def _wrap_function(module, name: str) -> None:
 
 def _install() -> None:
     import peft
+    import peft.mapping
     import peft.mapping_func
     from peft import PeftModel
 
@@ -80,6 +81,8 @@ def _install() -> None:
 
     for module in (peft, peft.mapping_func):
         _wrap_function(module, "get_peft_model")
+    for module in (peft, peft.mapping):  # the low-level API: LoRA layers injected into a plain model
+        _wrap_function(module, "inject_adapter_in_model")
 
     original_from_pretrained = PeftModel.from_pretrained.__func__
 
