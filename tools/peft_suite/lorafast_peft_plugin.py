@@ -1,11 +1,12 @@
 """A pytest plugin that runs PEFT's own test suite with every PEFT model passed through ``lorafast.patch_peft``.
 
-Loaded with ``-p lorafast_peft_plugin`` (this folder on ``PYTHONPATH``) before PEFT's test modules are imported, it
-wraps ``peft.get_peft_model``, ``peft.inject_adapter_in_model``, ``PeftModel.from_pretrained`` and ``PeftModel.add_adapter`` / ``load_adapter``
-(layers added later are patched too), so each model a test builds or loads runs lorafast's fused LoRA linear
-where lorafast supports the layer. ``LORAFAST_PEFT_PATCH=0`` loads the plugin without patching (the
-baseline run: same collection, same skips). Cases that need the Hugging Face hub are skipped in both runs, named
-by the error they raise offline. The terminal summary counts the models patched and the fused calls made.
+Loaded with ``-p lorafast_peft_plugin`` (this folder on ``PYTHONPATH``) before PEFT's test modules are imported,
+it wraps ``peft.get_peft_model``, ``peft.inject_adapter_in_model``, ``PeftModel.from_pretrained`` and
+``PeftModel.add_adapter`` / ``load_adapter`` (layers added later are patched too), so each model a test builds or
+loads runs lorafast's fused LoRA linear where lorafast supports the layer. ``LORAFAST_PEFT_PATCH=0`` loads the
+plugin without patching (the baseline run: same collection, same skips). Cases that need the Hugging Face hub are
+skipped in both runs, named by the error they raise offline. The terminal summary counts the models patched and
+the fused calls made. ``run_peft_tests.sh`` runs both and compares them.
 """
 
 from __future__ import annotations
