@@ -49,6 +49,7 @@ def _stub_missing_diffusers() -> None:
                 raise ImportError("diffusers is not installed")
 
         stub.StableDiffusionPipeline = StableDiffusionPipeline
+        stub.__version__ = "0"  # read by test_tuners_utils at import
         sys.modules["diffusers"] = stub
 
 
