@@ -5,7 +5,8 @@ it wraps ``peft.get_peft_model``, ``peft.inject_adapter_in_model``, ``PeftModel.
 ``PeftModel.add_adapter`` / ``load_adapter`` (layers added later are patched too), so each model a test builds or
 loads runs lorafast's fused LoRA linear where lorafast supports the layer. ``LORAFAST_PEFT_PATCH=0`` loads the
 plugin without patching (the baseline run: same collection, same skips). Cases that need the Hugging Face hub are
-skipped in both runs, named by the error they raise offline. The terminal summary counts the models patched and
+skipped in both runs, named by the error they raise offline; ``--tiny-hub-models`` builds the tiny random hub
+models locally instead (``tiny_hub_models.py``). The terminal summary counts the models patched and
 the fused calls made. ``run_peft_tests.sh`` runs both and compares them.
 """
 
@@ -120,6 +121,11 @@ def pytest_addoption(parser):
         action="store_true",
         help="keep only LoRA cases: ids naming LoraConfig (not another tuner's config) or a LoRA test without one",
     )
+    parser.addoption(
+        "--tiny-hub-models",
+        action="store_true",
+        help="build the tiny random hub test models locally (tiny_hub_models.py) instead of downloading them",
+    )
 
 
 _CONFIG_IN_ID = re.compile(r"([A-Za-z]+)Config(?![A-Za-z])")
@@ -143,6 +149,10 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _stub_missing_diffusers()
+    if config.getoption("--tiny-hub-models"):
+        import tiny_hub_models
+
+        tiny_hub_models.install()
     if PATCH:
         _install()
 
