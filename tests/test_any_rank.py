@@ -94,12 +94,15 @@ def test_peft_adapter_loads_saves_and_merges(tmp_path, in_f, out_f, r):
     peft_model = _peft(in_f, out_f, r)
     peft_model.save_pretrained(tmp_path / "peft")
     x = torch.randn(6, in_f)
-    with torch.no_grad():
-        want = peft_model(x)
+    want, want_dx = _forward_backward(peft_model, x)
     ours = load_adapter(_net(in_f, out_f), tmp_path / "peft")
     assert ours.proj.r == r
-    with torch.no_grad():
-        _close(ours(x), want)
+    got, dx = _forward_backward(ours, x)
+    _close(got, want)
+    _close(dx, want_dx)
+    peft_layer = peft_model.base_model.model.proj
+    _close(ours.proj.lora_A.grad, peft_layer.lora_A["default"].weight.grad)
+    _close(ours.proj.lora_B.grad, peft_layer.lora_B["default"].weight.grad)
     save_adapter(ours, tmp_path / "ours")
     back = PeftModel.from_pretrained(_net(in_f, out_f), tmp_path / "ours")
     with torch.no_grad():
