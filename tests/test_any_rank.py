@@ -134,3 +134,18 @@ def test_named_adapters_and_mixed_batch_accept_large_ranks(backend, tmp_path, in
     with torch.no_grad():
         _close(model(x), peft_model(x))
     assert next(lora_layers(load_adapter(_net(in_f, out_f), tmp_path / "big")))[1].r == r
+
+
+def test_auto_backend_takes_the_pytorch_path_above_the_kernels_rank_range(monkeypatch):
+    from lorafast.backend import resolve_backend
+    from lorafast.kernels import MAX_RANK
+
+    monkeypatch.delenv("LORAFAST_BACKEND", raising=False)
+    # decided before any CUDA call, so this runs without a GPU
+    assert resolve_backend(torch.device("cuda"), torch.float16, rank=MAX_RANK + 1) == "torch"
+    layer = FusedLoRALinear(8, 4, r=MAX_RANK + 1)  # the PyTorch path on CPU: any rank
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 8)
+    want = reference_lora(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    _close(layer(x).detach(), want.detach())
