@@ -76,6 +76,7 @@ def build(model_id: str, cls=None, **kwargs):
     cls = arch if getattr(cls, "config_class", None) is None else cls
     config_class = arch.config_class
     config = config_class(**{k: v for k, v in _SIZES.items() if _accepts(config_class, k)})
+    config.name_or_path = model_id  # as from_pretrained records it (adapter configs and model cards read it)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = (
