@@ -333,3 +333,14 @@ def test_torch_compile_of_a_patched_model_matches_eager():
     _close(compiled.logits, eager.logits)
     for name, grad in _lora_grads(patched).items():
         _close(grad, want[name])
+
+
+def test_a_rank_above_the_kernels_range_keeps_peft_forward(caplog):
+    config = LoraConfig(r=300, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+    peft_model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(10, 20)), config)
+    x = torch.randn(3, 10)
+    want = peft_model(x)
+    with caplog.at_level(logging.INFO, logger="lorafast.peft_patch"):
+        patch_peft(peft_model)
+    assert patched_layer_count(peft_model) == 0 and "1 (rank above 256)" in caplog.text
+    torch.testing.assert_close(peft_model(x), want, rtol=0, atol=0)
