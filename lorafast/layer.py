@@ -27,7 +27,7 @@ class LoRALayer(nn.Module):
 
     def uses_rslora(self, name: str | None = None) -> bool:
         """Whether adapter ``name`` scales by ``alpha / sqrt(r)`` (rank-stabilised LoRA) rather than ``alpha / r``."""
-        raise NotImplementedError
+        return False
 
     def adapter_scaling(self, name: str | None = None) -> float:
         """The scale of adapter ``name``'s update: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
