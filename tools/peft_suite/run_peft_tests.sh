@@ -8,7 +8,8 @@
 #   git clone --depth 1 --branch v$(python -c "import peft; print(peft.__version__)") \
 #       https://github.com/huggingface/peft /tmp/peft-src
 # Default pytest args: the LoRA cases (--lora-only) of tests/test_custom_models.py. Cases that need the Hugging
-# Face hub are skipped in both runs when it is unreachable (HF_HUB_OFFLINE=1 is set unless already set).
+# Face hub are skipped in both runs (HF_HUB_OFFLINE=1 unless set otherwise; --tiny-hub-models builds PEFT's tiny
+# random hub models locally instead).
 # Reports: $OUT_DIR (default /tmp/lorafast-peft-suite)/{unpatched,patched}.{xml,log}.
 set -euo pipefail
 peft_src=${1:?usage: run_peft_tests.sh PEFT_CHECKOUT [pytest args]}
@@ -18,6 +19,7 @@ repo=$(cd "$here/../.." && pwd)
 out=${OUT_DIR:-/tmp/lorafast-peft-suite}
 mkdir -p "$out"
 args=("$@")
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 [ ${#args[@]} -eq 0 ] && args=(tests/test_custom_models.py --lora-only)
 cd "$peft_src"
 for mode in unpatched patched; do
