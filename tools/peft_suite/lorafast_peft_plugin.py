@@ -12,6 +12,7 @@ the fused calls made. ``run_peft_tests.sh`` runs both and compares them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -146,6 +147,22 @@ def pytest_collection_modifyitems(config, items):
     items[:] = keep
 
 
+def _keep_hub_offline(config) -> None:
+    """PEFT's ``hub_online_once`` lifts offline mode for a model's first load; offline, that only retries
+    connections with back-off for minutes. A no-op in its place keeps such loads failing at once (skipped)."""
+    sys.path.insert(0, str(config.rootpath))
+    try:
+        import tests.testing_utils as testing_utils
+    except ImportError:  # not PEFT's test folder
+        return
+
+    @contextlib.contextmanager
+    def hub_offline(model_id: str):
+        yield
+
+    testing_utils.hub_online_once = hub_offline
+
+
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _stub_missing_diffusers()
@@ -153,6 +170,8 @@ def pytest_configure(config):
         import tiny_hub_models
 
         tiny_hub_models.install()
+    if os.environ["HF_HUB_OFFLINE"] == "1":
+        _keep_hub_offline(config)
     if PATCH:
         _install()
 

@@ -100,7 +100,9 @@ def install() -> None:
     from transformers import PreTrainedModel
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-    for owner in (PreTrainedModel, _BaseAutoModelClass):
+    # each auto class created so far holds its own copy of _BaseAutoModelClass.from_pretrained
+    auto_classes = [_BaseAutoModelClass, *_subclasses(_BaseAutoModelClass)]
+    for owner in [PreTrainedModel, *(c for c in auto_classes if "from_pretrained" in vars(c))]:
         original = owner.from_pretrained.__func__
 
         def from_pretrained(cls, model_id=None, *args, _original=original, **kwargs):
@@ -109,3 +111,7 @@ def install() -> None:
             return build(model_id, None if issubclass(cls, _BaseAutoModelClass) else cls, **kwargs)
 
         owner.from_pretrained = classmethod(functools.wraps(original)(from_pretrained))
+
+
+def _subclasses(cls) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
