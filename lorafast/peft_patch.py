@@ -62,14 +62,20 @@ def _layer_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot be patched (its base, or every adapter, unsupported), or None when it can."""
     if type(layer) is not _peft_linear_class():
         return _tuner_name(layer)
+    if not _has_plain_base(layer):
+        return f"base {type(layer.base_layer).__name__}"
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear and not is_conv1d(base):
-        return f"base {type(base).__name__}"
     if not base.weight.is_floating_point() or base.weight.dim() != 2:
         return f"quantized base ({base.weight.dtype})"
     reasons = [_adapter_reason(layer, name) for name in layer.lora_A]
     # Patched when one adapter can run fused: each call checks its own adapter and falls back to PEFT.
     return None if None in reasons or not reasons else reasons[0]
+
+
+def _has_plain_base(layer: nn.Module) -> bool:
+    """Whether the layer's immediate base is a plain ``nn.Linear`` or ``Conv1D``, not another tuner's layer (as in a
+    ``PeftMixedModel``, where PEFT's forward runs the inner tuner through ``base_layer``)."""
+    return type(layer.base_layer) is nn.Linear or is_conv1d(layer.base_layer)
 
 
 def _dropout_p(layer: nn.Module, name: str) -> float:
@@ -88,7 +94,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's ``Linear.forward`` with the LoRA layer computed by lorafast where supported."""
     adapter_names = kwargs.get("adapter_names")
     extra = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
-    if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
+    if args or extra or self.disable_adapters or self.merged or not _has_plain_base(self) or not _base_is_frozen(self):
         return super(_fused_class, self).forward(x, *args, **kwargs)
     if adapter_names is not None:
         return _mixed_forward(self, x, adapter_names, kwargs)

@@ -350,3 +350,26 @@ def test_a_rank_above_the_kernels_range_keeps_peft_forward(caplog):
         patch_peft(peft_model)
     assert patched_layer_count(peft_model) == 0 and "1 (rank above 256)" in caplog.text
     torch.testing.assert_close(peft_model(x), want, rtol=0, atol=0)
+
+
+def test_a_tuner_layer_wrapping_a_patched_layer_may_add_to_its_output_in_place():
+    from peft import AdaLoraConfig, LoHaConfig
+
+    def mixed(patch):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 2))
+        config = LoraConfig(target_modules=["0"], init_lora_weights=False)
+        model = get_peft_model(net, config, adapter_name="lora", mixed=True)
+        if patch:
+            patch_peft(model)
+        outer = AdaLoraConfig(target_modules=["0"], init_lora_weights=False, total_step=1)
+        model.add_adapter("adalora", outer)  # AdaLoRA wraps the LoRA layer and adds to its output in place
+        model.add_adapter("loha", LoHaConfig(target_modules=["2"], init_weights=False))
+        model.set_adapter(["lora", "adalora", "loha"])
+        return model
+
+    x = torch.randn(4, 10)
+    want = mixed(False)(x)
+    model = mixed(True)
+    assert patched_layer_count(model) == 1
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
