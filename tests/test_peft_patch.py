@@ -359,13 +359,13 @@ def test_a_tuner_layer_wrapping_a_patched_layer_may_add_to_its_output_in_place()
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 2))
         config = LoraConfig(target_modules=["0"], init_lora_weights=False)
-        model = get_peft_model(net, config, adapter_name="lora", mixed=True)
+        model = get_peft_model(net, config, adapter_name="plain", mixed=True)
         if patch:
             patch_peft(model)
         outer = AdaLoraConfig(target_modules=["0"], init_lora_weights=False, total_step=1)
-        model.add_adapter("adalora", outer)  # AdaLoRA wraps the LoRA layer and adds to its output in place
-        model.add_adapter("loha", LoHaConfig(target_modules=["2"], init_weights=False))
-        model.set_adapter(["lora", "adalora", "loha"])
+        model.add_adapter("ada", outer)  # AdaLoRA wraps the LoRA layer and adds to its output in place
+        model.add_adapter("hada", LoHaConfig(target_modules=["2"], init_weights=False))
+        model.set_adapter(["plain", "ada", "hada"])
         return model
 
     x = torch.randn(4, 10)
