@@ -68,7 +68,7 @@ def _candidates(d_in, d_out, r, dropout=0.0) -> dict[str, nn.Module]:
     with torch.no_grad():
         dense.weight.copy_(ours.base_weight())  # the same (dequantized) W0
     reference = lorafast.FusedLoRALinear.from_linear(dense, r=r, alpha=2 * r, dropout=dropout, adapter_dtype=DTYPE)
-    assert type(peft).__name__ == "Linear4bit" and type(patched).__name__ == "PeftFusedLinear4bit"
+    assert type(peft).__name__ == "Linear4bit" and type(patched).__qualname__ == "PeftFusedLinear4bit"
     with torch.no_grad():
         nn.init.normal_(ours.lora_B, std=0.02)
         reference.lora_A.copy_(ours.lora_A), reference.lora_B.copy_(ours.lora_B)

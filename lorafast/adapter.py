@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -15,10 +16,9 @@ from torch import nn
 
 from .atomic import write_atomically
 from .layer import is_conv1d
-from .model import apply_lora, lora_layers
+from .model import apply_lora, check_patterns, layer_settings, lora_layers
 from .multi_adapter import add_adapter, list_adapters, multi_lora_layers
 from .multi_layer import MultiLoRALinear
-from .validation import check_rank
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,9 +34,6 @@ _MAGNITUDE = "magnitude_vector"
 # PEFT options that change what an adapter computes and that lorafast does not implement, with
 # the value that means "off". An adapter using any of them is refused by name.
 _UNSUPPORTED = {
-    "use_rslora": False,
-    "rank_pattern": {},
-    "alpha_pattern": {},
     "bias": "none",
     "lora_bias": False,
     "modules_to_save": None,
@@ -61,16 +58,19 @@ def save_adapter(
     """Write the LoRA factors and config to ``directory`` (returned), for ``PeftModel.from_pretrained``.
 
     ``task_type`` (e.g. ``"SEQ_2_SEQ_LM"``) is recorded for PEFT's auto classes; ``adapter_name`` picks a named
-    adapter. ValueError with no LoRA layers (or no such adapter), or layers that differ in r, alpha or dropout
-    (one PEFT config describes them all).
+    adapter. Layers whose r or alpha differ from the most common ones are written to PEFT's ``rank_pattern`` /
+    ``alpha_pattern`` (by full module name). ValueError with no LoRA layers (or no such adapter), or layers that
+    differ in dropout or rsLoRA (one PEFT config describes them).
     """
     from safetensors.torch import save
 
     layers = _adapter_factors(model, adapter_name)
-    settings = {(r, alpha, dropout) for _, _, r, alpha, dropout in layers.values()}
-    if len(settings) > 1:
-        raise ValueError(f"the LoRA layers differ in (r, alpha, dropout): {sorted(settings)}; save_adapter needs one")
-    (r, alpha, dropout) = settings.pop()
+    shared = {(dropout, rslora) for *_, dropout, rslora in layers.values()}
+    if len(shared) > 1:
+        raise ValueError(f"the LoRA layers differ in (dropout, use_rslora): {sorted(shared)}; save_adapter needs one")
+    (dropout, use_rslora) = shared.pop()
+    r = _most_common(layer[2] for layer in layers.values())
+    alpha = _most_common(layer[3] for layer in layers.values())
     dora_layers = {name: layer.use_dora for name, layer in lora_layers(model)} if adapter_name is None else {}
     use_dora = any(dora_layers.values())
     if use_dora and not all(dora_layers.values()):
@@ -89,9 +89,9 @@ def save_adapter(
         "init_lora_weights": True,
         "modules_to_save": None,
         "use_dora": use_dora,
-        "use_rslora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "use_rslora": use_rslora,
+        "rank_pattern": {re.escape(n): layer[2] for n, layer in layers.items() if layer[2] != r},
+        "alpha_pattern": {re.escape(n): layer[3] for n, layer in layers.items() if layer[3] != alpha},
         "inference_mode": True,
     }
     tensors = {}
@@ -109,15 +109,19 @@ def save_adapter(
     return directory
 
 
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
 def _adapter_factors(model: nn.Module, adapter_name: str | None) -> dict[str, tuple]:
-    """``{module name: (lora_A, lora_B, r, alpha, dropout)}`` of the single adapter, or of the named one."""
+    """``{module name: (lora_A, lora_B, r, alpha, dropout, use_rslora)}`` of the single adapter, or the named one."""
     layers = dict(lora_layers(model) if adapter_name is None else multi_lora_layers(model))
     if adapter_name is None and not layers:
         hint = " (it has named adapters: pass adapter_name)" if list_adapters(model) else ""
         raise ValueError(f"the model has no LoRA layers to save{hint}; call apply_lora() first")
     if adapter_name is not None and adapter_name not in list_adapters(model):
         raise ValueError(f"no adapter named {adapter_name!r}; the model has {list_adapters(model)}")
-    return {n: m.factors(adapter_name) for n, m in layers.items()}
+    return {n: (*m.factors(adapter_name), m.uses_rslora(adapter_name)) for n, m in layers.items()}
 
 
 def _target_modules(model: nn.Module, names: set[str]) -> list[str] | str:
@@ -196,14 +200,21 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
             f"{weights_path.name} lacks lora_A or lora_B{' or lora_magnitude_vector (use_dora)' if dora else ''} "
             f"for {incomplete or 'every module'}"
         )
-    r = config["r"]
+    settings = _layer_settings(config, factors)
     for name, ab in factors.items():
+        r = settings[name][0]
         if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
             raise ValueError(
-                f"{config_path.name} says r={r} but {name} has lora_A {tuple(ab['A'].shape)} and lora_B "
+                f"{config_path.name} says r={r} for {name} but it has lora_A {tuple(ab['A'].shape)} and lora_B "
                 f"{tuple(ab['B'].shape)} in {weights_path.name}"
             )
     return config, factors
+
+
+def _layer_settings(config: dict, names) -> dict[str, tuple[int, float]]:
+    """``{module name: (r, alpha)}`` as PEFT reads them from ``config`` (its r, lora_alpha and patterns)."""
+    patterns = {key: config.get(key) or None for key in ("rank_pattern", "alpha_pattern")}
+    return layer_settings(names, config["r"], config["lora_alpha"], **patterns)
 
 
 def _check_config_numbers(config: dict, config_path: Path) -> None:
@@ -213,6 +224,12 @@ def _check_config_numbers(config: dict, config_path: Path) -> None:
         raise ValueError(f"{config_path}: r must be a positive integer, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"{config_path}: lora_alpha must be a finite number, got {alpha!r}")
+    try:
+        check_patterns(config.get("rank_pattern") or None, config.get("alpha_pattern") or None)
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: {exc}") from exc
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{config_path}: use_rslora must be true or false, got {config['use_rslora']!r}")
     if dropout is not None and (
         isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0
     ):
@@ -224,7 +241,8 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     """Load a PEFT LoRA adapter (saved by PEFT or :func:`save_adapter`) into ``model``; returns ``model``.
 
     Without ``adapter_name``, a model without LoRA layers gets them on exactly the adapter's modules (its r, alpha,
-    dropout); one with LoRA layers must have them on those modules, and takes the adapter's alpha and dropout.
+    dropout, use_rslora, rank_pattern, alpha_pattern); one with LoRA layers must have them on those modules, and
+    takes the adapter's alphas, dropout and scaling rule.
     With ``adapter_name`` it is added as a named adapter beside the others (same modules). Errors as
     :func:`read_adapter`, and ValueError naming the modules or shapes that do not fit the model.
     """
@@ -233,6 +251,12 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     use_dora = bool(config.get("use_dora"))
     if use_dora and adapter_name is not None:
         raise ValueError("named adapters (adapter_name) do not support DoRA; load a DoRA adapter without adapter_name")
+    settings = _layer_settings(config, factors)
+    options = {
+        "use_rslora": bool(config.get("use_rslora")),
+        "rank_pattern": config.get("rank_pattern") or None,
+        "alpha_pattern": config.get("alpha_pattern") or None,
+    }
     # Everything is checked before the model changes, so a failed load leaves it exactly as it was.
     modules = dict(model.named_modules())
     absent = sorted(name for name in factors if name not in modules)
@@ -258,13 +282,11 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         not_linear = sorted(name for name, size in sizes.items() if size is None)
         if not_linear:
             raise ValueError(f"the adapter targets modules that are not linear layers: {not_linear[:5]}")
-        for in_features, out_features in sizes.values():
-            check_rank(r, in_features, out_features)
-        _check_shapes(factors, {name: (r, *size) for name, size in sizes.items()})
+        _check_shapes(factors, {name: (settings[name][0], *size) for name, size in sizes.items()})
     if adapter_name is not None:
-        add_adapter(model, adapter_name, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout)
+        add_adapter(model, adapter_name, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout, **options)
     elif not layers:
-        apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora)
+        apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora, **options)
     for name, layer in lora_layers(model) if adapter_name is None else multi_lora_layers(model):
         lora_A, lora_B, *_ = layer.factors(adapter_name)
         lora_A.copy_(factors[name]["A"])
@@ -272,7 +294,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         if use_dora:
             layer.lora_magnitude.copy_(factors[name][_MAGNITUDE])
         if adapter_name is None:  # a named adapter got them from add_adapter
-            layer.alpha, layer.dropout = alpha, dropout
+            layer.alpha, layer.dropout, layer.use_rslora = settings[name][1], dropout, options["use_rslora"]
     return model
 
 

@@ -37,12 +37,15 @@ def requested_backend() -> str:
     return choice
 
 
-def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """``"triton"`` or ``"torch"`` for ``device`` and ``dtype``; ValueError if Triton is asked for but cannot run."""
+def resolve_backend(device: torch.device, dtype: torch.dtype, rank: int = 1) -> str:
+    """``"triton"`` or ``"torch"`` for ``device``, ``dtype`` and LoRA ``rank``; ValueError if Triton is asked for but
+    cannot run. ``auto`` takes the PyTorch path for a rank above the kernels' ``MAX_RANK``."""
     choice = requested_backend()
     if choice == "torch" or (choice == "auto" and device.type != "cuda"):
         return "torch"
     kernels, reason = _kernels_or_error()
+    if choice == "auto" and kernels is not None and rank > kernels.MAX_RANK:
+        return "torch"
     fallback = f"set {ENV_VAR}=torch to use the PyTorch path instead"
     if kernels is None:
         raise ValueError(f"the Triton backend is needed for {device.type} tensors but {reason}; {fallback}")
@@ -100,5 +103,5 @@ def front_door(x, weight, bias, lora_A, lora_B, check: Callable, run: Callable):
                     f"{name} requires grad, but lorafast trains only the adapters (lora_A, lora_B) and computes no "
                     f"gradient for the base layer; freeze it with {name}.requires_grad_(False)"
                 )
-    backend = resolve_backend(x.device, x.dtype)
+    backend = resolve_backend(x.device, x.dtype, lora_A.shape[-2])  # lora_A (r, in) or stacked (K, R, in)
     return run((x, weight, bias, lora_A, lora_B), checked, backend, dropout_seed(backend) if dropout else 0)

@@ -15,6 +15,7 @@ from .validation import check_lora_inputs
 class LoRALinearFunction(torch.autograd.Function):
     """x ``(..., in)``, weight ``(out, in)``, bias ``(out,)``/None, lora_A ``(r, in)``, lora_B ``(out, r)``, scaling,
     dropout_p, seed (unused at p = 0), backend ``"triton"``/``"torch"`` -> ``(..., out)``; unchecked (see lora_linear).
+    A 2-D x gives an output that is no view, so it may be changed in place (lora_linear passes x flattened).
     """
 
     @staticmethod
@@ -24,7 +25,7 @@ class LoRALinearFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -59,7 +60,7 @@ def lora_linear(
 
     CUDA tensors run the Triton kernels, others the PyTorch path (``LORAFAST_BACKEND`` overrides, see
     :mod:`lorafast.backend`). Under ``torch.autocast`` all inputs are first cast as ``F.linear``'s would be.
-    Raises ValueError on a shape, dtype or device mismatch, r outside [1, min(in, out)], dropout_p outside
+    Raises ValueError on a shape, dtype or device mismatch, r < 1, dropout_p outside
     [0, 1), a weight or bias that requires grad (no gradient is computed for them), or an unusable backend.
     """
 
@@ -68,6 +69,10 @@ def lora_linear(
         return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
 
     def run(tensors, p, backend, seed):
-        return LoRALinearFunction.apply(*tensors, float(scaling), p, seed, backend)
+        x, *others = tensors
+        # Flattened outside the Function: its output is then no view made inside it, so callers may change it in
+        # place (as PEFT's wrapping tuner layers do).
+        y = LoRALinearFunction.apply(x.reshape(-1, x.shape[-1]), *others, float(scaling), p, seed, backend)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     return front_door(x, weight, bias, lora_A, lora_B, check, run)

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import dora
 from .function import lora_linear
-from .validation import check_dropout, check_rank, check_scaling
+from .validation import check_dropout, check_rank, check_scaling, lora_scaling
 
 
 class LoRALayer(nn.Module):
@@ -26,6 +26,15 @@ class LoRALayer(nn.Module):
         """``(lora_A (r, in), lora_B (out, r), r, alpha, dropout)`` of adapter ``name`` (None: the layer's one)."""
         raise NotImplementedError
 
+    def uses_rslora(self, name: str | None = None) -> bool:
+        """Whether adapter ``name`` scales by ``alpha / sqrt(r)`` (rank-stabilised LoRA) rather than ``alpha / r``."""
+        return False
+
+    def adapter_scaling(self, name: str | None = None) -> float:
+        """The scale of adapter ``name``'s update: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        _, _, r, alpha, _ = self.factors(name)
+        return lora_scaling(alpha, r, self.uses_rslora(name))
+
     def _set_merged(self, merged: bool) -> None:
         """Fold the adapter in use into the weight (``merged``), or leave the weight unmerged."""
         raise NotImplementedError
@@ -34,8 +43,8 @@ class LoRALayer(nn.Module):
     def get_delta_weight(self, name: str | None = None) -> torch.Tensor:
         """``scaling·B·A`` of adapter ``name`` (fp32 math) in the weight's dtype and layout, ``(out, in)`` or
         ``(in, out)`` for a Conv1D, as PEFT's."""
-        lora_A, lora_B, r, alpha, _ = self.factors(name)
-        return self._in_weight_layout(_scaled_product(lora_A, lora_B, alpha / r))
+        lora_A, lora_B, *_ = self.factors(name)
+        return self._in_weight_layout(_scaled_product(lora_A, lora_B, self.adapter_scaling(name)))
 
     def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
@@ -45,10 +54,11 @@ class LoRALayer(nn.Module):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def _adapter_forward(self, x: torch.Tensor, name: str | None = None) -> torch.Tensor:
-        lora_A, lora_B, r, alpha, dropout = self.factors(name)
+        lora_A, lora_B, _, _, dropout = self.factors(name)
         # fp32 factors on a half-precision base are cast here (differentiable: their gradients stay fp32)
         lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        return lora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, alpha / r, dropout, self.training)
+        scaling = self.adapter_scaling(name)
+        return lora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, scaling, dropout, self.training)
 
     def to_base_layer(self, merge: bool = False) -> nn.Module:
         """The plain ``nn.Linear`` (a Conv1D for ``fan_in_fan_out``) holding this layer's weight and bias, the
@@ -66,16 +76,20 @@ class LoRALayer(nn.Module):
 class FusedLoRALinear(LoRALayer):
     """``y = x·Wᵀ + b + (alpha/r)·(drop(x)·Aᵀ)·Bᵀ``, x ``(..., in_features)`` -> ``(..., out_features)``; W, b frozen.
 
+    ``use_rslora``: scale by ``alpha/sqrt(r)`` (rank-stabilised LoRA, PEFT's ``use_rslora``) instead of ``alpha/r``.
     Keeps ``nn.Linear``'s state_dict keys (``weight``, ``bias``), so a base checkpoint loads unchanged (the
     missing factors keep their init), and adds ``lora_A`` ``(r, in)`` (Kaiming-uniform, as PEFT) and ``lora_B``
-    ``(out, r)`` (zeros: the layer starts equal to the base layer). ``r`` in [1, min(in, out)], ``dropout`` (on
-    the LoRA input in training) in [0, 1). ``adapter_dtype`` of the factors, None: fp32 on an fp16/bf16 weight
-    (as PEFT, so optimizer updates keep their precision), else the weight's; they are cast to the compute
-    dtype in forward and their gradients arrive in adapter_dtype. ``from_linear`` also wraps GPT-2's ``Conv1D``
-    (weight ``(in, out)``), kept in that layout and key, read transposed without a copy (``fan_in_fan_out``).
+    ``(out, r)`` (zeros: the layer starts equal to the base layer). ``r`` >= 1 (above min(in, out) too, as
+    PEFT), ``dropout`` (on the LoRA input in training) in [0, 1). ``adapter_dtype`` of the factors, None: fp32
+    on an fp16/bf16 weight (as PEFT, so optimizer updates keep their precision), else the weight's; they are
+    cast to the compute dtype in forward and their gradients arrive in adapter_dtype. ``from_linear`` also
+    wraps GPT-2's ``Conv1D`` (weight ``(in, out)``), kept in that layout and key, read transposed without a
+    copy (``fan_in_fan_out``).
     ``use_dora``: DoRA (:mod:`lorafast.dora`), with a trainable magnitude ``lora_magnitude`` ``(out,)``
     initialised as PEFT's to the row norms of W0.
     """
+
+    use_rslora = False
 
     def __init__(
         self,
@@ -89,6 +103,7 @@ class FusedLoRALinear(LoRALayer):
         device=None,
         dtype=None,
         adapter_dtype: torch.dtype | None = None,
+        use_rslora: bool = False,
         use_dora: bool = False,
     ):
         super().__init__()
@@ -100,7 +115,7 @@ class FusedLoRALinear(LoRALayer):
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._init_lora(r, alpha, dropout, adapter_dtype, use_dora)
+        self._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, use_dora)
         self.reset_parameters()
 
     @classmethod
@@ -112,6 +127,7 @@ class FusedLoRALinear(LoRALayer):
         alpha: float = 16,
         dropout: float = 0.0,
         adapter_dtype: torch.dtype | None = None,
+        use_rslora: bool = False,
         use_dora: bool = False,
     ):
         """Wrap an ``nn.Linear`` or ``Conv1D``, reusing (not copying) and freezing its weight and bias; a
@@ -136,15 +152,22 @@ class FusedLoRALinear(LoRALayer):
             _adopt_conv1d(layer, linear)
         else:
             adopt_frozen_base(layer, linear)
-        layer._init_lora(r, alpha, dropout, adapter_dtype, use_dora)
+        layer._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, use_dora)
         layer.reset_lora_parameters()
         return layer
 
     def _init_lora(
-        self, r: int, alpha: float, dropout: float, adapter_dtype: torch.dtype | None = None, use_dora: bool = False
+        self,
+        r: int,
+        alpha: float,
+        dropout: float,
+        adapter_dtype: torch.dtype | None = None,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         check_scaling(alpha)
         check_dropout(dropout)
+        self.use_rslora = bool(use_rslora)
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
         factory = {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
@@ -158,8 +181,11 @@ class FusedLoRALinear(LoRALayer):
 
     @property
     def scaling(self) -> float:
-        """``alpha / r``."""
-        return self.alpha / self.r
+        """``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``)."""
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
+
+    def uses_rslora(self, name: str | None = None) -> bool:
+        return self.use_rslora
 
     def reset_parameters(self) -> None:
         """Initialise W and b as ``nn.Linear`` does, then the LoRA factors."""
@@ -242,6 +268,7 @@ class FusedLoRALinear(LoRALayer):
     def extra_repr(self) -> str:
         merged = ", merged=True" if self.merged else ""
         merged += ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        merged += ", use_rslora=True" if self.use_rslora else ""
         merged += ", use_dora=True" if self.use_dora else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -17,6 +17,7 @@ from torch import nn
 from .layer import FusedLoRALinear, LoRALayer, check_no_dora_over_quantized, conv1d_class, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
 from .quantized import held_quantized_bases, is_quantized_linear, note_trainable_adapters
+from .validation import check_rank, check_scaling
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
@@ -86,6 +87,47 @@ def _all_linear(model: nn.Module, allowed: tuple[type, ...]) -> dict[str, nn.Mod
     return matched
 
 
+def pattern_value(name: str, pattern: dict | None, default):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the value of the first key (a regular expression) that
+    matches the end of module ``name`` after a ``.`` (or all of it), else ``default``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def check_patterns(rank_pattern: dict | None, alpha_pattern: dict | None) -> None:
+    """Raise ValueError unless the patterns map names to ranks >= 1 and to finite alphas."""
+    for option, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
+            raise ValueError(f"{option} must be a dict of module name patterns to numbers, got {pattern!r:.100}")
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"{option} key {key!r} is not a regular expression: {exc}") from exc
+            if option == "rank_pattern":
+                check_rank(value)
+            else:
+                check_scaling(value)
+
+
+def layer_settings(
+    names, r: int, alpha: float, rank_pattern: dict | None = None, alpha_pattern: dict | None = None
+) -> dict[str, tuple[int, float]]:
+    """``{module name: (r, alpha)}``: ``r`` and ``alpha`` unless a pattern names the module (PEFT's meaning)."""
+    check_patterns(rank_pattern, alpha_pattern)
+    settings = {
+        name: (pattern_value(name, rank_pattern, r), pattern_value(name, alpha_pattern, alpha)) for name in names
+    }
+    for rank, layer_alpha in settings.values():
+        check_rank(rank)
+        check_scaling(layer_alpha)
+    return settings
+
+
 def _single_adapter_bases() -> tuple[type, ...]:
     """The module types apply_lora adapts: nn.Linear, and transformers' Conv1D when it is loaded."""
     conv1d = conv1d_class()
@@ -109,14 +151,21 @@ def apply_lora(
     alpha: float = 16,
     dropout: float = 0.0,
     adapter_dtype: torch.dtype | None = None,
+    *,
+    use_rslora: bool = False,
     use_dora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` (and GPT-2 ``Conv1D``) modules of ``model`` in place by FusedLoRALinear.
 
     The layers reuse the linears' weights (no copy); every other parameter is frozen, so only the factors train.
-    ``target_modules`` as in the module docstring; r, alpha, dropout, adapter_dtype, use_dora as in FusedLoRALinear.
-    Returns ``model``. ValueError if LoRA is already applied, a target matches no module (the message lists
-    the model's linear layers), or a matched module is not an ``nn.Linear``.
+    ``target_modules`` as in the module docstring; r, alpha, dropout, adapter_dtype, use_rslora, use_dora as in
+    FusedLoRALinear. ``rank_pattern``/``alpha_pattern`` (PEFT's): ``{pattern: r or alpha}`` for the modules whose
+    name ends with a match of the pattern (a regular expression; the first matching key wins). Returns ``model``.
+    ValueError if LoRA is already applied, a target matches no module (the message lists the model's linear
+    layers), a matched module is not an ``nn.Linear``, a pattern is malformed, or DoRA is asked for over a
+    bitsandbytes base.
     """
     if next(lora_layers(model), None) is not None:
         raise ValueError("the model already has LoRA layers; call merge_lora() or remove_lora() before applying again")
@@ -127,17 +176,14 @@ def apply_lora(
         )
     matched = select_targets(model, target_modules, allowed=_single_adapter_bases())
     default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
+    settings = layer_settings(matched, r, alpha, rank_pattern, alpha_pattern)
     check_no_dora_over_quantized(use_dora, [type(m).__name__ for m in matched.values() if is_quantized_linear(m)])
     for param in model.parameters():
         param.requires_grad_(False)
     for name, module in matched.items():
-        _replace(
-            model,
-            name,
-            FusedLoRALinear.from_linear(
-                module, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype, use_dora=use_dora
-            ),
-        )
+        layer_r, layer_alpha = settings[name]
+        options = {"dropout": dropout, "adapter_dtype": adapter_dtype, "use_rslora": use_rslora, "use_dora": use_dora}
+        _replace(model, name, FusedLoRALinear.from_linear(module, r=layer_r, alpha=layer_alpha, **options))
     note_trainable_adapters(model)  # lorafast.quantized: QLoRA under transformers' Trainer
     return model
 

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from .layer import default_adapter_dtype
-from .model import DEFAULT_TARGETS, _replace, _single_adapter_bases, lora_layers, multi_lora_layers, select_targets
+from .model import (
+    DEFAULT_TARGETS,
+    _replace,
+    _single_adapter_bases,
+    layer_settings,
+    lora_layers,
+    multi_lora_layers,
+    select_targets,
+)
 from .multi_layer import MultiLoRALinear
 from .row_adapters import RowAdapters, scoped_row_adapters
 
@@ -37,15 +45,19 @@ def add_adapter(
     alpha: float = 16,
     dropout: float = 0.0,
     adapter_dtype: torch.dtype | None = None,
+    *,
+    use_rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> nn.Module:
     """Add a named LoRA adapter (its own r, alpha, dropout) to ``model`` in place; returns ``model``.
 
     The first one turns the targeted ``nn.Linear`` and GPT-2 ``Conv1D`` modules (``target_modules`` as in
     ``apply_lora``) into MultiLoRALinear (sharing their weights), freezes every other parameter and becomes active;
-    later ones must target the same modules. ``adapter_dtype`` as in ``apply_lora`` (None: fp32 factors on an
-    fp16/bf16 model). All factors train, so several adapters can train in one mixed batch. ValueError on
-    ``apply_lora`` layers, an existing name, a bad adapter_dtype, or targets that match nothing, are not linear, or
-    differ.
+    later ones must target the same modules. ``adapter_dtype``, ``use_rslora``, ``rank_pattern`` and
+    ``alpha_pattern`` as in ``apply_lora`` (None: fp32 factors on an fp16/bf16 model). All factors train, so several
+    adapters can train in one mixed batch. ValueError on ``apply_lora`` layers, an existing name, a bad
+    adapter_dtype, or targets that match nothing, are not linear, or differ.
     """
     if next(lora_layers(model), None) is not None:
         raise ValueError(
@@ -55,6 +67,7 @@ def add_adapter(
     layers = dict(multi_lora_layers(model))
     matched = select_targets(model, target_modules, allowed=(*_single_adapter_bases(), MultiLoRALinear))
     default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
+    settings = layer_settings(matched, r, alpha, rank_pattern, alpha_pattern)
     if layers and set(matched) != set(layers):
         raise ValueError(
             f"adapter {name!r} targets different modules than the model's other adapters "
@@ -69,8 +82,10 @@ def add_adapter(
     first = next(iter(layers.values()))
     if name in first.adapter_names:
         raise ValueError(f"the model already has an adapter named {name!r}; remove_adapter() it first")
-    for layer in layers.values():
-        layer.add_adapter(name, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
+    for module_name, layer in layers.items():
+        layer_r, layer_alpha = settings[module_name]
+        options = {"dropout": dropout, "adapter_dtype": adapter_dtype, "use_rslora": use_rslora}
+        layer.add_adapter(name, r=layer_r, alpha=layer_alpha, **options)
     for module_name, layer in layers.items():
         if matched[module_name] is not layer:
             _replace(model, module_name, layer)

@@ -17,7 +17,7 @@ from torch import nn
 from .layer import LoRALayer, _adopt_conv1d, adopt_frozen_base, default_adapter_dtype, is_conv1d
 from .multi_function import apply_multi_lora, dropout_tensor, host_values_on, scalings_dtype
 from .row_adapters import RowAdapters, active_row_adapters
-from .validation import autocast_dtype, check_dropout, check_rank, check_scaling
+from .validation import autocast_dtype, check_dropout, check_rank, check_scaling, lora_scaling
 
 
 class MultiLoRALinear(LoRALayer):
@@ -60,6 +60,7 @@ class MultiLoRALinear(LoRALayer):
         self.lora_B = nn.ParameterDict()
         self.alphas: dict[str, float] = {}
         self.dropouts: dict[str, float] = {}
+        self.rslora: set[str] = set()  # adapters scaled by alpha / sqrt(r)
         self.active_adapter: str | None = None
         self.row_adapters: torch.Tensor | None = None  # set_row_adapters's ids, None when not set
         self._layer_row_adapters: RowAdapters | None = None
@@ -75,16 +76,25 @@ class MultiLoRALinear(LoRALayer):
         return {name: a.shape[0] for name, a in self.lora_A.items()}
 
     def scaling(self, name: str) -> float:
-        """``alpha / r`` of adapter ``name``."""
+        """``alpha / r`` of adapter ``name`` (``alpha / sqrt(r)`` for an rsLoRA one)."""
         self._check_name(name)
-        return self.alphas[name] / self.lora_A[name].shape[0]
+        return lora_scaling(self.alphas[name], self.lora_A[name].shape[0], self.uses_rslora(name))
+
+    def uses_rslora(self, name: str | None = None) -> bool:
+        return name in getattr(self, "rslora", ())
 
     def add_adapter(
-        self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, adapter_dtype: torch.dtype | None = None
+        self,
+        name: str,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        adapter_dtype: torch.dtype | None = None,
+        use_rslora: bool = False,
     ) -> None:
         """Add adapter ``name``: A Kaiming-uniform, B zeros (so it starts as the base layer). ``adapter_dtype`` as in
         ``FusedLoRALinear`` (None: fp32 on an fp16/bf16 weight, else the weight's); a layer's adapters share one
-        dtype in a mixed batch."""
+        dtype in a mixed batch. ``use_rslora``: scaled by ``alpha / sqrt(r)``."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
@@ -98,11 +108,14 @@ class MultiLoRALinear(LoRALayer):
         self.lora_A[name] = lora_A
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         self.alphas[name], self.dropouts[name] = alpha, float(dropout)
+        if use_rslora:
+            self.rslora.add(name)
 
     def remove_adapter(self, name: str) -> None:
         """Delete adapter ``name`` (the active adapter becomes None if it was this one)."""
         self._check_name(name)
         del self.lora_A[name], self.lora_B[name], self.alphas[name], self.dropouts[name]
+        self.rslora.discard(name)
         if self.active_adapter == name:
             self.active_adapter = None
 
@@ -167,7 +180,7 @@ class MultiLoRALinear(LoRALayer):
         """``(scalings (K,), dropout (K,) float32 or None)`` on ``device``, rebuilt when adapters change, not per call
         (so the mixed forward copies no number between host and device)."""
         names = self.adapter_names
-        key = (device, dtype, tuple((n, self.alphas[n], self.lora_A[n].shape[0], self.dropouts[n]) for n in names))
+        key = (device, dtype, tuple((n, self.scaling(n), self.dropouts[n]) for n in names))
         cached = self._values_cache
         if cached is None or cached[0] != key:
             scalings = host_values_on([self.scaling(n) for n in names], dtype, device)

@@ -12,6 +12,7 @@ only: PEFT's second base GEMM on the dropped input is not run, see :mod:`lorafas
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections import Counter
 
@@ -21,7 +22,7 @@ from torch import nn
 from .dora import dora_linear
 from .function import lora_linear
 from .layer import is_conv1d
-from .multi_function import multi_lora_linear
+from .multi_function import MAX_STACKED_RANK, multi_lora_linear
 from .multi_stack import stack_factors
 from .quantized import (
     is_quantized_linear,
@@ -63,6 +64,8 @@ def _adapter_reason(layer: nn.Module, name: str) -> str | None:
         return f"dropout {type(layer.lora_dropout[name]).__name__}"
     if not isinstance(layer.scaling[name], (int, float)):
         return "tensor scaling"
+    if layer.r[name] > MAX_STACKED_RANK:
+        return f"rank above {MAX_STACKED_RANK}"
     return None
 
 
@@ -73,16 +76,23 @@ def _is_dora(layer: nn.Module, name: str) -> bool:
 def _layer_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot be patched (its base, or every adapter, unsupported), or None when it can."""
     if type(layer) is not _peft_linear_class():
-        return f"PEFT {type(layer).__name__}"
+        return _tuner_name(layer)
+    if not _has_plain_base(layer):
+        return f"base {type(layer.base_layer).__name__}"
     base = layer.get_base_layer()
     quantized = is_quantized_linear(base)  # a bitsandbytes base: lorafast.quantized
-    if type(base) is not nn.Linear and not is_conv1d(base) and not quantized:
-        return f"base {type(base).__name__}"
     if not quantized and (not base.weight.is_floating_point() or base.weight.dim() != 2):
         return f"quantized base ({base.weight.dtype})"
     reasons = [_adapter_reason(layer, name) for name in layer.lora_A]
     # Patched when one adapter can run fused: each call checks its own adapter and falls back to PEFT.
     return None if None in reasons or not reasons else reasons[0]
+
+
+def _has_plain_base(layer: nn.Module) -> bool:
+    """Whether the layer's immediate base is a plain ``nn.Linear`` or ``Conv1D``, not another tuner's layer (as in a
+    ``PeftMixedModel``, where PEFT's forward runs the inner tuner through ``base_layer``)."""
+    base = layer.base_layer
+    return type(base) is nn.Linear or is_conv1d(base) or is_quantized_linear(base)
 
 
 def _dropout_p(layer: nn.Module, name: str) -> float:
@@ -101,7 +111,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's ``Linear.forward`` with the LoRA layer computed by lorafast where supported."""
     adapter_names = kwargs.get("adapter_names")
     extra = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
-    if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
+    if args or extra or self.disable_adapters or self.merged or not _has_plain_base(self) or not _base_is_frozen(self):
         return super(_fused_class, self).forward(x, *args, **kwargs)
     if adapter_names is not None:
         if is_quantized_linear(self.get_base_layer()):  # mixed batches over a quantized base: PEFT's forward
@@ -168,11 +178,12 @@ def _make_fused_class() -> type:
     if _fused_class is None:
         linear = _peft_linear_class()
         _fused_class = type(
-            "PeftFusedLinear",
+            "Linear",  # PEFT's class name, so the repr reads lora.Linear(...) as PEFT's
             (linear,),
             {
                 "forward": _fused_forward,
                 "__module__": __name__,
+                "__qualname__": "PeftFusedLinear",  # where pickle finds the class (module __getattr__ below)
                 "__doc__": "PEFT's LoRA Linear whose forward runs lorafast's fused LoRA linear (see patch_peft).",
             },
         )
@@ -186,25 +197,53 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _tuner_name(layer: nn.Module) -> str:
+    """PEFT's name for a tuner layer as its repr gives it: ``lora.Embedding``, ``ia3.Linear``."""
+    parts = type(layer).__module__.split(".")
+    tuner = parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else "peft"
+    return f"{tuner}.{type(layer).__name__}"
+
+
+def _is_peft_model(model) -> bool:
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+    mixed = getattr(sys.modules.get("peft.mixed_model"), "PeftMixedModel", ())
+    return isinstance(model, (PeftModel, BaseTuner, BaseTunerLayer, *((mixed,) if mixed else ())))
+
+
 def patch_peft(model: nn.Module) -> nn.Module:
     """Run lorafast's fused LoRA linear in every supported PEFT LoRA ``Linear`` of ``model``; returns it.
 
-    ``model``: a ``PeftModel`` or any module holding PEFT LoRA layers. Supported: a frozen floating ``nn.Linear``
-    or GPT-2 ``Conv1D`` base, PEFT's ``lora.bnb.Linear4bit``/``Linear8bitLt`` (QLoRA, see :mod:`lorafast.quantized`;
-    mixed batches there keep PEFT's forward), adapters plain or DoRA (DoRA over a quantized base keeps PEFT's
-    forward), without other variants or ``lora_bias``. Others
-    (Embedding, Conv, ...) keep PEFT's forward; one ``lorafast.peft_patch`` log line counts the patched layers
-    and why others are not. Calling again patches layers added since. ValueError if it holds no PEFT LoRA layer.
+    ``model``: a ``PeftModel``, a tuner model (``LoraModel``), a PEFT layer, or a module holding PEFT LoRA
+    layers. Supported: a frozen floating ``nn.Linear`` or GPT-2 ``Conv1D`` base, PEFT's
+    ``lora.bnb.Linear4bit``/``Linear8bitLt`` (QLoRA, see :mod:`lorafast.quantized`; mixed batches there keep PEFT's
+    forward), adapters plain or DoRA (DoRA over a quantized base keeps PEFT's forward), without other variants
+    or ``lora_bias``. Everything else (Embedding, Conv, other
+    tuners, ...) keeps PEFT's forward, and one ``lorafast.peft_patch`` log line counts the patched layers and names
+    why others are not (a warning when some, or all, are not patched). Never raises on a model PEFT accepts;
+    calling again patches layers added since. TypeError if ``model`` is not an ``nn.Module``, ValueError if it is
+    neither a PEFT model nor holds a PEFT layer.
     """
     from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_peft expects a peft.PeftModel (an nn.Module), got {type(model).__name__}")
     fused = _make_fused_class()
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} holds no PEFT LoRA layer; patch_peft expects a peft.PeftModel")
+    tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not tuner_layers and not _is_peft_model(model):
+        raise ValueError(
+            f"{type(model).__name__} holds no PEFT LoRA layer; patch_peft expects a peft.PeftModel "
+            "(get_peft_model or PeftModel.from_pretrained)"
+        )
     reasons: Counter[str] = Counter()
-    patched = 0
-    for layer in layers:
+    patched = lora_count = 0
+    for layer in tuner_layers:
+        if not isinstance(layer, LoraLayer):
+            reasons[_tuner_name(layer)] += 1
+            continue
+        lora_count += 1
         quantized = peft_fused_class(layer)  # PEFT's bitsandbytes layers: lorafast.quantized
         if quantized is not None:
             layer.__class__ = quantized
@@ -219,10 +258,12 @@ def patch_peft(model: nn.Module) -> nn.Module:
             patched += 1
         else:
             reasons[reason] += 1
-    message = f"lorafast.patch_peft: {patched} of {len(layers)} PEFT LoRA layers run lorafast's fused LoRA"
+    message = f"lorafast.patch_peft: {patched} of {lora_count} PEFT LoRA layers run lorafast's fused LoRA"
     if reasons:
         message += "; PEFT's forward kept for " + ", ".join(f"{n} ({r})" for r, n in reasons.most_common())
-    (logger.warning if reasons else logger.info)(message)
+    elif not patched:
+        message += f"; {type(model).__name__} holds no PEFT tuner layer"
+    (logger.warning if reasons or not patched else logger.info)(message)
     return model
 
 

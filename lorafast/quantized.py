@@ -521,11 +521,12 @@ def _peft_fused_class(name: str) -> type:
     if name not in _peft_fused:
         peft_class = _peft_bnb_class(name)
         _peft_fused[name] = type(
-            f"PeftFused{name}",
+            name,  # PEFT's class name, so the repr reads lora.Linear4bit(...) as PEFT's
             (peft_class,),
             {
                 "forward": _peft_fused_forward,
                 "__module__": __name__,
+                "__qualname__": f"PeftFused{name}",  # where pickle finds the class (module __getattr__ below)
                 "__doc__": f"PEFT's LoRA {name} whose forward runs lorafast's QLoRA linear (see patch_peft).",
             },
         )

@@ -9,15 +9,22 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_rank(r: int, in_features: int, out_features: int) -> None:
-    """Raise ValueError unless ``1 <= r <= min(in_features, out_features)``."""
+def check_rank(r: int, in_features: int | None = None, out_features: int | None = None) -> None:
+    """Raise ValueError unless ``r`` is an int >= 1.
+
+    As PEFT, a rank above ``min(in_features, out_features)`` is allowed: ``B·A`` then has rank at most
+    ``min(in, out)``, over-parameterised but legal (tiny heads and PEFT's own tests use it).
+    """
     if isinstance(r, bool) or not isinstance(r, int):
         raise ValueError(f"LoRA rank r must be an int, got {type(r).__name__}")
-    if not 1 <= r <= min(in_features, out_features):
-        raise ValueError(
-            f"LoRA rank r={r} must be between 1 and min(in_features, out_features) = "
-            f"min({in_features}, {out_features}) = {min(in_features, out_features)}"
-        )
+    if r < 1:
+        layer = "" if in_features is None else f" (layer of in_features={in_features}, out_features={out_features})"
+        raise ValueError(f"LoRA rank r={r} must be at least 1{layer}")
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The LoRA update's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora`` (rank-stabilised LoRA)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def check_dropout(p: float) -> None:

@@ -97,7 +97,7 @@ def test_saved_adapter_is_small(tmp_path):
 
 @pytest.mark.parametrize(
     "option,value",
-    [("rank_pattern", {"q_proj": 4}), ("alpha_pattern", {"v_proj": 8}), ("use_rslora", True)],
+    [("lora_bias", True)],
 )
 def test_unsupported_peft_options_are_named(tmp_path, option, value):
     peft_model = _trained_peft(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **{option: value}))
@@ -146,8 +146,11 @@ def test_save_needs_lora_layers(tmp_path):
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_adapter(tiny_bart(), tmp_path)
     model = _trained_lorafast()
-    next(lora_layers(model))[1].alpha = 3
-    with pytest.raises(ValueError, match=r"differ in \(r, alpha, dropout\)"):
+    next(lora_layers(model))[1].dropout = 0.1
+    with pytest.raises(ValueError, match=r"differ in \(dropout, use_rslora\)"):
+        save_adapter(model, tmp_path)
+    next(lora_layers(model))[1].dropout, next(lora_layers(model))[1].use_rslora = 0.0, True
+    with pytest.raises(ValueError, match=r"differ in \(dropout, use_rslora\)"):
         save_adapter(model, tmp_path)
 
 

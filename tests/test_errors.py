@@ -24,11 +24,7 @@ def inputs():
         (lambda x, w, b, a, bb: (x, w, b[:5], a, bb), r"bias must have shape \(12,\)"),
         (lambda x, w, b, a, bb: (x, w, b, a[:, :8], bb), r"lora_A must have shape \(r, in_features=16\)"),
         (lambda x, w, b, a, bb: (x, w, b, a, bb[:, :3]), r"lora_B must have shape \(out_features, r\) = \(12, 4\)"),
-        (
-            lambda x, w, b, a, bb: (x, w, b, torch.randn(13, 16), torch.randn(12, 13)),
-            r"r=13 must be between 1 and .* = 12",
-        ),
-        (lambda x, w, b, a, bb: (x, w, b, torch.randn(0, 16), torch.randn(12, 0)), "r=0 must be between 1"),
+        (lambda x, w, b, a, bb: (x, w, b, torch.randn(0, 16), torch.randn(12, 0)), "r=0 must be at least 1"),
         (
             lambda x, w, b, a, bb: (x.half(), w, b, a, bb),
             "dtype mismatch: x is torch.float16 but weight is torch.float32",
@@ -61,7 +57,7 @@ def test_bad_scaling(inputs, scaling):
         lora_linear(*inputs, scaling)
 
 
-@pytest.mark.parametrize("r", [0, -1, 13, 2.5])
+@pytest.mark.parametrize("r", [0, -1, 2.5])
 def test_bad_rank_in_layer(r):
     with pytest.raises(ValueError, match="rank r"):
         FusedLoRALinear(16, 12, r=r)

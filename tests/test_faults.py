@@ -477,7 +477,7 @@ def _edit_tensor(directory: Path, destination: Path, edit) -> Path:
 @pytest.mark.parametrize(
     "corrupt,message",
     [
-        (lambda d, t: _edit_config(d, t, r=8), r"says r=8 but"),
+        (lambda d, t: _edit_config(d, t, r=8), r"says r=8 for \S+ but"),
         (lambda d, t: _edit_config(d, t, r=4.9), "r must be a positive integer, got 4.9"),
         (lambda d, t: _edit_config(d, t, lora_alpha=math.nan), "lora_alpha must be a finite number"),
         (lambda d, t: _edit_config(d, t, lora_dropout=5.0), r"lora_dropout must be a number in \[0, 1\)"),

@@ -158,5 +158,5 @@ def test_apply_errors():
     apply_lora(model)
     with pytest.raises(ValueError, match="already has LoRA layers"):
         apply_lora(model)
-    with pytest.raises(ValueError, match="rank r=65"):
-        apply_lora(tiny_bart(), r=65)
+    with pytest.raises(ValueError, match="rank r=0 must be at least 1"):
+        apply_lora(tiny_bart(), r=0)

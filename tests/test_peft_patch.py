@@ -1,12 +1,14 @@
 """patch_peft: PEFT models run lorafast's fused LoRA on PEFT's own parameters, with PEFT's results."""
 
 import copy
+import importlib
 import logging
+import pickle
 from functools import partial
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny_models import MODELS, TASK_TYPES, lm_batch
 
@@ -190,20 +192,75 @@ def test_unsupported_layers_keep_peft_forward_and_are_counted(caplog, fused_call
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lorafast.peft_patch"):
         patch_peft(embed)
-    assert "2 of 3 PEFT LoRA layers" in caplog.text and "1 (PEFT Embedding)" in caplog.text
+    assert "2 of 3 PEFT LoRA layers" in caplog.text and "1 (lora.Embedding)" in caplog.text
     embed(**lm_batch("llama"))
     assert fused_calls["lora_linear"] == 2
 
 
 def test_unpatch_restores_peft_and_errors():
+    from peft.tuners.lora.layer import Linear
+
     peft_model = _peft("llama")
     patch_peft(peft_model)
     assert patched_layer_count(peft_model) == 14
     unpatch_peft(peft_model)
     assert patched_layer_count(peft_model) == 0
-    assert type(peft_model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert type(peft_model.base_model.model.model.layers[0].self_attn.q_proj) is Linear
     with pytest.raises(ValueError, match="holds no PEFT LoRA layer"):
         patch_peft(MODELS["llama"]())
+    with pytest.raises(TypeError, match=r"expects a peft\.PeftModel"):
+        patch_peft("model")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False),  # LoRA on no linear layer
+        IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),  # another tuner
+    ],
+    ids=["lora-embedding-only", "ia3"],
+)
+def test_a_model_peft_accepts_with_nothing_to_patch_warns_and_keeps_peft(config, caplog, fused_calls):
+    peft_model = get_peft_model(MODELS["llama"](), config)
+    batch = lm_batch("llama")
+    with torch.no_grad():
+        want = peft_model(**batch).logits
+    with caplog.at_level(logging.INFO, logger="lorafast.peft_patch"):
+        assert patch_peft(peft_model) is peft_model
+    assert patched_layer_count(peft_model) == 0
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and "PEFT's forward kept for" in record.message
+    assert ("lora.Embedding" if isinstance(config, LoraConfig) else "4 (ia3.Linear)") in record.message
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, want, rtol=0, atol=0)
+    assert fused_calls["lora_linear"] == 0
+
+
+def test_patched_layers_look_like_peft_layers(tmp_path):
+    from peft.tuners.lora.layer import Linear
+
+    peft_model, patched = _pair("llama")
+    peft_layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    layer = patched.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer) is not Linear and isinstance(layer, Linear)
+    assert type(layer).__name__ == "Linear" and repr(layer).startswith("lora.Linear(")
+    assert repr(patched) == repr(peft_model)
+    assert patched.state_dict().keys() == peft_model.state_dict().keys()
+    batch = lm_batch("llama")
+    batch.pop("labels")
+    # The project never unpickles from bytes (test_faults); what loading a whole saved model needs is checked
+    # instead: torch.save and pickle serialise it, pickle finds the patched class by its module and qualified
+    # name, and deepcopy rebuilds the model through the same reduce protocol.
+    torch.save(patched, tmp_path / "model.pt")
+    assert pickle.dumps(patched)
+    cls = type(layer)
+    assert getattr(importlib.import_module(cls.__module__), cls.__qualname__) is cls
+    restored = copy.deepcopy(patched)
+    assert patched_layer_count(restored) == 14
+    with torch.no_grad():
+        _close(restored.eval()(**batch).logits, patched.eval()(**batch).logits)
+    assert repr(unpatch_peft(patched)) == repr(peft_model) and type(layer) is Linear
+    assert type(peft_layer) is Linear
 
 
 def test_bf16_base_with_fp32_adapters_trains_the_fp32_factors():
@@ -282,3 +339,37 @@ def test_torch_compile_of_a_patched_model_matches_eager():
     _close(compiled.logits, eager.logits)
     for name, grad in _lora_grads(patched).items():
         _close(grad, want[name])
+
+
+def test_a_rank_above_the_kernels_range_keeps_peft_forward(caplog):
+    config = LoraConfig(r=300, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+    peft_model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(10, 20)), config)
+    x = torch.randn(3, 10)
+    want = peft_model(x)
+    with caplog.at_level(logging.INFO, logger="lorafast.peft_patch"):
+        patch_peft(peft_model)
+    assert patched_layer_count(peft_model) == 0 and "1 (rank above 256)" in caplog.text
+    torch.testing.assert_close(peft_model(x), want, rtol=0, atol=0)
+
+
+def test_a_tuner_layer_wrapping_a_patched_layer_may_add_to_its_output_in_place():
+    from peft import AdaLoraConfig, LoHaConfig
+
+    def mixed(patch):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 2))
+        config = LoraConfig(target_modules=["0"], init_lora_weights=False)
+        model = get_peft_model(net, config, adapter_name="plain", mixed=True)
+        if patch:
+            patch_peft(model)
+        outer = AdaLoraConfig(target_modules=["0"], init_lora_weights=False, total_step=1)
+        model.add_adapter("ada", outer)  # AdaLoRA wraps the LoRA layer and adds to its output in place
+        model.add_adapter("hada", LoHaConfig(target_modules=["2"], init_weights=False))
+        model.set_adapter(["plain", "ada", "hada"])
+        return model
+
+    x = torch.randn(4, 10)
+    want = mixed(False)(x)
+    model = mixed(True)
+    assert patched_layer_count(model) == 1
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)

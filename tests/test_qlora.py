@@ -362,6 +362,7 @@ def test_patch_peft_matches_peft_qlora_fp32(base_dir, bits, caplog):
         lorafast.patch_peft(ours)
     assert "14 of 14 PEFT LoRA layers run lorafast" in caplog.text
     assert patched_layer_count(ours) == 14
+    assert repr(ours) == repr(ref)  # patched layers print as PEFT's lora.Linear4bit / lora.Linear8bitLt
     batch = lm_batch("llama")
     (want_logits, want_grads), (logits, grads) = _step(ref, batch), _step(ours, batch)
     assert _rel(logits, want_logits) < 1e-5
