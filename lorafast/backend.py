@@ -103,5 +103,7 @@ def front_door(x, weight, bias, lora_A, lora_B, check: Callable, run: Callable):
                     f"{name} requires grad, but lorafast trains only the adapters (lora_A, lora_B) and computes no "
                     f"gradient for the base layer; freeze it with {name}.requires_grad_(False)"
                 )
-    backend = resolve_backend(x.device, x.dtype, lora_A.shape[-2])  # lora_A (r, in) or stacked (K, R, in)
+    # lora_A: (r, in), stacked (K, R, in), or the K adapters' own (r_k, in) factors
+    rank = max(a.shape[-2] for a in lora_A) if isinstance(lora_A, (list, tuple)) else lora_A.shape[-2]
+    backend = resolve_backend(x.device, x.dtype, rank)
     return run((x, weight, bias, lora_A, lora_B), checked, backend, dropout_seed(backend) if dropout else 0)

@@ -137,7 +137,7 @@ class FusedLoRALinear(LoRALayer):
         if is_quantized_linear(linear) and cls is FusedLoRALinear:
             check_no_dora_over_quantized(use_dora, [type(linear).__name__])
             return QuantizedLoRALinear.from_linear(
-                linear, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype
+                linear, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype, use_rslora=use_rslora
             )
         conv1d = is_conv1d(linear)
         if not (conv1d or isinstance(linear, nn.Linear)):

@@ -213,8 +213,10 @@ class QuantizedLoRALinear(FusedLoRALinear):
         alpha: float = 16,
         dropout: float = 0.0,
         adapter_dtype: torch.dtype | None = None,
+        use_rslora: bool = False,
     ) -> QuantizedLoRALinear:
-        """Wrap a bitsandbytes ``Linear4bit``/``Linear8bitLt`` (kept, not copied; frozen)."""
+        """Wrap a bitsandbytes ``Linear4bit``/``Linear8bitLt`` (kept, not copied; frozen); ``use_rslora``: scaled by
+        ``alpha / sqrt(r)``."""
         if not is_quantized_linear(linear):
             raise ValueError(f"QuantizedLoRALinear wraps a bitsandbytes Linear4bit or Linear8bitLt, got {type(linear)}")
         check_rank(r, linear.in_features, linear.out_features)
@@ -225,7 +227,7 @@ class QuantizedLoRALinear(FusedLoRALinear):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.base_layer = linear.requires_grad_(False)
         factory = {"device": linear.weight.device, "dtype": default_adapter_dtype(torch.float32, adapter_dtype)}
-        layer.r, layer.alpha, layer.dropout = r, alpha, float(dropout)
+        layer.r, layer.alpha, layer.dropout, layer.use_rslora = r, alpha, float(dropout), bool(use_rslora)
         layer.lora_A = nn.Parameter(torch.empty(r, layer.in_features, **factory))
         layer.lora_B = nn.Parameter(torch.empty(layer.out_features, r, **factory))
         layer.merged = False
@@ -329,14 +331,12 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
     base_weight = QuantizedLoRALinear.base_weight
     _in_weight_layout = QuantizedLoRALinear._in_weight_layout
 
-    def add_adapter(
-        self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, adapter_dtype: torch.dtype | None = None
-    ) -> None:
-        """Add adapter ``name`` as ``MultiLoRALinear.add_adapter`` does, its factors in ``adapter_dtype`` (fp32 by
-        default)."""
+    def add_adapter(self, name: str, *args, **kwargs) -> None:
+        """Add adapter ``name`` as ``MultiLoRALinear.add_adapter`` does (same arguments), its factors in fp32 unless
+        ``adapter_dtype`` says otherwise."""
         self._factor_like = torch.empty(0, device=self.base_layer.weight.device)  # what `weight` shows meanwhile
         try:
-            super().add_adapter(name, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype)
+            super().add_adapter(name, *args, **kwargs)
         finally:
             del self._factor_like
 
@@ -345,8 +345,9 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
         if active_row_adapters(self) is None and self._layer_row_adapters is None:
             if self.active_adapter is None:
                 return self.base_layer(x)
-            lora_A, lora_B, r, alpha, dropout = self.factors(self.active_adapter)
-            return quantized_lora_linear(x, self.base_layer, lora_A, lora_B, alpha / r, dropout, self.training)
+            lora_A, lora_B, _, _, dropout = self.factors(self.active_adapter)
+            scaling = self.scaling(self.active_adapter)  # alpha / r, or alpha / sqrt(r) for rsLoRA
+            return quantized_lora_linear(x, self.base_layer, lora_A, lora_B, scaling, dropout, self.training)
         dtype = compute_dtype(self.base_layer, x)
         factors_dtype = next(iter(self.lora_A.values())).dtype if self.lora_A else dtype
         # fp32 factors on a half-precision compute dtype: autocast stacks them in that dtype once, as it does for

@@ -220,7 +220,7 @@ def test_bad_bases_fail_clearly():
         QuantizedLoRALinear.from_linear(unquantized, r=R)(torch.randn(2, D_IN))
     layer, _ = _quantized_linear("nf4")
     with pytest.raises(ValueError, match="rank"):
-        QuantizedLoRALinear.from_linear(layer, r=D_OUT + 1)
+        QuantizedLoRALinear.from_linear(layer, r=0)  # any r >= 1 is a rank, as in PEFT
 
 
 @needs_bnb
@@ -396,6 +396,32 @@ def test_patch_peft_matches_peft_qlora_bf16(base_dir, bits):
     assert _rel(flat(grads), flat(exact_grads)) < 1.5 * _rel(flat(want_grads), flat(exact_grads)) + 1e-2
     want, got = _losses(ref), _losses(ours)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=3e-2, atol=0)
+
+
+@needs_bnb
+def test_rslora_and_rank_pattern_on_a_4bit_model_load_into_peft_and_back(base_dir, tmp_path):
+    """rsLoRA (alpha/sqrt(r)) and per-layer ranks over a quantized base: PEFT's logits, both ways."""
+    patterns = {"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"down_proj": 4.0}}
+    model = lorafast.apply_lora(_load(base_dir), "all-linear", r=8, alpha=16, use_rslora=True, **patterns)
+    layers = dict(lorafast.lora_layers(model))
+    assert all(isinstance(m, QuantizedLoRALinear) and m.use_rslora for m in layers.values())
+    assert {m.r for n, m in layers.items() if n.endswith("q_proj")} == {4}
+    with torch.no_grad():
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)  # a non-zero update, so the scaling shows
+    lorafast.save_adapter(model, tmp_path / "adapter", task_type="CAUSAL_LM")
+    # train mode before any forward: in eval mode bitsandbytes' CPU backend repacks 4-bit weights for a bf16 kernel
+    peft_model = PeftModel.from_pretrained(_load(base_dir), tmp_path / "adapter").train()
+    assert peft_model.peft_config["default"].use_rslora
+    batch = lm_batch("llama", seed=9)
+    with torch.no_grad():
+        assert _rel(model(**batch).logits, peft_model(**batch).logits) < 1e-5
+        plain = _load(base_dir)(**batch).logits
+        assert _rel(model(**batch).logits, plain) > 1e-3  # the adapter is not a no-op
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    back = lorafast.load_adapter(_load(base_dir), tmp_path / "from_peft")
+    with torch.no_grad():
+        assert _rel(back(**batch).logits, peft_model(**batch).logits) < 1e-5
 
 
 @needs_bnb
