@@ -30,7 +30,7 @@ from .adapter_segments import BLOCK_M, AdapterSegments, RowChunks, adapter_segme
 from .launch import check_tensor
 from .lora_linear import host_seed, seed_tensor
 from .multi_factors import B_COL, adapter_factors, split_grads
-from .multi_lora_matmul import check_operands, multi_forward, multi_lora_matmul
+from .multi_lora_matmul import check_operands, multi_dx, multi_forward, multi_lora_matmul
 from .multi_lora_weight_grad import multi_weight_grad
 
 
@@ -55,12 +55,12 @@ def _backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, need
     factors = adapter_factors(lora_A, lora_B)
     segments = segments or batch_segments(row_adapter, factors.num_adapters)
     seed, ranks, dtype = host_seed(seed), factors.ranks, factors.dtype
-    if need_dx or need_da:
-        grad_x, g = multi_lora_matmul(
-            grad_y, weight, factors, B_COL, None, scalings, segments, need_dx, None, dropout, seed
-        )
-        if need_da:
-            grad_a = multi_weight_grad(x, g, scalings, segments, ranks, dtype, True, dropout=dropout, seed=seed)
+    if need_dx:
+        grad_x, g = multi_dx(grad_y, weight, factors, scalings, segments, None, dropout, seed)
+    elif need_da:
+        _, g = multi_lora_matmul(grad_y, weight, factors, B_COL, None, scalings, segments, False, None, dropout, seed)
+    if need_da:
+        grad_a = multi_weight_grad(x, g, scalings, segments, ranks, dtype, True, dropout=dropout, seed=seed)
     if need_db:
         grad_b = multi_weight_grad(grad_y, xa, scalings, segments, ranks, dtype)
     return grad_x, grad_a, grad_b

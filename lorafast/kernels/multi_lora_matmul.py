@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .adapter_segments import BLOCK_M, UNUSED_BLOCK, AdapterSegments, check_dropout, check_row_ids, resolve_segments
 from .dropout_mask import keep_mask
+from .gemm_choice import choose_path, gemm_key
 from .launch import (
     check_input,
     check_tensor,
@@ -121,7 +122,7 @@ def multi_lora_matmul_kernel(
     stride_scale, stride_dropout, M_BUCKET,
     P_COL: tl.constexpr, Q_COL: tl.constexpr, UNIT_STRIDE: tl.constexpr, ALIGNED: tl.constexpr,
     EQUAL_RANKS: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_C: tl.constexpr, DROPOUT_UP: tl.constexpr,
-    DROPOUT_C: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT_C: tl.constexpr, UP_GIVEN: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     if WRITE_C:
@@ -177,7 +178,9 @@ def multi_lora_matmul_kernel(
     up = up_acc.to(up_ptr.dtype.element_ty)
     up_ptrs = up_ptr + rows[:, None] * stride_upm + offs_r[None, :] * stride_upr
     up_mask = m_mask[:, None] & (offs_r < R)[None, :]
-    if DROPOUT_UP:
+    if UP_GIVEN:  # every row's UP comes from before (the cuBLAS path's epilogue, K = 0)
+        up = tl.load(up_ptrs, mask=up_mask, other=0.0)
+    elif DROPOUT_UP:
         if lora_here | (adapter < 0):
             if pid_n == 0:
                 tl.store(up_ptrs, up, mask=up_mask)
@@ -213,7 +216,7 @@ def multi_lora_matmul_kernel(
 
 multi_lora_matmul_tuned = triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "WRITE_C", "DROPOUT_UP", "DROPOUT_C"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "WRITE_C", "DROPOUT_UP", "DROPOUT_C", "UP_GIVEN"],
     prune_configs_by={"early_config_prune": _prune},
     cache_results=True,
 )(multi_lora_matmul_kernel)
@@ -243,13 +246,15 @@ def check_operands(u, weight, lora_A, lora_B, scalings, row_adapter, bias=None, 
 
 
 def multi_lora_matmul(
-    u, v, factors, p_col, bias, scalings, segments, write_c, config, dropout=None, seed=0, dropout_up=False, up=None
-):
+    u, v, factors, p_col, bias, scalings, segments, write_c, config, dropout=None, seed=0, dropout_up=False, up=None,
+    up_given=False,
+):  # fmt: skip
     """Unchecked launch of the kernel for U ``(M, K)``, V ``(K, N)`` (any strides) and the adapters ``factors``
     (:class:`AdapterFactors`): P_k is factor ``p_col`` (``A_COL``: Aᵀ, forward; ``B_COL``: B, dX), Q_k the other.
 
     ``dropout_up``: ``up`` holds the UP rows of the adapters with p_k > 0 (forward); otherwise,
-    with ``dropout`` and ``write_c``, C's low-rank term is masked and scaled (dX).
+    with ``dropout`` and ``write_c``, C's low-rank term is masked and scaled (dX). ``up_given``: ``up`` holds every
+    row's UP (nothing of it is computed or written).
     Returns ``(C, UP)``; C is None unless ``write_c``; UP ``(M, R)``, R the largest rank.
     """
     M, K = u.shape
@@ -275,7 +280,7 @@ def multi_lora_matmul(
         token_bucket(M),
         p_col, B_COL if p_col == A_COL else A_COL, factors.unit_stride, factors.aligned, factors.equal_ranks,
         bias is not None, write_c,
-        has_dropout and dropout_up, has_dropout and write_c and not dropout_up,
+        has_dropout and dropout_up, has_dropout and write_c and not dropout_up, up_given,
         rank_block(R), dot_precision(u.dtype),
     )  # fmt: skip
     launch(multi_lora_matmul_kernel, multi_lora_matmul_tuned, grid, args, config)
@@ -313,14 +318,57 @@ def fused_multi_lora_forward(
     return multi_forward(x, weight, bias, factors, scalings, segments, config, dropout, seed)
 
 
+# The K = 0 launch has no main loop: one memory-bound tile (BLOCK_M the block table's) serves every GEMM, untuned.
+EPILOGUE_CONFIG = triton.Config(
+    {"BLOCK_M": BLOCK_M, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=2, num_warps=4
+)
+
+
+def cublas_multi_lora_matmul(u, v, factors, p_col, bias, scalings, segments, dropout, seed, up):
+    """:func:`multi_lora_matmul`'s C from every row's given UP ``(M, R)``: the kernel at K = 0 writes
+    ``s_k·keep_i ⊙ (UP_i·Q_k) + b`` (the same mask), then one cuBLAS GEMM adds U·V in place (beta = 1)."""
+    c, _ = multi_lora_matmul(
+        u[:, :0], v[:0], factors, p_col, bias, scalings, segments, True, EPILOGUE_CONFIG, dropout, seed, up=up,
+        up_given=True,
+    )  # fmt: skip
+    return torch.addmm(c, u, v, out=c)
+
+
+def chosen_multi_matmul(op, u, v, factors, p_col, bias, scalings, segments, config, dropout, seed, up, dropout_up):
+    """``(C, UP)`` by the path :func:`.gemm_choice.choose_path` picks for ``op`` (a pinned ``config``: the fused
+    kernel). The cuBLAS path first writes UP alone (the kernel without C), then the epilogue and U·V from it."""
+    args = (u, v, factors, p_col, bias, scalings, segments)
+
+    def fused():
+        return multi_lora_matmul(*args, True, config, dropout, seed, dropout_up=dropout_up, up=up)
+
+    def composite():
+        multi_lora_matmul(*args, False, None, dropout, seed, dropout_up=dropout_up, up=up)
+        epilogue_dropout = None if dropout_up else dropout  # the forward's mask is in xa, dX's on C
+        return cublas_multi_lora_matmul(*args, epilogue_dropout, seed, up), up
+
+    if config is not None or u.shape[0] == 0:
+        return fused()
+    candidates = {"triton": fused, "cublas": composite}
+    key = gemm_key(op, u, v, up, bias, float(dropout is not None))  # p_k are runtime values: dropout or not
+    return candidates[choose_path(key, candidates, u.device)]()
+
+
 def multi_forward(x, weight, bias, factors, scalings, segments, config=None, dropout=None, seed=0):
     """:func:`fused_multi_lora_forward` unchecked, for :class:`AdapterFactors`, with the segments built."""
-    xa = None
+    xa = torch.empty(x.shape[0], factors.rank, dtype=x.dtype, device=x.device)
     if dropout is not None:
-        xa = torch.empty(x.shape[0], factors.rank, dtype=x.dtype, device=x.device)
         launch_multi_dropout_xa(x, factors, dropout, seed, segments, xa, True, None)
-    return multi_lora_matmul(
-        x, weight.t(), factors, A_COL, bias, scalings, segments, True, config, dropout, seed, dropout_up=True, up=xa
+    return chosen_multi_matmul(
+        "multi_forward", x, weight.t(), factors, A_COL, bias, scalings, segments, config, dropout, seed, xa, True
+    )
+
+
+def multi_dx(grad_y, weight, factors, scalings, segments, config=None, dropout=None, seed=0):
+    """:func:`fused_multi_lora_dx` with ``with_dx`` unchecked: ``(dX (n, in), g (n, R))``."""
+    g = torch.empty(grad_y.shape[0], factors.rank, dtype=grad_y.dtype, device=grad_y.device)
+    return chosen_multi_matmul(
+        "multi_dx", grad_y, weight, factors, B_COL, None, scalings, segments, config, dropout, seed, g, False
     )
 
 
@@ -345,4 +393,6 @@ def fused_multi_lora_dx(
     num_adapters = check_operands(grad_y, weight, lora_A, lora_B, scalings, row_adapter, None, dropout, seed, True)
     segments = resolve_segments(segments, row_adapter, num_adapters, grad_y.shape[0], grad_y.device, config)
     factors = stacked_factors(lora_A, lora_B)
-    return multi_lora_matmul(grad_y, weight, factors, B_COL, None, scalings, segments, with_dx, config, dropout, seed)
+    if with_dx:
+        return multi_dx(grad_y, weight, factors, scalings, segments, config, dropout, seed)
+    return multi_lora_matmul(grad_y, weight, factors, B_COL, None, scalings, segments, False, config, dropout, seed)
