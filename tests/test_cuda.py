@@ -188,11 +188,15 @@ def test_saved_bytes_on_cuda(dropout):
     assert saved <= x.numel() * x.element_size() + n * 16 * x.element_size() + factors
 
 
+@pytest.mark.parametrize("gemm", gemm_choice.PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(37, 70, 50), SQUARE])
-def test_mixed_adapter_kernels_match_the_torch_path_on_cuda(shape, dtype, monkeypatch):
-    """The compiled segment kernels against the PyTorch mixed path, on unsorted ids with base-only rows."""
+def test_mixed_adapter_kernels_match_the_torch_path_on_cuda(shape, dtype, gemm, monkeypatch):
+    """The compiled segment kernels against the PyTorch mixed path, on unsorted ids with base-only rows, on both GEMM
+    paths (fused Triton; cuBLAS beside the epilogue kernel)."""
     from lorafast import multi_lora_linear
+
+    monkeypatch.setenv("LORAFAST_GEMM", gemm)
 
     n, d_in, d_out = shape
     g = torch.Generator(device=DEVICE).manual_seed(3)
