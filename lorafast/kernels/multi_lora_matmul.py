@@ -19,6 +19,10 @@ after the K loop the rank-r_k product with the tile's columns of Q_k, scaled by 
 is scattered back to its rows. The programs of column tile 0 also write UP. Blocks of base rows (k = −1) skip the LoRA
 products; blocks past the last segment exit at once. p_k and s_k are per-program scalars loaded for the block's
 adapter; an adapter with p_k = 0 gets exactly the result without dropout.
+
+Its cuBLAS twin (:func:`cublas_multi_lora_matmul`) takes every row's UP from a launch without C (``up_given``: no K
+loop for U·P_k) and runs the kernel with K = 0 for ``s_k·keep_i ⊙ (UP_i·Q_k) + b`` alone, then lets cuBLAS add U·V in
+place; :mod:`.gemm_choice` measures both on CUDA and keeps the faster per shape (:func:`chosen_multi_matmul`).
 """
 
 from __future__ import annotations
