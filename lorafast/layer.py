@@ -164,13 +164,17 @@ class FusedLoRALinear(LoRALayer):
         adapter_dtype: torch.dtype | None = None,
         use_rslora: bool = False,
         use_dora: bool = False,
+        base_dtype: torch.dtype | None = None,
     ) -> None:
+        """The factors and settings; ``base_dtype``: what ``adapter_dtype=None`` follows (default the weight's dtype;
+        fp32 for a quantized base, whose weight is packed integers)."""
         check_scaling(alpha)
         check_dropout(dropout)
         self.use_rslora = bool(use_rslora)
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
-        factory = {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
+        base_dtype = self.weight.dtype if base_dtype is None else base_dtype
+        factory = {"device": self.weight.device, "dtype": default_adapter_dtype(base_dtype, adapter_dtype)}
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from .backend import front_door, implementation
-from .layer import FusedLoRALinear, _allow_missing_lora_keys, _scaled_product, default_adapter_dtype
+from .layer import FusedLoRALinear, _scaled_product
 from .multi_layer import MultiLoRALinear
 from .row_adapters import active_row_adapters
-from .validation import autocast_dtype, check_dropout, check_lora_inputs, check_rank, check_scaling
+from .validation import autocast_dtype, check_lora_inputs, check_rank
 
 _BASE = "base_layer"  # the quantized module's name inside QuantizedLoRALinear (hidden from state_dict keys)
 
@@ -220,18 +220,12 @@ class QuantizedLoRALinear(FusedLoRALinear):
         if not is_quantized_linear(linear):
             raise ValueError(f"QuantizedLoRALinear wraps a bitsandbytes Linear4bit or Linear8bitLt, got {type(linear)}")
         check_rank(r, linear.in_features, linear.out_features)
-        check_scaling(alpha)
-        check_dropout(dropout)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.base_layer = linear.requires_grad_(False)
-        factory = {"device": linear.weight.device, "dtype": default_adapter_dtype(torch.float32, adapter_dtype)}
-        layer.r, layer.alpha, layer.dropout, layer.use_rslora = r, alpha, float(dropout), bool(use_rslora)
-        layer.lora_A = nn.Parameter(torch.empty(r, layer.in_features, **factory))
-        layer.lora_B = nn.Parameter(torch.empty(layer.out_features, r, **factory))
-        layer.merged = False
-        layer.register_load_state_dict_post_hook(_allow_missing_lora_keys)
+        layer.base_layer = linear
+        layer._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, base_dtype=torch.float32)
+        linear.requires_grad_(False)  # after the checks above: a refused call leaves the module as it was
         _register_key_hooks(layer)
         layer.reset_lora_parameters()
         return layer
