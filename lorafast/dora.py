@@ -33,17 +33,22 @@ def _storage_key(weight: torch.Tensor) -> tuple:
 def base_row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
     """``‖W0‖²`` per row of weight ``(out, in)`` -> ``(out,)`` in fp32 (fp64 for fp64), cached per weight tensor
     (its ``_base`` for a view) and recomputed when its storage, version (an in-place change) or layout changes."""
+    if torch.compiler.is_compiling():  # a cache keyed on storage cannot be guarded: one more read of W0, in-graph
+        return _row_norms_sq(weight)
     owner = weight._base if weight._base is not None else weight
     key = (*_storage_key(weight), _storage_key(owner))
     cached = _BASE_NORMS.get(id(owner))
     if cached is not None and cached[0]() is owner and cached[1] == key:
         return cached[2]
-    with torch.no_grad():
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        norms = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square_()
+    norms = _row_norms_sq(weight)
     ident = id(owner)
     _BASE_NORMS[ident] = (weakref.ref(owner, lambda _: _BASE_NORMS.pop(ident, None)), key, norms)
     return norms
+
+
+@torch.no_grad()
+def _row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.promote_types(weight.dtype, torch.float32)).square()
 
 
 @torch.no_grad()
@@ -97,7 +102,7 @@ class DoRALinearFunction(torch.autograd.Function):
         g = magnitude.detach().to(norm.dtype) / norm  # fp32 (fp64 for fp64)
         x2 = x.reshape(-1, x.shape[-1])
         if backend == "triton":  # g in the fused GEMM's epilogue
-            from .kernels.dora_linear import dora_forward
+            from .kernels.dora_linear import forward as dora_forward
 
             y, xa = dora_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, g.float())
         elif _folds_into_weight(backend, x2):
@@ -122,8 +127,8 @@ class DoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         grad_m = None
         if needs[5]:
-            grad_m = _magnitude_grad(grad_y, y.reshape(grad_y.shape), x2, xa, weight, bias, lora_B, magnitude, norm,
-                                     ctx.scaling)  # fmt: skip
+            args = (grad_y, y.reshape(grad_y.shape), x2, xa, weight, bias, lora_B, magnitude, norm, ctx.scaling)
+            grad_m = _magnitude_grad_op(*args) if torch.compiler.is_compiling() else _magnitude_grad(*args)
         grad_x = grad_a = grad_b = None
         if needs[0] or needs[3] or needs[4]:
             wanted = (needs[0], needs[3], needs[4])
@@ -158,6 +163,28 @@ def _magnitude_grad(grad_y, y, x, xa, weight, bias, lora_B, magnitude, norm, sca
         z = _pre_scale_columns(x, xa, weight, lora_B.to(x.dtype), scaling, cols).to(acc)
         grad_m[cols] = (grad_y[:, cols].to(acc) * z).sum(0) / norm[cols].to(acc)
     return grad_m.to(magnitude.dtype)
+
+
+# The m = 0 columns make _magnitude_grad data-dependent: under torch.compile it runs as one opaque operator.
+@torch.library.custom_op("lorafast::dora_magnitude_grad", mutates_args=())
+def _magnitude_grad_op(
+    grad_y: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    return _magnitude_grad(grad_y, y, x, xa, weight, bias, lora_B, magnitude, norm, scaling)
+
+
+@_magnitude_grad_op.register_fake
+def _(grad_y, y, x, xa, weight, bias, lora_B, magnitude, norm, scaling):
+    return magnitude.new_empty(magnitude.shape)
 
 
 def dora_linear(

@@ -14,11 +14,10 @@ from lorafast.kernels import multi_lora_linear as kernel_multi_lora_linear
 from lorafast.multi_function import apply_multi_lora
 
 
-def _model(dropout=0.0):
+def _model(dropout=0.0, use_dora=False):
     torch.manual_seed(0)
-    model = nn.Sequential(
-        FusedLoRALinear(16, 32, r=4, dropout=dropout), nn.GELU(), FusedLoRALinear(32, 8, r=2, dropout=dropout)
-    )
+    options = {"dropout": dropout, "use_dora": use_dora}
+    model = nn.Sequential(FusedLoRALinear(16, 32, r=4, **options), nn.GELU(), FusedLoRALinear(32, 8, r=2, **options))
     for layer in (model[0], model[2]):
         nn.init.normal_(layer.lora_B, std=0.5)
     return model
@@ -69,6 +68,30 @@ def test_compiled_model_has_no_graph_break(backend, mode, dropout, monkeypatch):
     torch.testing.assert_close(compiled[0], eager[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(compiled[1], eager[1], atol=1e-4, rtol=1e-4)
     assert len(compiled[2]) == len(eager[2]) == 4
+    for got, want in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "backend,mode,dropout",
+    [("torch", "train", 0.0), ("torch", "eval", 0.2), ("triton", "train", 0.0), ("triton", "train", 0.1)],
+)
+def test_compiled_dora_model_has_no_graph_break(backend, mode, dropout, monkeypatch):
+    """fullgraph=True over DoRA layers: the base norms are computed in the graph, the Triton forward runs as
+    ``lorafast::dora_forward`` and m's gradient (data-dependent where m = 0) as ``lorafast::dora_magnitude_grad``;
+    outputs and the gradients of x, A, B and m match eager, also for a zero magnitude entry."""
+    monkeypatch.setenv("LORAFAST_BACKEND", backend)
+    torch._dynamo.reset()
+    model = _model(dropout, use_dora=True).train(mode == "train")
+    with torch.no_grad():
+        model[0].lora_magnitude[3] = 0.0  # its gradient needs the pre-scale output recomputed on that column
+    x = torch.randn(3, 5, 16)
+    eager = _forward_backward(model, x)
+    compiled = _forward_backward(torch.compile(model, fullgraph=True), x)
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled[1], eager[1], atol=1e-4, rtol=1e-4)
+    assert len(compiled[2]) == len(eager[2]) == 6
+    assert eager[2][2][3] != 0  # dm of the zeroed entry
     for got, want in zip(compiled[2], eager[2]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

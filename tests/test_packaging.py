@@ -66,7 +66,8 @@ def layout_problems(checkout: Path) -> list[str]:
     """What is wrong with ``checkout``'s module layout, seen from a process started in it: a ``kernels`` module loaded
     from the checkout (a second copy of lorafast's kernels, which transformers' hub-kernels probe imports, redefining
     the ``lorafast::`` operators and leaving the first definitions dangling), or an operator defined outside
-    ``lorafast.kernels``/``lorafast.dropout``. Hugging Face's ``kernels`` from site-packages is expected."""
+    ``lorafast.kernels``/``lorafast.dropout``/``lorafast.dora``. Hugging Face's ``kernels`` from site-packages is
+    expected."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(checkout)}
     run = subprocess.run([sys.executable, "-c", LAYOUT_PROBE], cwd=checkout, env=env, capture_output=True, text=True)
     if run.returncode != 0:
@@ -88,7 +89,7 @@ def layout_problems(checkout: Path) -> list[str]:
     problems += [
         f"operator {op} defined by {module}"
         for op, module in loaded["operators"].items()
-        if not module.startswith(("lorafast.kernels.", "lorafast.dropout"))
+        if not module.startswith(("lorafast.kernels.", "lorafast.dropout", "lorafast.dora"))
     ]
     if not any(op.startswith("lorafast::lora_") for op in loaded["operators"]):
         problems.append(f"lorafast's operators are not registered: {sorted(loaded['operators'])}")

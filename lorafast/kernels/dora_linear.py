@@ -1,6 +1,7 @@
 """DoRA's forward from the Triton kernels: the shrink kernel for ``xa = drop(x)·Aᵀ``, then the fused LoRA GEMM with
 DoRA's ``g = m/‖W0 + s·BA‖_row`` as a column scale in its epilogue, ``y = g ⊙ (x·W0ᵀ + s·xa·Bᵀ) + b`` in one pass
-over x. (Backward runs the LoRA kernels on ``dY ⊙ g``: see :mod:`lorafast.dora`.)
+over x. (Backward runs the LoRA kernels on ``dY ⊙ g``: see :mod:`lorafast.dora`.) Under torch.compile it runs as the
+operator ``lorafast::dora_forward``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import triton
 from .dropout_xa import lora_project
 from .fused_lora_matmul import check_operands, fused_lora_matmul
 from .launch import check_tensor
-from .lora_linear import host_seed
+from .lora_linear import host_seed, seed_tensor
 
 
 def dora_forward(
@@ -35,3 +36,30 @@ def dora_forward(
     xa = lora_project(x, lora_A, dropout_p, host_seed(seed))
     y = fused_lora_matmul(x, weight.t(), xa, lora_B.t(), bias, scaling, 0.0, 0, config, col_scale=col_scale)
     return y, xa
+
+
+@torch.library.custom_op("lorafast::dora_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    col_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return dora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale)
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale):
+    """:func:`dora_forward` for the library's DoRA Function: as an operator in a torch.compile graph, else direct."""
+    if not torch.compiler.is_compiling():
+        return dora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale)
+    return _forward_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_tensor(seed), col_scale)
