@@ -106,7 +106,7 @@ def _install() -> None:
 
         setattr(PeftModel, name, functools.wraps(original)(method))
 
-    for name in ("lora_linear", "multi_lora_linear"):
+    for name in ("lora_linear", "multi_lora_linear", "dora_linear"):
         real = getattr(lorafast.peft_patch, name)
 
         def counted(*args, _real=real, **kwargs):
@@ -191,5 +191,5 @@ def pytest_terminal_summary(terminalreporter):
     mode = "patched" if PATCH else "unpatched (LORAFAST_PEFT_PATCH=0)"
     terminalreporter.write_line(
         f"lorafast PEFT suite, {mode}: {_counts['models']} models through patch_peft, "
-        f"{_counts['patched_layers']} patched layers, {_counts['fused_calls']} fused LoRA calls"
+        f"{_counts['patched_layers']} patched layers, {_counts['fused_calls']} fused LoRA and DoRA calls"
     )
