@@ -11,6 +11,9 @@ dropout 0 or in eval). Backward keeps x (the caller's), ``xa = drop(x)·Aᵀ`` `
 whatever the next op saves of it) and two ``(out,)`` vectors; m's gradient ``Σₙ dY ⊙ z / ‖·‖`` uses the pre-scale
 output ``z = (y - b) / g`` recovered from y (columns where m = 0 are recomputed from x), so no ``(n, out)`` tensor
 is kept beyond y and nothing is recomputed by a base GEMM. dA, dB, dX are the LoRA gradients of ``dY ⊙ g``.
+
+:class:`ReloadedWeightDoRALinearFunction` is the same over a transient W0 that backward rebuilds instead of keeping
+(a dequantized bitsandbytes weight, :func:`lorafast.quantized.quantized_dora_linear`).
 """
 
 from __future__ import annotations
