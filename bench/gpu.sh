@@ -28,12 +28,12 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if [ $dry_run = 1 ]; then
     export TRITON_INTERPRET=1 LORAFAST_BACKEND=triton LORAFAST_BENCH_DRY_RUN=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-    device=cpu tests_timeout=120 bench_timeout=210 qlora_timeout=120
+    device=cpu tests_timeout=120 bench_timeout=210 qlora_timeout=240
     echo "dry run on $(nproc) CPU cores: no GPU" | tee "$out/gpu_machine.txt"
     install=(python3 -m pip install -q --dry-run --no-deps --no-build-isolation -e .)
 else
     export TRITON_INTERPRET=0
-    device=cuda tests_timeout=120 bench_timeout=210 qlora_timeout=120
+    device=cuda tests_timeout=120 bench_timeout=210 qlora_timeout=240
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu_machine.txt"
     install=(python3 -m pip install -q --no-deps --no-build-isolation -e .)
 fi

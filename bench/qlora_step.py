@@ -1,5 +1,6 @@
 """QLoRA training steps of a small random Llama loaded in 4-bit NF4 (double quant) through transformers'
-``BitsAndBytesConfig``: PEFT QLoRA, PEFT + ``patch_peft`` and lorafast's ``apply_lora``, all linear layers, r=16.
+``BitsAndBytesConfig``: PEFT QLoRA, PEFT + ``patch_peft`` and lorafast's ``apply_lora``, all linear layers, r=16;
+each also with DoRA (``<method>-dora``: ``use_dora=True``).
 
 Used by ``test_qlora_bench.py`` (timing, interleaved in one process) and, as a script, to measure one method's
 peak memory in a process of its own (on CPU a process's peak resident memory is the only clean peak):
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_step import peak_resident_bytes
 
 METHODS = ("peft", "patched", "lorafast")
+DORA_METHODS = tuple(f"{m}-dora" for m in METHODS)
 R, ALPHA = 16, 32
 # CPU: a Llama small enough for 2 cores; CUDA: a 0.4B-parameter shape, where dequantization and memory matter.
 SHAPES = {
@@ -54,7 +56,7 @@ def save_base(directory: Path, device: torch.device) -> Path:
 
 
 def build(method: str, directory: Path, device: torch.device):
-    """The 4-bit model with ``method``'s LoRA on every linear layer, and its AdamW."""
+    """The 4-bit model with ``method``'s LoRA (DoRA for ``<method>-dora``) on every linear layer, and its AdamW."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -68,10 +70,13 @@ def build(method: str, directory: Path, device: torch.device):
         directory, quantization_config=quant, device_map=device.type if device.type == "cpu" else 0, dtype=compute
     )
     torch.manual_seed(1)
+    use_dora = method.endswith("-dora")
+    method = method.removesuffix("-dora")
     if method == "lorafast":
-        model = lorafast.apply_lora(model, "all-linear", r=R, alpha=ALPHA)
+        model = lorafast.apply_lora(model, "all-linear", r=R, alpha=ALPHA, use_dora=use_dora)
     else:
-        model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear"))
+        config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", use_dora=use_dora)
+        model = get_peft_model(model, config)
         if method == "patched":
             lorafast.patch_peft(model)
     model.train()
@@ -94,7 +99,7 @@ def train_step(model, optimizer, batch) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--method", choices=METHODS + DORA_METHODS, required=True)
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()

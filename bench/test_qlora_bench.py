@@ -1,4 +1,5 @@
-"""QLoRA benchmarks (bitsandbytes NF4, double quant): lorafast against PEFT QLoRA, interleaved.
+"""QLoRA benchmarks (bitsandbytes NF4, double quant): lorafast against PEFT QLoRA, interleaved; each also with DoRA
+(lorafast QLoRA-DoRA against PEFT QLoRA-DoRA).
 
 - one layer's forward+backward: PEFT QLoRA (``lora.bnb.Linear4bit``), the same after ``patch_peft``, lorafast's
   ``QuantizedLoRALinear`` and, for scale, lorafast over the dense weight; time, activation bytes kept for backward
@@ -42,8 +43,9 @@ else:
     ROUNDS = 4
 
 
-def _candidates(d_in, d_out, r, dropout=0.0) -> dict[str, nn.Module]:
-    """The four layers over one NF4-quantized weight (its dense copy for DENSE), with the same adapter."""
+def _candidates(d_in, d_out, r, dropout=0.0, use_dora=False) -> dict[str, nn.Module]:
+    """The four layers over one NF4-quantized weight (its dense copy for DENSE), with the same adapter (DoRA for
+    ``use_dora``: the same magnitudes too)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -59,15 +61,16 @@ def _candidates(d_in, d_out, r, dropout=0.0) -> dict[str, nn.Module]:
     def peft_layer():
         holder = nn.Sequential(quantized())
         holder.is_loaded_in_4bit = True  # what PEFT reads to wrap the layer as lora.bnb.Linear4bit
-        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["0"])
+        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["0"], use_dora=use_dora)
         return get_peft_model(holder, config)
 
     peft = peft_layer().base_model.model[0]
     patched = lorafast.patch_peft(peft_layer()).base_model.model[0]
-    ours = lorafast.FusedLoRALinear.from_linear(quantized(), r=r, alpha=2 * r, dropout=dropout)
+    ours = lorafast.FusedLoRALinear.from_linear(quantized(), r=r, alpha=2 * r, dropout=dropout, use_dora=use_dora)
     with torch.no_grad():
         dense.weight.copy_(ours.base_weight())  # the same (dequantized) W0
-    reference = lorafast.FusedLoRALinear.from_linear(dense, r=r, alpha=2 * r, dropout=dropout, adapter_dtype=DTYPE)
+    reference = lorafast.FusedLoRALinear.from_linear(dense, r=r, alpha=2 * r, dropout=dropout, adapter_dtype=DTYPE,
+                                                     use_dora=use_dora)  # fmt: skip
     assert type(peft).__name__ == "Linear4bit" and type(patched).__qualname__ == "PeftFusedLinear4bit"
     with torch.no_grad():
         nn.init.normal_(ours.lora_B, std=0.02)
@@ -75,13 +78,20 @@ def _candidates(d_in, d_out, r, dropout=0.0) -> dict[str, nn.Module]:
         for layer in (peft, patched):
             layer.lora_A["default"].weight.copy_(ours.lora_A)
             layer.lora_B["default"].weight.copy_(ours.lora_B)
+            if use_dora:
+                layer.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
+        if use_dora:
+            reference.lora_magnitude.copy_(ours.lora_magnitude)
     return {PEFT_Q: peft.train(), PATCHED_Q: patched.train(), LORAFAST_Q: ours.train(), DENSE: reference.train()}
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-n{c[2]}-r{c[3]}")
-def test_qlora_layer(benchmark, report, case):
+def test_qlora_layer(benchmark, report, case, use_dora):
+    """Rows as in the module docstring; with ``use_dora`` every layer is DoRA (PEFT QLoRA-DoRA as the baseline)."""
     d_in, d_out, tokens, r = case
-    candidates = _candidates(d_in, d_out, r)
+    label = "QLoRA-DoRA" if use_dora else "QLoRA"
+    candidates = _candidates(d_in, d_out, r, use_dora=use_dora)
     x = torch.randn(tokens, d_in, device=DEVICE, dtype=DTYPE, requires_grad=True)
     grad_y = torch.randn(tokens, d_out, device=DEVICE, dtype=DTYPE)
     runs = {name: forward_backward(module, x, grad_y) for name, module in candidates.items()}
@@ -103,20 +113,23 @@ def test_qlora_layer(benchmark, report, case):
         }  # fmt: skip
         benchmark.extra_info[name] = rows[name]
     ours, peft = rows[LORAFAST_Q], rows[PEFT_Q]
-    report.targets.append(Target(f"{DEVICE.type.upper()} QLoRA fwd+bwd lorafast / PEFT ({where})",
+    report.targets.append(Target(f"{DEVICE.type.upper()} {label} fwd+bwd lorafast / PEFT ({where})",
                                  ours["vs_peft_qlora"], 1.0))  # fmt: skip
-    budget = (x.numel() + tokens * r) * x.element_size()
-    report.targets.append(Target(f"QLoRA saved MiB, |x| + n·r as limit ({where})", ours["saved_bytes"] / 2**20,
+    # DoRA also keeps y (n, out), shared with the next op, and three (out,) vectors
+    budget = (x.numel() + tokens * r + (tokens * d_out + 3 * d_out if use_dora else 0)) * x.element_size()
+    limit = "|x| + n·r + |y|" if use_dora else "|x| + n·r"
+    report.targets.append(Target(f"{label} saved MiB, {limit} as limit ({where})", ours["saved_bytes"] / 2**20,
                                  budget / 2**20))  # fmt: skip
     note = (
-        f"QLoRA layer {where}: fwd+bwd ms lorafast {ours['fwd_bwd_ms']:.2f}, PEFT {peft['fwd_bwd_ms']:.2f}, "
-        f"patch_peft {rows[PATCHED_Q]['fwd_bwd_ms']:.2f}, dense LoRA {rows[DENSE]['fwd_bwd_ms']:.2f}; saved for "
+        f"{label} layer {where}: fwd+bwd ms lorafast {ours['fwd_bwd_ms']:.2f}, PEFT {peft['fwd_bwd_ms']:.2f}, "
+        f"patch_peft {rows[PATCHED_Q]['fwd_bwd_ms']:.2f}, dense {rows[DENSE]['fwd_bwd_ms']:.2f}; saved for "
         f"backward lorafast {ours['saved_bytes'] / 2**20:.2f} MiB, PEFT {peft['saved_bytes'] / 2**20:.2f} MiB"
     )
     if DEVICE.type == "cuda":
         note += "; peak MiB " + ", ".join(f"{n} {rows[n]['peak_bytes'] / 2**20:.0f}" for n in rows)
-        report.targets.append(Target(f"GPU QLoRA peak memory lorafast / PEFT ({where})",
+        report.targets.append(Target(f"GPU {label} peak memory lorafast / PEFT ({where})",
                                      ours["peak_bytes"] / peft["peak_bytes"], 1.0))  # fmt: skip
+    print("\n" + note)
     report.notes.append(note)
 
 
@@ -136,17 +149,31 @@ def _peak_bytes(method: str, directory: Path, built) -> int:
 
 
 def test_qlora_training_step(benchmark, report):
-    from qlora_step import METHODS, SHAPES, build, make_batch, plan, save_base, train_step
+    from qlora_step import METHODS
 
+    _training_step(benchmark, report, METHODS, "QLoRA")
+
+
+def test_qlora_dora_training_step(benchmark, report):
+    from qlora_step import DORA_METHODS
+
+    _training_step(benchmark, report, DORA_METHODS, "QLoRA-DoRA")
+
+
+def _training_step(benchmark, report, methods, label):
+    """``methods``' steps interleaved (the first is the baseline, then patch_peft, then lorafast): time and peak."""
+    from qlora_step import SHAPES, build, make_batch, plan, save_base, train_step
+
+    peft_m, patched_m, lorafast_m = methods
     with tempfile.TemporaryDirectory() as tmp:
         directory = save_base(Path(tmp), DEVICE)
         batch = make_batch(DEVICE)
         built = {}
-        for method in METHODS:
+        for method in methods:
             model, optimizer = build(method, directory, DEVICE)
             built[method] = (model, optimizer, batch)
-        runs = {m: (lambda m=m: train_step(*built[m])) for m in METHODS}
-        times = {m: [] for m in METHODS}
+        runs = {m: (lambda m=m: train_step(*built[m])) for m in methods}
+        times = {m: [] for m in methods}
 
         def one_round():
             for name, ts in interleaved(runs, 1, Timer(DEVICE), warmup=0).items():
@@ -154,25 +181,30 @@ def test_qlora_training_step(benchmark, report):
 
         rounds = 10 if DEVICE.type == "cuda" else 1 if DRY_RUN else 6
         benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0 if DRY_RUN else 1, iterations=1)
-        timing = summarize(times, baselines=("peft",))
-        peaks = {m: _peak_bytes(m, directory, built) for m in METHODS}
+        timing = summarize(times, baselines=(peft_m,))
+        peaks = {m: _peak_bytes(m, directory, built) for m in methods}
     shape = SHAPES[plan(DEVICE)]
     where = (
         f"Llama hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, batch {shape['batch']}×"
         f"{shape['tokens']}, NF4 double quant, all linear r=16"
     )
-    for method in METHODS:
+    for method in methods:
         benchmark.extra_info[method] = {"step_s": timing[method]["seconds"], "peak_bytes": peaks[method]}
-    report.targets.append(Target(f"{DEVICE.type.upper()} QLoRA step time lorafast / PEFT ({where})",
-                                 timing["lorafast"]["vs peft"], 1.0))  # fmt: skip
-    report.targets.append(Target(f"{DEVICE.type.upper()} QLoRA step time patch_peft / PEFT ({where})",
-                                 timing["patched"]["vs peft"], 1.0))  # fmt: skip
-    report.targets.append(Target(f"{DEVICE.type.upper()} QLoRA peak memory lorafast / PEFT ({where})",
-                                 peaks["lorafast"] / peaks["peft"], 1.0))  # fmt: skip
+    kind = DEVICE.type.upper()
+    report.targets.append(Target(f"{kind} {label} step time lorafast / PEFT ({where})",
+                                 timing[lorafast_m][f"vs {peft_m}"], 1.0))  # fmt: skip
+    report.targets.append(Target(f"{kind} {label} step time patch_peft / PEFT ({where})",
+                                 timing[patched_m][f"vs {peft_m}"], 1.0))  # fmt: skip
+    report.targets.append(Target(f"{kind} {label} peak memory lorafast / PEFT ({where})",
+                                 peaks[lorafast_m] / peaks[peft_m], 1.0))  # fmt: skip
     peak_kind = "CUDA max allocated" if DEVICE.type == "cuda" else "process peak resident memory"
-    report.notes.append(
-        f"QLoRA step ({where}): s/step "
-        + ", ".join(f"{m} {timing[m]['seconds']:.3f}" for m in METHODS)
+    note = (
+        f"{label} step ({where}): s/step "
+        + ", ".join(f"{m} {timing[m]['seconds']:.3f}" for m in methods)
         + f"; peak ({peak_kind}) MiB "
-        + ", ".join(f"{m} {peaks[m] / 2**20:.0f}" for m in METHODS)
+        + ", ".join(f"{m} {peaks[m] / 2**20:.0f}" for m in methods)
+        + f"; lorafast / PEFT: time {timing[lorafast_m][f'vs {peft_m}']:.2f}×, peak "
+        + f"{peaks[lorafast_m] / peaks[peft_m]:.2f}×"
     )
+    print("\n" + note)
+    report.notes.append(note)

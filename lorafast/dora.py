@@ -11,11 +11,15 @@ dropout 0 or in eval). Backward keeps x (the caller's), ``xa = drop(x)·Aᵀ`` `
 whatever the next op saves of it) and two ``(out,)`` vectors; m's gradient ``Σₙ dY ⊙ z / ‖·‖`` uses the pre-scale
 output ``z = (y - b) / g`` recovered from y (columns where m = 0 are recomputed from x), so no ``(n, out)`` tensor
 is kept beyond y and nothing is recomputed by a base GEMM. dA, dB, dX are the LoRA gradients of ``dY ⊙ g``.
+
+:class:`ReloadedWeightDoRALinearFunction` is the same over a transient W0 that backward rebuilds instead of keeping
+(a dequantized bitsandbytes weight, :func:`lorafast.quantized.quantized_dora_linear`).
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -30,17 +34,21 @@ def _storage_key(weight: torch.Tensor) -> tuple:
     return (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()), weight.dtype)
 
 
-def base_row_norms_sq(weight: torch.Tensor) -> torch.Tensor:
+def base_row_norms_sq(weight: torch.Tensor, dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """``‖W0‖²`` per row of weight ``(out, in)`` -> ``(out,)`` in fp32 (fp64 for fp64), cached per weight tensor
-    (its ``_base`` for a view) and recomputed when its storage, version (an in-place change) or layout changes."""
+    (its ``_base`` for a view) and recomputed when its storage, version (an in-place change) or layout changes.
+
+    ``dense``: for a weight that is not W0 itself (a quantized weight's packed data), a callable giving W0
+    ``(out, in)`` (a dequantization), called only when the norms are (re)computed.
+    """
     if torch.compiler.is_compiling():  # a cache keyed on storage cannot be guarded: one more read of W0, in-graph
-        return _row_norms_sq(weight)
+        return _row_norms_sq(weight if dense is None else dense())
     owner = weight._base if weight._base is not None else weight
     key = (*_storage_key(weight), _storage_key(owner))
     cached = _BASE_NORMS.get(id(owner))
     if cached is not None and cached[0]() is owner and cached[1] == key:
         return cached[2]
-    norms = _row_norms_sq(weight)
+    norms = _row_norms_sq(weight if dense is None else dense())
     ident = id(owner)
     _BASE_NORMS[ident] = (weakref.ref(owner, lambda _: _BASE_NORMS.pop(ident, None)), key, norms)
     return norms
@@ -87,6 +95,61 @@ def _folds_into_weight(backend: str, x: torch.Tensor) -> bool:
     return backend != "triton" and x.shape[0] >= x.shape[1]
 
 
+def _dora_forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, backend, base_sq, owned):
+    """The forward of both DoRA Functions -> ``(y, xa, norm, g)``; ``owned``: weight is a transient copy that may be
+    overwritten (g is folded into it in place)."""
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling, base_sq)
+    g = magnitude.detach().to(norm.dtype) / norm  # fp32 (fp64 for fp64)
+    x2 = x.reshape(-1, x.shape[-1])
+    if backend == "triton":  # g in the fused GEMM's epilogue
+        from .kernels.dora_linear import forward as dora_forward
+
+        y, xa = dora_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, g.float())
+    elif _folds_into_weight(backend, x2):
+        scaled_w = weight.mul_(g.to(weight.dtype)[:, None]) if owned else _scaled_rows(g, weight)[0]
+        y, xa = implementation(backend)[0](x2, scaled_w, bias, lora_A, *_scaled_rows(g, lora_B), scaling, dropout_p,
+                                           seed)  # fmt: skip
+    else:
+        y, xa = implementation(backend)[0](x2, weight, None, lora_A, lora_B, scaling, dropout_p, seed)
+        if bias is None:
+            y.mul_(g.to(y.dtype))
+        else:  # one pass over y
+            torch.addcmul(bias, y, g.to(y.dtype), out=y)
+    ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+    return y.view(*x.shape[:-1], weight.shape[0]), xa, norm, g
+
+
+def _dora_backward(ctx, grad_y, x, xa, weight, bias, lora_A, lora_B, magnitude, norm, g, y, owned):
+    """``(dX, dA, dB, dm)`` of both DoRA Functions; weight None where dX is not needed and m has no zero (nothing
+    reads it then); ``owned`` as in :func:`_dora_forward`."""
+    needs = ctx.needs_input_grad
+    grad_y = grad_y.reshape(-1, grad_y.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    grad_m = None
+    if needs[5]:
+        args = (grad_y, y.reshape(grad_y.shape), x2, xa, weight, bias, lora_B, magnitude, norm, ctx.scaling)
+        grad_m = _magnitude_grad_op(*args) if torch.compiler.is_compiling() else _magnitude_grad(*args)
+    grad_x = grad_a = grad_b = None
+    if needs[0] or needs[3] or needs[4]:
+        wanted = (needs[0], needs[3], needs[4])
+        args = (ctx.scaling, ctx.dropout_p, ctx.seed, wanted)
+        if _folds_into_weight(ctx.backend, x2):  # dB = g ⊙ (the gradient of g ⊙ B)
+            if weight is not None:  # after m's gradient, which reads the unscaled rows
+                weight = weight.mul_(g.to(weight.dtype)[:, None]) if owned else _scaled_rows(g, weight)[0]
+            grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
+                grad_y, x2, xa, weight, lora_A, *_scaled_rows(g, lora_B), *args
+            )
+            if grad_b is not None:
+                grad_b = _scaled_rows(g, grad_b)[0]
+        else:
+            grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
+                grad_y * g.to(grad_y.dtype), x2, xa, weight, lora_A, lora_B, *args
+            )
+    if grad_x is not None:
+        grad_x = grad_x.view(x.shape)
+    return grad_x, grad_a, grad_b, grad_m
+
+
 class DoRALinearFunction(torch.autograd.Function):
     """x ``(..., in)``, weight ``(out, in)``, bias, lora_A ``(r, in)``, lora_B ``(out, r)``, magnitude ``(out,)``,
     scaling, dropout_p, seed, backend, base_sq -> ``(..., out)``; unchecked (see :func:`dora_linear`).
@@ -98,54 +161,47 @@ class DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, backend, base_sq):
-        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, base_sq)
-        g = magnitude.detach().to(norm.dtype) / norm  # fp32 (fp64 for fp64)
-        x2 = x.reshape(-1, x.shape[-1])
-        if backend == "triton":  # g in the fused GEMM's epilogue
-            from .kernels.dora_linear import forward as dora_forward
-
-            y, xa = dora_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, g.float())
-        elif _folds_into_weight(backend, x2):
-            y, xa = implementation(backend)[0](x2, *_scaled_rows(g, weight), bias, lora_A, *_scaled_rows(g, lora_B),
-                                               scaling, dropout_p, seed)  # fmt: skip
-        else:
-            y, xa = implementation(backend)[0](x2, weight, None, lora_A, lora_B, scaling, dropout_p, seed)
-            if bias is None:
-                y.mul_(g.to(y.dtype))
-            else:  # one pass over y
-                torch.addcmul(bias, y, g.to(y.dtype), out=y)
-        y = y.view(*x.shape[:-1], weight.shape[0])
+        y, xa, norm, g = _dora_forward(
+            ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, backend, base_sq, False
+        )
         ctx.save_for_backward(x, xa, weight, bias, lora_A, lora_B, magnitude, norm, g, y)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, xa, weight, bias, lora_A, lora_B, magnitude, norm, g, y = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad_y = grad_y.reshape(-1, grad_y.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_m = None
-        if needs[5]:
-            args = (grad_y, y.reshape(grad_y.shape), x2, xa, weight, bias, lora_B, magnitude, norm, ctx.scaling)
-            grad_m = _magnitude_grad_op(*args) if torch.compiler.is_compiling() else _magnitude_grad(*args)
-        grad_x = grad_a = grad_b = None
-        if needs[0] or needs[3] or needs[4]:
-            wanted = (needs[0], needs[3], needs[4])
-            args = (ctx.scaling, ctx.dropout_p, ctx.seed, wanted)
-            if _folds_into_weight(ctx.backend, x2):  # dB = g ⊙ (the gradient of g ⊙ B)
-                grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
-                    grad_y, x2, xa, *_scaled_rows(g, weight), lora_A, *_scaled_rows(g, lora_B), *args
-                )
-                if grad_b is not None:
-                    grad_b = _scaled_rows(g, grad_b)[0]
-            else:
-                grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
-                    grad_y * g.to(grad_y.dtype), x2, xa, weight, lora_A, lora_B, *args
-                )
-        if grad_x is not None:
-            grad_x = grad_x.view(x.shape)
+        grad_x, grad_a, grad_b, grad_m = _dora_backward(
+            ctx, grad_y, x, xa, weight, bias, lora_A, lora_B, magnitude, norm, g, y, False
+        )
         return grad_x, None, None, grad_a, grad_b, grad_m, None, None, None, None, None
+
+
+class ReloadedWeightDoRALinearFunction(torch.autograd.Function):
+    """:class:`DoRALinearFunction` over a transient weight ``(out, in)`` (e.g. a dequantized W0), with one more
+    argument, ``reload``: a callable giving that weight again. The weight is not saved (backward calls ``reload()``
+    where dX needs it) and may be overwritten in place; saved: x, xa ``(n, r)``, y, the factors, bias and three
+    ``(out,)`` vectors."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, backend, base_sq, reload):
+        y, xa, norm, g = _dora_forward(
+            ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, seed, backend, base_sq, True
+        )
+        ctx.save_for_backward(x, xa, bias, lora_A, lora_B, magnitude, norm, g, y)
+        ctx.reload = reload
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, xa, bias, lora_A, lora_B, magnitude, norm, g, y = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        # m's gradient reads W0 only on columns where m = 0
+        wanted = needs[0] or (needs[5] and bool((magnitude == 0).any()))
+        weight = ctx.reload() if wanted else None
+        grad_x, grad_a, grad_b, grad_m = _dora_backward(
+            ctx, grad_y, x, xa, weight, bias, lora_A, lora_B, magnitude, norm, g, y, True
+        )
+        return grad_x, None, None, grad_a, grad_b, grad_m, None, None, None, None, None, None
 
 
 def _magnitude_grad(grad_y, y, x, xa, weight, bias, lora_B, magnitude, norm, scaling):
@@ -187,6 +243,16 @@ def _(grad_y, y, x, xa, weight, bias, lora_B, magnitude, norm, scaling):
     return magnitude.new_empty(magnitude.shape)
 
 
+def check_magnitude(magnitude, out_features: int | None, x) -> None:
+    """ValueError unless magnitude is a 1-D floating tensor of ``out_features`` (None: any) on x's device."""
+    if not isinstance(magnitude, torch.Tensor) or magnitude.dim() != 1 or not magnitude.is_floating_point():
+        raise ValueError(f"magnitude must be a 1-D floating tensor (out_features,), got {magnitude!r:.80}")
+    if out_features is not None and magnitude.shape[0] != out_features:
+        raise ValueError(f"magnitude must have shape ({out_features},), got {tuple(magnitude.shape)}")
+    if isinstance(x, torch.Tensor) and magnitude.device != x.device:
+        raise ValueError(f"device mismatch: x is on {x.device} but magnitude is on {magnitude.device}")
+
+
 def dora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -203,12 +269,8 @@ def dora_linear(
     Args as :func:`lorafast.lora_linear`, plus magnitude m ``(out,)`` (any floating dtype on x's device; its
     gradient arrives in its dtype). ValueError on bad shapes, dtypes or devices, as lora_linear's.
     """
-    if not isinstance(magnitude, torch.Tensor) or magnitude.dim() != 1 or not magnitude.is_floating_point():
-        raise ValueError(f"magnitude must be a 1-D floating tensor (out_features,), got {magnitude!r:.80}")
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and magnitude.shape[0] != weight.shape[0]:
-        raise ValueError(f"magnitude must have shape ({weight.shape[0]},), got {tuple(magnitude.shape)}")
-    if isinstance(x, torch.Tensor) and magnitude.device != x.device:
-        raise ValueError(f"device mismatch: x is on {x.device} but magnitude is on {magnitude.device}")
+    out_features = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+    check_magnitude(magnitude, out_features, x)
 
     def check(*tensors):
         check_lora_inputs(*tensors, scaling, dropout_p)

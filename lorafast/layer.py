@@ -135,10 +135,8 @@ class FusedLoRALinear(LoRALayer):
         from .quantized import QuantizedLoRALinear, is_quantized_linear  # QLoRA bases
 
         if is_quantized_linear(linear) and cls is FusedLoRALinear:
-            check_no_dora_over_quantized(use_dora, [type(linear).__name__])
-            return QuantizedLoRALinear.from_linear(
-                linear, r=r, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype, use_rslora=use_rslora
-            )
+            options = {"adapter_dtype": adapter_dtype, "use_rslora": use_rslora, "use_dora": use_dora}
+            return QuantizedLoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, **options)
         conv1d = is_conv1d(linear)
         if not (conv1d or isinstance(linear, nn.Linear)):
             raise ValueError(
@@ -280,13 +278,16 @@ class FusedLoRALinear(LoRALayer):
         )
 
 
-def check_no_dora_over_quantized(use_dora: bool, quantized: list[str]) -> None:
-    """ValueError if DoRA is asked for over the ``quantized`` (bitsandbytes) bases named."""
-    if use_dora and quantized:
-        raise ValueError(
-            f"use_dora=True over bitsandbytes bases ({', '.join(sorted(set(quantized)))}) is not supported yet; "
-            "use plain LoRA there, or PEFT's DoRA layers (patch_peft leaves them on PEFT's forward)"
-        )
+def check_dora_bases(use_dora: bool, modules) -> None:
+    """ValueError if ``use_dora`` is not a bool, or is True over a bitsandbytes base in ``modules`` that is not
+    quantized yet (DoRA's magnitude is initialised from W0)."""
+    from .quantized import check_quantized, is_quantized_linear
+
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
+    for module in modules if use_dora else ():
+        if is_quantized_linear(module):
+            check_quantized(module)
 
 
 def default_adapter_dtype(weight_dtype: torch.dtype, adapter_dtype: torch.dtype | None = None) -> torch.dtype:

@@ -14,9 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .layer import FusedLoRALinear, LoRALayer, check_no_dora_over_quantized, conv1d_class, default_adapter_dtype
+from .layer import FusedLoRALinear, LoRALayer, check_dora_bases, conv1d_class, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
-from .quantized import held_quantized_bases, is_quantized_linear, note_trainable_adapters
+from .quantized import held_quantized_bases, note_trainable_adapters
 from .validation import check_rank, check_scaling
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
@@ -165,7 +165,7 @@ def apply_lora(
     name ends with a match of the pattern (a regular expression; the first matching key wins). Returns ``model``.
     ValueError if LoRA is already applied, a target matches no module (the message lists the model's linear
     layers), a matched module is not an ``nn.Linear``, a pattern is malformed, or DoRA is asked for over a
-    bitsandbytes base.
+    bitsandbytes base that is not quantized yet.
     """
     if next(lora_layers(model), None) is not None:
         raise ValueError("the model already has LoRA layers; call merge_lora() or remove_lora() before applying again")
@@ -177,7 +177,7 @@ def apply_lora(
     matched = select_targets(model, target_modules, allowed=_single_adapter_bases())
     default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
     settings = layer_settings(matched, r, alpha, rank_pattern, alpha_pattern)
-    check_no_dora_over_quantized(use_dora, [type(m).__name__ for m in matched.values() if is_quantized_linear(m)])
+    check_dora_bases(use_dora, matched.values())
     for param in model.parameters():
         param.requires_grad_(False)
     for name, module in matched.items():

@@ -5,8 +5,9 @@ active adapter) or :func:`lorafast.multi_lora_linear` (``adapter_names=``) on th
 ``lora_A[name].weight`` / ``lora_B[name].weight``. Nothing is copied or renamed: state_dict, ``save_pretrained``,
 ``set_adapter``, ``disable_adapter()``, merging and the Trainer stay PEFT's. A call that needs what lorafast lacks
 (merged or disabled layer, several active adapters, a variant other than DoRA, ``lora_bias``, trainable base)
-runs PEFT's forward unchanged. DoRA adapters run :func:`lorafast.dora.dora_linear` (dropout on the LoRA branch
-only: PEFT's second base GEMM on the dropped input is not run, see :mod:`lorafast.dora`).
+runs PEFT's forward unchanged. DoRA adapters run :func:`lorafast.dora.dora_linear` (over a bitsandbytes base
+:func:`lorafast.quantized.quantized_dora_linear`; dropout on the LoRA branch only: PEFT's second base GEMM on
+the dropped input is not run, see :mod:`lorafast.dora`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .quantized import (
     is_quantized_linear,
     patched_quantized_count,
     peft_fused_class,
-    quantized_lora_linear,
+    peft_quantized_forward,
     unpatch_peft_quantized,
 )
 
@@ -56,8 +57,6 @@ def _adapter_reason(layer: nn.Module, name: str) -> str | None:
     """Why ``layer``'s adapter ``name`` cannot run fused, or None when it can."""
     if name in layer.lora_variant and not _is_dora(layer, name):
         return type(layer.lora_variant[name]).__name__.removesuffix("LinearVariant") or "LoRA variant"
-    if _is_dora(layer, name) and is_quantized_linear(layer.get_base_layer()):
-        return "DoRA over a quantized base"
     if layer.lora_bias.get(name, False):
         return "lora_bias"
     if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
@@ -121,6 +120,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
         return super(_fused_class, self).forward(x, *args, **kwargs)
     name = active[0]
+    if is_quantized_linear(self.get_base_layer()):
+        return peft_quantized_forward(self, x, name)
     if _is_dora(self, name):
         return dora_linear(
             x,
@@ -133,11 +134,6 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             _dropout_p(self, name),
             True,
         )
-    if is_quantized_linear(self.get_base_layer()):
-        return quantized_lora_linear(
-            x, self.get_base_layer(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-            _dropout_p(self, name), True,
-        )  # fmt: skip
     return lora_linear(
         x,
         _base_weight(self),
@@ -218,12 +214,11 @@ def patch_peft(model: nn.Module) -> nn.Module:
     ``model``: a ``PeftModel``, a tuner model (``LoraModel``), a PEFT layer, or a module holding PEFT LoRA
     layers. Supported: a frozen floating ``nn.Linear`` or GPT-2 ``Conv1D`` base, PEFT's
     ``lora.bnb.Linear4bit``/``Linear8bitLt`` (QLoRA, see :mod:`lorafast.quantized`; mixed batches there keep PEFT's
-    forward), adapters plain or DoRA (DoRA over a quantized base keeps PEFT's forward), without other variants
-    or ``lora_bias``. Everything else (Embedding, Conv, other
-    tuners, ...) keeps PEFT's forward, and one ``lorafast.peft_patch`` log line counts the patched layers and names
-    why others are not (a warning when some, or all, are not patched). Never raises on a model PEFT accepts;
-    calling again patches layers added since. TypeError if ``model`` is not an ``nn.Module``, ValueError if it is
-    neither a PEFT model nor holds a PEFT layer.
+    forward), adapters plain or DoRA (over a quantized base too), without other variants or ``lora_bias``.
+    Everything else (Embedding, Conv, other tuners, ...) keeps PEFT's forward, and one ``lorafast.peft_patch`` log
+    line counts the patched layers and names why others are not (a warning when some, or all, are not patched).
+    Never raises on a model PEFT accepts; calling again patches layers added since. TypeError if ``model`` is not
+    an ``nn.Module``, ValueError if it is neither a PEFT model nor holds a PEFT layer.
     """
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import sys
 import warnings
 
 import torch
 from torch import nn
 
+from . import dora
 from .backend import front_door, implementation
 from .layer import FusedLoRALinear, _scaled_product
 from .multi_layer import MultiLoRALinear
@@ -80,6 +82,20 @@ def _quant_state(module: nn.Module):
     packed, unpacked = _convert_weight_packed_for_cpu_inverse(weight.data, unpacked)
     unpacked.absmax = state.absmax.T.reshape(-1).float()
     return packed, unpacked
+
+
+def check_quantized(module: nn.Module) -> None:
+    """ValueError unless ``module`` is a bitsandbytes ``Linear4bit``/``Linear8bitLt`` whose weight is quantized
+    already (bitsandbytes quantizes when the module is moved to a device, or transformers when it loads)."""
+    if not is_quantized_linear(module):
+        raise ValueError(f"expected a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}")
+    if _is_4bit(module):
+        _quant_state(module)  # raises when there is none
+    elif module.weight.dtype != torch.int8 and not getattr(module.weight, "has_fp16_weights", False):
+        raise ValueError(
+            f"{type(module).__name__} is not quantized yet (its weight is {module.weight.dtype}, not int8): move it "
+            "to a device (.to(...)) or load the model with a BitsAndBytesConfig first"
+        )
 
 
 @torch.no_grad()
@@ -191,6 +207,59 @@ def quantized_lora_linear(
     return y.to(out_dtype)
 
 
+def quantized_row_norms_sq(module: nn.Module) -> torch.Tensor:
+    """``‖W0‖²`` per row ``(out,)`` fp32 of a bitsandbytes module's dequantized W0, cached per quantized weight (its
+    Parameter's storage and version: a merge, which re-quantizes, or a device move invalidates it)."""
+    return dora.base_row_norms_sq(module.weight, lambda: dequantize_weight(module, torch.float32))
+
+
+def quantized_dora_linear(
+    x: torch.Tensor,
+    module: nn.Module,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """:func:`lorafast.dora.dora_linear` over a bitsandbytes ``Linear4bit``/``Linear8bitLt`` ``module``'s frozen W0
+    and bias: ``y = g ⊙ (x·W0ᵀ + s·drop(x)·Aᵀ·Bᵀ) + b``, ``g = m / ‖W0 + s·B·A‖_row`` (detached).
+
+    x ``(..., in)`` -> ``(..., out)``; dtypes as :func:`quantized_lora_linear`'s; magnitude m ``(out,)`` in any
+    floating dtype (its gradient in its dtype). W0 is dequantized into a transient buffer per call and again in
+    backward (never kept); ``‖W0‖²_row`` is cached per quantized weight. ValueError as
+    :func:`quantized_lora_linear`'s and :func:`lorafast.dora.dora_linear`'s.
+    """
+    if not is_quantized_linear(module):
+        raise ValueError(f"quantized_dora_linear expects a bitsandbytes Linear4bit/Linear8bitLt, got {type(module)}")
+    dora.check_magnitude(magnitude, module.out_features, x)
+    dtype = compute_dtype(module, x)
+    under_autocast = autocast_dtype(x) is not None
+    out_dtype = dtype if under_autocast else x.dtype
+    bias = module.bias
+    with torch.autocast(device_type=x.device.type, enabled=False) if under_autocast else contextlib.nullcontext():
+        x_c = x.to(dtype)
+        bias_c = None if bias is None else bias.to(dtype)
+        factors = lora_A.to(dtype), lora_B.to(dtype)  # differentiable casts: the gradients arrive in A's and B's dtype
+        weight = dequantize_weight(module, dtype)
+        # fp64 (references): the norms of the fp64 weight of this call, not the cached fp32 ones
+        base_sq = quantized_row_norms_sq(module) if dtype != torch.float64 else None
+
+        def check(*tensors):
+            check_lora_inputs(*tensors, scaling, dropout_p)
+            return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
+
+        def run(tensors, p, backend, seed):
+            reload = functools.partial(dequantize_weight, module, dtype)
+            return dora.ReloadedWeightDoRALinearFunction.apply(
+                *tensors, magnitude, float(scaling), p, seed, backend, base_sq, reload
+            )
+
+        y = front_door(x_c, weight, bias_c, *factors, check, run)
+    return y.to(out_dtype)
+
+
 class QuantizedLoRALinear(FusedLoRALinear):
     """``FusedLoRALinear`` over a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` (QLoRA).
 
@@ -214,17 +283,22 @@ class QuantizedLoRALinear(FusedLoRALinear):
         dropout: float = 0.0,
         adapter_dtype: torch.dtype | None = None,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> QuantizedLoRALinear:
         """Wrap a bitsandbytes ``Linear4bit``/``Linear8bitLt`` (kept, not copied; frozen); ``use_rslora``: scaled by
-        ``alpha / sqrt(r)``."""
+        ``alpha / sqrt(r)``; ``use_dora``: DoRA (:func:`quantized_dora_linear`), its magnitude ``lora_magnitude``
+        ``(out,)`` fp32 initialised as PEFT's to the row norms of the dequantized W0 (the module must be quantized
+        already)."""
         if not is_quantized_linear(linear):
             raise ValueError(f"QuantizedLoRALinear wraps a bitsandbytes Linear4bit or Linear8bitLt, got {type(linear)}")
         check_rank(r, linear.in_features, linear.out_features)
+        if use_dora is True:  # m is read off W0 now (a non-bool use_dora is refused by _init_lora)
+            check_quantized(linear)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.base_layer = linear
-        layer._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, base_dtype=torch.float32)
+        layer._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, use_dora, base_dtype=torch.float32)
         linear.requires_grad_(False)  # after the checks above: a refused call leaves the module as it was
         _register_key_hooks(layer)
         layer.reset_lora_parameters()
@@ -261,27 +335,42 @@ class QuantizedLoRALinear(FusedLoRALinear):
         """x ``(..., in_features)`` -> ``(..., out_features)`` in x's dtype (see :func:`quantized_lora_linear`)."""
         if self.merged:
             return self.base_layer(x)
+        if self.use_dora:
+            return quantized_dora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.lora_magnitude,
+                                         self.scaling, self.dropout, self.training)  # fmt: skip
         return quantized_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, self.dropout,
                                      self.training)  # fmt: skip
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Re-quantize ``W0 + scaling·B·A`` into the base layer, as PEFT merges into a quantized base (lossy)."""
+        """Re-quantize ``W0 + scaling·B·A`` (DoRA: ``g·(W0 + scaling·B·A)``) into the base layer, as PEFT merges into
+        a quantized base (lossy)."""
         if self.merged:
             warnings.warn("QuantizedLoRALinear is already merged; nothing to do", stacklevel=2)
             return
         self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
-        _requantize(self.base_layer, _scaled_product(*self._merged_factors))
+        if self.use_dora:  # PEFT's: W = g·(W0 + s·BA), g kept for unmerge
+            lora_A, lora_B, scaling = self._merged_factors
+            weight, g = dora.merged_weight(self.base_weight(), lora_A, lora_B, self.lora_magnitude, scaling)
+            self._merged_factors += (g,)
+            _requantize(self.base_layer, merged=weight)
+        else:
+            _requantize(self.base_layer, _scaled_product(*self._merged_factors))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Re-quantize ``W0 − scaling·B·A`` (the merged factors): lossy as well, W0 is not restored exactly."""
+        """Re-quantize ``W0 − scaling·B·A`` (the merged factors; DoRA: ``W/g − scaling·B·A``): lossy as well, W0 is
+        not restored exactly."""
         if not self.merged:
             warnings.warn("QuantizedLoRALinear is not merged; nothing to do", stacklevel=2)
             return
-        lora_A, lora_B, scaling = self._merged_factors
-        _requantize(self.base_layer, _scaled_product(lora_A, lora_B, -scaling))
+        lora_A, lora_B, scaling, *g = self._merged_factors
+        if g:  # DoRA: W0 = W/g - s·BA
+            weight = dora.unmerged_weight(self.base_weight(), lora_A, lora_B, g[0], scaling)
+            _requantize(self.base_layer, merged=weight)
+        else:
+            _requantize(self.base_layer, _scaled_product(lora_A, lora_B, -scaling))
         self.merged, self._merged_factors = False, None
 
     def to_base_layer(self, merge: bool = False) -> nn.Module:
@@ -291,6 +380,8 @@ class QuantizedLoRALinear(FusedLoRALinear):
 
     def extra_repr(self) -> str:
         merged = ", merged=True" if self.merged else ""
+        merged += ", use_rslora=True" if self.use_rslora else ""
+        merged += ", use_dora=True" if self.use_dora else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
@@ -402,18 +493,22 @@ def _reported_keys_as_own(module: nn.Module, incompatible_keys) -> None:
         keys[:] = [k.replace(inner, inner[: -len(_BASE) - 1], 1) if k.startswith(inner) else k for k in keys]
 
 
-def _requantize(module: nn.Module, delta: torch.Tensor) -> None:
-    """Replace ``module``'s quantized weight by the quantization of ``dequant(W0) + delta`` (fp32 math), with
-    bitsandbytes' own parameter classes and settings (PEFT's merge). Warns: lossy."""
+def _requantize(module: nn.Module, delta: torch.Tensor | None = None, merged: torch.Tensor | None = None) -> None:
+    """Replace ``module``'s quantized weight by the quantization of ``dequant(W0) + delta`` (fp32 math), or of the
+    ``merged`` weight ``(out, in)`` (DoRA), with bitsandbytes' own parameter classes and settings (PEFT's merge).
+    Warns: lossy."""
     import bitsandbytes as bnb
 
     warnings.warn(
         f"merging LoRA into a quantized {type(module).__name__} re-quantizes the weight: the result differs from "
-        "W0 + scaling·B·A by rounding; lorafast.merge_lora_dense() merges into a dense copy instead",
+        "the merged weight by rounding; lorafast.merge_lora_dense() merges into a dense copy instead",
         stacklevel=4,
     )
     weight = module.weight
-    merged = dequantize_weight(module, torch.float32).add_(delta.to(torch.float32))
+    if merged is None:
+        merged = dequantize_weight(module, torch.float32).add_(delta.to(torch.float32))
+    else:
+        merged = merged.to(torch.float32)
     if _is_4bit(module):
         state = _quant_state(module)[1]
         kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
@@ -443,8 +538,7 @@ def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     replacements = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLoRALinear):
-            delta = _scaled_product(module.lora_A, module.lora_B, module.scaling) if not module.merged else None
-            replacements[name] = _dense_linear(module.base_layer, dtype, delta)
+            replacements[name] = _dense_linear(module.base_layer, dtype, None if module.merged else module)
         elif isinstance(module, QuantizedMultiLoRALinear):
             active = module.active_adapter
             delta = None if active is None else module.get_delta_weight(active)
@@ -463,10 +557,18 @@ def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     return model
 
 
-def _dense_linear(module: nn.Module, dtype: torch.dtype, delta: torch.Tensor | None) -> nn.Linear:
+def _dense_linear(
+    module: nn.Module, dtype: torch.dtype, adapter: QuantizedLoRALinear | torch.Tensor | None
+) -> nn.Linear:
+    """An ``nn.Linear`` in ``dtype`` holding ``module``'s dequantized W0 with ``adapter`` merged in fp32: a delta
+    ``(out, in)``, a ``QuantizedLoRALinear`` (its ``scaling·B·A``; DoRA: ``g·(W0 + scaling·B·A)``) or None."""
     weight = dequantize_weight(module, torch.float32)
-    if delta is not None:
-        weight += delta
+    if isinstance(adapter, QuantizedLoRALinear) and adapter.use_dora:
+        weight = dora.merged_weight(weight, adapter.lora_A, adapter.lora_B, adapter.lora_magnitude, adapter.scaling)[0]
+    elif isinstance(adapter, QuantizedLoRALinear):
+        weight += _scaled_product(adapter.lora_A, adapter.lora_B, adapter.scaling)
+    elif adapter is not None:
+        weight += adapter
     with torch.device("meta"):
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
     dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
@@ -495,8 +597,8 @@ def _peft_bnb_class(name: str) -> type | None:
 
 
 def _peft_fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's bnb LoRA forward with one active plain-LoRA adapter computed by :func:`quantized_lora_linear`."""
-    from .peft_patch import _adapter_reason, _base_is_frozen, _dropout_p
+    """PEFT's bnb LoRA forward with one active adapter (plain or DoRA) computed by lorafast."""
+    from .peft_patch import _adapter_reason, _base_is_frozen
 
     peft_class = type(self).__mro__[1]
     extra = {k: v for k, v in kwargs.items() if v is not None}  # adapter_names (mixed batches) included
@@ -505,11 +607,19 @@ def _peft_fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     active = [a for a in self.active_adapters if a in self.lora_A]
     if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
         return peft_class.forward(self, x, *args, **kwargs)
-    name = active[0]
-    return quantized_lora_linear(
-        x, self.get_base_layer(), self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-        _dropout_p(self, name), True,
-    )  # fmt: skip
+    return peft_quantized_forward(self, x, active[0])
+
+
+def peft_quantized_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A PEFT LoRA layer over a bitsandbytes base, its adapter ``name`` (plain or DoRA) run by lorafast."""
+    from .peft_patch import _dropout_p, _is_dora
+
+    base, lora_A, lora_B = layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight
+    scaling, dropout_p = layer.scaling[name], _dropout_p(layer, name)
+    if _is_dora(layer, name):
+        magnitude = layer.lora_magnitude_vector[name].weight
+        return quantized_dora_linear(x, base, lora_A, lora_B, magnitude, scaling, dropout_p, True)
+    return quantized_lora_linear(x, base, lora_A, lora_B, scaling, dropout_p, True)
 
 
 def _peft_fused_class(name: str) -> type:
@@ -576,5 +686,6 @@ __all__ = [
     "is_quantized_linear",
     "merge_lora_dense",
     "peft_fused_class",
+    "quantized_dora_linear",
     "quantized_lora_linear",
 ]

@@ -1,7 +1,6 @@
 """DoRA against PEFT: patch_peft runs PEFT's DoRA layers with PEFT's results, DoRA adapters load both ways."""
 
 import copy
-import importlib.util
 import json
 from functools import partial
 
@@ -158,42 +157,3 @@ def test_peft_dora_adapter_loads_in_lorafast(tmp_path):
         load_adapter(apply_lora(MODELS["bart"](), target_modules="all-linear", r=8), tmp_path)
     with pytest.raises(ValueError, match="named adapters"):
         load_adapter(MODELS["bart"](), tmp_path, adapter_name="x")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
-def test_dora_over_a_4bit_base_keeps_peft_forward(tmp_path, dora_calls):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    models = []
-    for _ in range(2):
-        base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
-        torch.manual_seed(1)
-        lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=True)
-        models.append(get_peft_model(base, lora).eval())
-        with torch.no_grad():  # g ≠ 1: DoRA's output differs from plain LoRA's
-            for name, param in models[-1].named_parameters():
-                if "lora_magnitude_vector" in name:
-                    param.mul_(1.3)
-    patch_peft(models[1])
-    batch = lm_batch("llama")
-    with torch.no_grad():
-        torch.testing.assert_close(models[1](**batch).logits, models[0](**batch).logits)
-    assert dora_calls["n"] == 0
-
-
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
-def test_lorafast_dora_over_a_4bit_base_is_refused_before_the_model_changes():
-    import bitsandbytes as bnb
-
-    model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 32), torch.nn.Linear(32, 16))
-    with pytest.raises(ValueError, match="use_dora=True over bitsandbytes bases"):
-        apply_lora(model, target_modules=["0", "1"], use_dora=True)
-    assert type(model[0]) is bnb.nn.Linear4bit and type(model[1]) is torch.nn.Linear
-    assert model[1].weight.requires_grad  # nothing was frozen
