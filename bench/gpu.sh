@@ -4,15 +4,16 @@
 # Needs: a Python with torch (CUDA build), triton, peft, transformers, tokenizers, pytest, pytest-benchmark
 # and matplotlib, and bitsandbytes for the QLoRA benchmarks; lorafast is installed from this checkout. Runs the
 # compiled kernels' tests (tests/test_cuda.py, both GEMM paths), then the benchmark suite (bench/), then its QLoRA
-# part (bf16 compute, NF4 double quant: 4096→4096 and 4096→11008 layers at n=8192, r=16, and a 0.4B-class step),
-# and writes logs, benchmark.json, benchmark_qlora.json, the reports and gemm_paths.md (the GEMM path auto chose
-# per layer shape, both paths' timings, the ratios against a frozen nn.Linear and PEFT) to $OUT (default
-# bench/results). Every step has its own timeout: at most 8 minutes in all, with a cold Triton cache on one H100.
+# part (LoRA and DoRA; bf16 compute, NF4 double quant: 4096→4096 and 4096→11008 layers at n=8192, r=16, and a
+# 0.4B-class step), and writes logs, benchmark.json, benchmark_qlora.json, the reports and gemm_paths.md (the GEMM
+# path auto chose per layer shape, both paths' timings, the ratios against a frozen nn.Linear and PEFT) to $OUT
+# (default bench/results). Every step has its own timeout: at most 8 minutes in all, with a cold Triton cache on
+# one H100.
 #
 # --dry-run: the same steps on CPU tensors, so that a GPU's first minute measures instead of crashing: the install
 # is checked with `pip install --dry-run` (this checkout runs from PYTHONPATH, nothing is installed), the GPU test
 # file runs with every kernel through Triton's interpreter (smaller shapes), and the benchmark suite runs the GPU
-# plan at its smallest shapes, one round (LORAFAST_BENCH_DRY_RUN=1). About 2 to 3 minutes on 2 cores.
+# plan at its smallest shapes, one round (LORAFAST_BENCH_DRY_RUN=1). About 5 to 8 minutes on 2 cores.
 #
 # The model benchmarks read SumPubMed from ../shared/sumpubmed, or from LORAFAST_SUMPUBMED.
 set -uo pipefail
@@ -33,7 +34,7 @@ if [ $dry_run = 1 ]; then
     install=(python3 -m pip install -q --dry-run --no-deps --no-build-isolation -e .)
 else
     export TRITON_INTERPRET=0
-    device=cuda tests_timeout=120 bench_timeout=210 qlora_timeout=240
+    device=cuda tests_timeout=120 bench_timeout=210 qlora_timeout=150
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu_machine.txt"
     install=(python3 -m pip install -q --no-deps --no-build-isolation -e .)
 fi
