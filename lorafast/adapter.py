@@ -60,7 +60,8 @@ def save_adapter(
     ``task_type`` (e.g. ``"SEQ_2_SEQ_LM"``) is recorded for PEFT's auto classes; ``adapter_name`` picks a named
     adapter. Layers whose r or alpha differ from the most common ones are written to PEFT's ``rank_pattern`` /
     ``alpha_pattern`` (by full module name). ValueError with no LoRA layers (or no such adapter), or layers that
-    differ in dropout or rsLoRA (one PEFT config describes them).
+    differ in dropout, rsLoRA or DoRA (one PEFT config describes them). A DoRA adapter (single or named) is
+    written as PEFT's: ``use_dora: true`` and ``<module>.lora_magnitude_vector`` ``(out,)``.
     """
     from safetensors.torch import save
 
@@ -71,9 +72,9 @@ def save_adapter(
     (dropout, use_rslora) = shared.pop()
     r = _most_common(layer[2] for layer in layers.values())
     alpha = _most_common(layer[3] for layer in layers.values())
-    dora_layers = {name: layer.use_dora for name, layer in lora_layers(model)} if adapter_name is None else {}
-    use_dora = any(dora_layers.values())
-    if use_dora and not all(dora_layers.values()):
+    magnitudes = _magnitudes(model, adapter_name)
+    use_dora = any(m is not None for m in magnitudes.values())
+    if use_dora and any(m is None for m in magnitudes.values()):
         raise ValueError("some LoRA layers use DoRA and some do not; one PEFT config (use_dora) describes them all")
 
     config = {
@@ -99,14 +100,20 @@ def save_adapter(
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
         if use_dora:
-            magnitude = dict(lora_layers(model))[name].lora_magnitude
-            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude.detach().cpu().contiguous()
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitudes[name].detach().cpu().contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Each file is replaced in one step (a crash leaves every file old or new, never partial).
     write_atomically(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     write_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _magnitudes(model: nn.Module, adapter_name: str | None) -> dict[str, torch.Tensor | None]:
+    """``{module name: DoRA magnitude (out,) or None}`` of the single adapter, or of the named one."""
+    if adapter_name is None:
+        return {name: layer.lora_magnitude if layer.use_dora else None for name, layer in lora_layers(model)}
+    return {name: layer.magnitude(adapter_name) for name, layer in multi_lora_layers(model)}
 
 
 def _most_common(values):
@@ -243,14 +250,13 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     Without ``adapter_name``, a model without LoRA layers gets them on exactly the adapter's modules (its r, alpha,
     dropout, use_rslora, rank_pattern, alpha_pattern); one with LoRA layers must have them on those modules, and
     takes the adapter's alphas, dropout and scaling rule.
-    With ``adapter_name`` it is added as a named adapter beside the others (same modules). Errors as
+    With ``adapter_name`` it is added as a named adapter beside the others (same modules), a DoRA adapter
+    (``use_dora``) as a named DoRA adapter with its magnitudes. Errors as
     :func:`read_adapter`, and ValueError naming the modules or shapes that do not fit the model.
     """
     config, factors = read_adapter(directory)
     r, alpha, dropout = config["r"], config["lora_alpha"], float(config.get("lora_dropout") or 0.0)
     use_dora = bool(config.get("use_dora"))
-    if use_dora and adapter_name is not None:
-        raise ValueError("named adapters (adapter_name) do not support DoRA; load a DoRA adapter without adapter_name")
     settings = _layer_settings(config, factors)
     options = {
         "use_rslora": bool(config.get("use_rslora")),
@@ -284,7 +290,10 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
             raise ValueError(f"the adapter targets modules that are not linear layers: {not_linear[:5]}")
         _check_shapes(factors, {name: (settings[name][0], *size) for name, size in sizes.items()})
     if adapter_name is not None:
-        add_adapter(model, adapter_name, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout, **options)
+        add_adapter(
+            model, adapter_name, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora,
+            **options,
+        )  # fmt: skip
     elif not layers:
         apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora, **options)
     for name, layer in lora_layers(model) if adapter_name is None else multi_lora_layers(model):
@@ -292,7 +301,8 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         lora_A.copy_(factors[name]["A"])
         lora_B.copy_(factors[name]["B"])
         if use_dora:
-            layer.lora_magnitude.copy_(factors[name][_MAGNITUDE])
+            magnitude = layer.lora_magnitude if adapter_name is None else layer.magnitude(adapter_name)
+            magnitude.copy_(factors[name][_MAGNITUDE])
         if adapter_name is None:  # a named adapter got them from add_adapter
             layer.alpha, layer.dropout, layer.use_rslora = settings[name][1], dropout, options["use_rslora"]
     return model

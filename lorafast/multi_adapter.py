@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .layer import default_adapter_dtype
+from .layer import check_no_dora_over_quantized, default_adapter_dtype
 from .model import (
     DEFAULT_TARGETS,
     _replace,
@@ -26,7 +26,7 @@ from .model import (
     multi_lora_layers,
     select_targets,
 )
-from .multi_layer import MultiLoRALinear
+from .multi_layer import MultiLoRALinear, quantized_base_names
 from .row_adapters import RowAdapters, scoped_row_adapters
 
 
@@ -47,6 +47,7 @@ def add_adapter(
     adapter_dtype: torch.dtype | None = None,
     *,
     use_rslora: bool = False,
+    use_dora: bool = False,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
 ) -> nn.Module:
@@ -55,9 +56,11 @@ def add_adapter(
     The first one turns the targeted ``nn.Linear`` and GPT-2 ``Conv1D`` modules (``target_modules`` as in
     ``apply_lora``) into MultiLoRALinear (sharing their weights), freezes every other parameter and becomes active;
     later ones must target the same modules. ``adapter_dtype``, ``use_rslora``, ``rank_pattern`` and
-    ``alpha_pattern`` as in ``apply_lora`` (None: fp32 factors on an fp16/bf16 model). All factors train, so several
-    adapters can train in one mixed batch. ValueError on ``apply_lora`` layers, an existing name, a bad
-    adapter_dtype, or targets that match nothing, are not linear, or differ.
+    ``alpha_pattern`` as in ``apply_lora`` (None: fp32 factors on an fp16/bf16 model). ``use_dora``: a DoRA adapter
+    (magnitudes ``lora_magnitude.<name>``, PEFT's initialisation); DoRA and plain adapters mix freely, in one model
+    and in one batch. All factors train, so several adapters can train in one mixed batch. ValueError on
+    ``apply_lora`` layers, an existing name, a bad adapter_dtype or use_dora, DoRA over a bitsandbytes base, or
+    targets that match nothing, are not linear, or differ.
     """
     if next(lora_layers(model), None) is not None:
         raise ValueError(
@@ -68,6 +71,9 @@ def add_adapter(
     matched = select_targets(model, target_modules, allowed=(*_single_adapter_bases(), MultiLoRALinear))
     default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
     settings = layer_settings(matched, r, alpha, rank_pattern, alpha_pattern)
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
+    check_no_dora_over_quantized(use_dora, [n for m in matched.values() for n in quantized_base_names(m)])
     if layers and set(matched) != set(layers):
         raise ValueError(
             f"adapter {name!r} targets different modules than the model's other adapters "
@@ -84,7 +90,7 @@ def add_adapter(
         raise ValueError(f"the model already has an adapter named {name!r}; remove_adapter() it first")
     for module_name, layer in layers.items():
         layer_r, layer_alpha = settings[module_name]
-        options = {"dropout": dropout, "adapter_dtype": adapter_dtype, "use_rslora": use_rslora}
+        options = {"dropout": dropout, "adapter_dtype": adapter_dtype, "use_rslora": use_rslora, "use_dora": use_dora}
         layer.add_adapter(name, r=layer_r, alpha=layer_alpha, **options)
     for module_name, layer in layers.items():
         if matched[module_name] is not layer:

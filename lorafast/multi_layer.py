@@ -4,6 +4,10 @@ It runs in one of three ways: rows with adapter ids (``lorafast.adapter_ids``, w
 :meth:`set_row_adapters`) each use their adapter in one mixed batch (``multi_function.apply_multi_lora`` on the
 adapters' own Parameters, read in place by every call: any write to a factor is seen); otherwise the active adapter
 (:meth:`set_adapter`) runs as :class:`FusedLoRALinear` would; with none active, the plain base layer.
+
+An adapter may be DoRA (``add_adapter(..., use_dora=True)``, :mod:`lorafast.dora`): alone it runs
+``dora.dora_linear``; in a mixed batch its rows get their column scale after the mixed LoRA product
+(:mod:`lorafast.multi_dora`), beside plain adapters' rows and base rows.
 """
 
 from __future__ import annotations
@@ -14,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import LoRALayer, _adopt_conv1d, adopt_frozen_base, default_adapter_dtype, is_conv1d
+from . import dora
+from .layer import (
+    LoRALayer,
+    _adopt_conv1d,
+    adopt_frozen_base,
+    check_no_dora_over_quantized,
+    default_adapter_dtype,
+    is_conv1d,
+)
+from .multi_dora import dora_norms, row_slots, scale_dora_rows
 from .multi_function import apply_multi_lora, dropout_tensor, host_values_on, scalings_dtype
 from .row_adapters import RowAdapters, active_row_adapters
 from .validation import autocast_dtype, check_dropout, check_rank, check_scaling, lora_scaling
@@ -24,8 +37,9 @@ class MultiLoRALinear(LoRALayer):
     """``y = x·Wᵀ + b + (alpha_k/r_k)·(drop(x)·A_kᵀ)·B_kᵀ``, x ``(..., in)`` -> ``(..., out)``, k per layer or row.
 
     Frozen ``weight``/``bias`` (``nn.Linear``'s names); per adapter ``lora_A[name]`` ``(r, in)`` and
-    ``lora_B[name]`` ``(out, r)``. Build with :meth:`from_linear` (no copy), then :meth:`add_adapter`;
-    integer ids follow ``adapter_names``.
+    ``lora_B[name]`` ``(out, r)``, and for a DoRA adapter ``lora_magnitude[name]`` ``(out,)``
+    (``y = m/‖W0 + s·BA‖_row ⊙ (x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ) + b``). Build with :meth:`from_linear` (no copy), then
+    :meth:`add_adapter`; integer ids follow ``adapter_names``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None):
@@ -58,6 +72,7 @@ class MultiLoRALinear(LoRALayer):
             adopt_frozen_base(self, linear)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()  # DoRA adapters' m (out,)
         self.alphas: dict[str, float] = {}
         self.dropouts: dict[str, float] = {}
         self.rslora: set[str] = set()  # adapters scaled by alpha / sqrt(r)
@@ -65,6 +80,7 @@ class MultiLoRALinear(LoRALayer):
         self.row_adapters: torch.Tensor | None = None  # set_row_adapters's ids, None when not set
         self._layer_row_adapters: RowAdapters | None = None
         self._values_cache: tuple | None = None  # (key, (scalings, dropout)) of _adapter_values
+        self._slots_cache: tuple | None = None  # (key, adapter slots (K,)) of _dora_slots
 
     @property
     def adapter_names(self) -> list[str]:
@@ -83,6 +99,15 @@ class MultiLoRALinear(LoRALayer):
     def uses_rslora(self, name: str | None = None) -> bool:
         return name in getattr(self, "rslora", ())
 
+    def uses_dora(self, name: str) -> bool:
+        """Whether adapter ``name`` is DoRA (has a magnitude ``lora_magnitude[name]``)."""
+        self._check_name(name)
+        return name in self.lora_magnitude
+
+    def magnitude(self, name: str) -> torch.Tensor | None:
+        """DoRA adapter ``name``'s magnitude m ``(out,)`` (the Parameter), None for a plain LoRA adapter."""
+        return self.lora_magnitude[name] if self.uses_dora(name) else None
+
     def add_adapter(
         self,
         name: str,
@@ -91,10 +116,13 @@ class MultiLoRALinear(LoRALayer):
         dropout: float = 0.0,
         adapter_dtype: torch.dtype | None = None,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         """Add adapter ``name``: A Kaiming-uniform, B zeros (so it starts as the base layer). ``adapter_dtype`` as in
         ``FusedLoRALinear`` (None: fp32 on an fp16/bf16 weight, else the weight's); a layer's adapters share one
-        dtype in a mixed batch. ``use_rslora``: scaled by ``alpha / sqrt(r)``."""
+        dtype in a mixed batch. ``use_rslora``: scaled by ``alpha / sqrt(r)``. ``use_dora``: DoRA, with a magnitude
+        ``lora_magnitude[name]`` ``(out,)`` initialised as PEFT's to ``‖W0 + s·BA‖_row`` (= ``‖W0‖_row``);
+        ValueError over a bitsandbytes base."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
@@ -102,6 +130,9 @@ class MultiLoRALinear(LoRALayer):
         check_rank(r, self.in_features, self.out_features)
         check_scaling(alpha)
         check_dropout(dropout)
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
+        check_no_dora_over_quantized(use_dora, quantized_base_names(self))
         factory = {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
         lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
@@ -110,12 +141,17 @@ class MultiLoRALinear(LoRALayer):
         self.alphas[name], self.dropouts[name] = alpha, float(dropout)
         if use_rslora:
             self.rslora.add(name)
+        if use_dora:
+            m = dora.initial_magnitude(self.base_weight(), lora_A.detach(), self.lora_B[name], self.scaling(name))
+            self.lora_magnitude[name] = nn.Parameter(m.to(factory["dtype"]))
 
     def remove_adapter(self, name: str) -> None:
         """Delete adapter ``name`` (the active adapter becomes None if it was this one)."""
         self._check_name(name)
         del self.lora_A[name], self.lora_B[name], self.alphas[name], self.dropouts[name]
         self.rslora.discard(name)
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
         if self.active_adapter == name:
             self.active_adapter = None
 
@@ -148,8 +184,18 @@ class MultiLoRALinear(LoRALayer):
 
     @torch.no_grad()
     def _set_merged(self, merged: bool) -> None:
-        if merged:
-            self.weight.add_(self.get_delta_weight(self.active_adapter))
+        """Merge the active adapter into the weight, as PEFT: ``W0 + s·BA``, for DoRA ``g ⊙ (W0 + s·BA)``
+        (:func:`lorafast.dora.merged_weight`). One way: used by ``to_base_layer(merge=True)`` only."""
+        if not merged or self.active_adapter is None:
+            return
+        name = self.active_adapter
+        if self.uses_dora(name):
+            lora_A, lora_B, *_ = self.factors(name)
+            weight, _ = dora.merged_weight(self.base_weight(), lora_A, lora_B, self.lora_magnitude[name],
+                                           self.scaling(name))  # fmt: skip
+            self.weight.copy_(self._in_weight_layout(weight))
+        else:
+            self.weight.add_(self.get_delta_weight(name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""
@@ -160,7 +206,15 @@ class MultiLoRALinear(LoRALayer):
             return self._mixed_forward(x, row_adapters)
         if self.active_adapter is None:
             return F.linear(x, self.base_weight(), self.bias)
+        if self.active_adapter in self.lora_magnitude:
+            return self._dora_forward(x, self.active_adapter)
         return self._adapter_forward(x, self.active_adapter)
+
+    def _dora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        lora_A, lora_B, _, _, dropout = self.factors(name)
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # as FusedLoRALinear(use_dora=True)
+        return dora.dora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, self.lora_magnitude[name],
+                                self.scaling(name), dropout, self.training)  # fmt: skip
 
     def _mixed_forward(self, x: torch.Tensor, row_adapters: RowAdapters) -> torch.Tensor:
         row_adapters.check_adapters(self.adapter_names)
@@ -174,7 +228,28 @@ class MultiLoRALinear(LoRALayer):
         dropout = dropout if self.training else None
         # the Parameters themselves: every call reads their current storage, nothing is kept that could go stale
         weight = self.base_weight()
-        return apply_multi_lora(x, weight, self.bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
+        dora_names = [n for n in names if n in self.lora_magnitude]
+        if not dora_names:
+            return apply_multi_lora(x, weight, self.bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
+        # DoRA rows: the mixed LoRA output without bias, then each row's column scale g and the bias
+        z = apply_multi_lora(x, weight, None, lora_A, lora_B, scalings, rows, dropout, row_adapters)
+        with torch.autocast(x.device.type, enabled=False):  # the norms from W0 and the factors as they are
+            norms = dora_norms(weight, [self.lora_A[n] for n in dora_names], [self.lora_B[n] for n in dora_names],
+                               [self.scaling(n) for n in dora_names])  # fmt: skip
+            slot = row_slots(rows, self._dora_slots(x.device))
+            return scale_dora_rows(z, self.bias, slot, norms, [self.lora_magnitude[n] for n in dora_names])
+
+    def _dora_slots(self, device: torch.device) -> torch.Tensor:
+        """``(K,)`` int64 on ``device``: 0 for a plain adapter, j+1 for the j-th DoRA adapter (in adapter order);
+        rebuilt when adapters change, not per call."""
+        slots, count = [], 0
+        for name in self.adapter_names:
+            count += name in self.lora_magnitude
+            slots.append(count if name in self.lora_magnitude else 0)
+        key = (device, tuple(slots))
+        if self._slots_cache is None or self._slots_cache[0] != key:
+            self._slots_cache = (key, host_values_on(slots, torch.int64, device))
+        return self._slots_cache[1]
 
     def _adapter_values(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(scalings (K,), dropout (K,) float32 or None)`` on ``device``, rebuilt when adapters change, not per call
@@ -189,9 +264,20 @@ class MultiLoRALinear(LoRALayer):
         return cached[1]
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{n}(r={a.shape[0]}, alpha={self.alphas[n]})" for n, a in self.lora_A.items())
+        adapters = ", ".join(
+            f"{n}(r={a.shape[0]}, alpha={self.alphas[n]}{', use_dora=True' if n in self.lora_magnitude else ''})"
+            for n, a in self.lora_A.items()
+        )
         layout = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"adapters=[{adapters}], active={self.active_adapter!r}{layout}"
         )
+
+
+def quantized_base_names(layer: nn.Module) -> list[str]:
+    """The class name of ``layer``'s bitsandbytes base (its own ``base_layer``, or itself) if it has one, else []."""
+    from .quantized import is_quantized_linear
+
+    base = getattr(layer, "base_layer", layer)
+    return [type(base).__name__] if is_quantized_linear(base) else []

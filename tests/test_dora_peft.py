@@ -155,5 +155,3 @@ def test_peft_dora_adapter_loads_in_lorafast(tmp_path):
     torch.testing.assert_close(_logits(model, batch), _logits(peft_model, batch), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="use_dora=True but LoRA layers"):
         load_adapter(apply_lora(MODELS["bart"](), target_modules="all-linear", r=8), tmp_path)
-    with pytest.raises(ValueError, match="named adapters"):
-        load_adapter(MODELS["bart"](), tmp_path, adapter_name="x")
