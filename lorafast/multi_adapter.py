@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .layer import check_no_dora_over_quantized, default_adapter_dtype
+from .layer import check_dora_bases, default_adapter_dtype
 from .model import (
     DEFAULT_TARGETS,
     _replace,
@@ -26,7 +26,7 @@ from .model import (
     multi_lora_layers,
     select_targets,
 )
-from .multi_layer import MultiLoRALinear, quantized_base_names
+from .multi_layer import MultiLoRALinear
 from .row_adapters import RowAdapters, scoped_row_adapters
 
 
@@ -59,8 +59,8 @@ def add_adapter(
     ``alpha_pattern`` as in ``apply_lora`` (None: fp32 factors on an fp16/bf16 model). ``use_dora``: a DoRA adapter
     (magnitudes ``lora_magnitude.<name>``, PEFT's initialisation); DoRA and plain adapters mix freely, in one model
     and in one batch. All factors train, so several adapters can train in one mixed batch. ValueError on
-    ``apply_lora`` layers, an existing name, a bad adapter_dtype or use_dora, DoRA over a bitsandbytes base, or
-    targets that match nothing, are not linear, or differ.
+    ``apply_lora`` layers, an existing name, a bad adapter_dtype or use_dora, DoRA over a bitsandbytes module not
+    quantized yet, or targets that match nothing, are not linear, or differ.
     """
     if next(lora_layers(model), None) is not None:
         raise ValueError(
@@ -71,9 +71,7 @@ def add_adapter(
     matched = select_targets(model, target_modules, allowed=(*_single_adapter_bases(), MultiLoRALinear))
     default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
     settings = layer_settings(matched, r, alpha, rank_pattern, alpha_pattern)
-    if not isinstance(use_dora, bool):
-        raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
-    check_no_dora_over_quantized(use_dora, [n for m in matched.values() for n in quantized_base_names(m)])
+    check_dora_bases(use_dora, [getattr(m, "base_layer", m) for m in matched.values()])
     if layers and set(matched) != set(layers):
         raise ValueError(
             f"adapter {name!r} targets different modules than the model's other adapters "

@@ -23,7 +23,7 @@ from .layer import (
     LoRALayer,
     _adopt_conv1d,
     adopt_frozen_base,
-    check_no_dora_over_quantized,
+    check_dora_bases,
     default_adapter_dtype,
     is_conv1d,
 )
@@ -122,7 +122,7 @@ class MultiLoRALinear(LoRALayer):
         ``FusedLoRALinear`` (None: fp32 on an fp16/bf16 weight, else the weight's); a layer's adapters share one
         dtype in a mixed batch. ``use_rslora``: scaled by ``alpha / sqrt(r)``. ``use_dora``: DoRA, with a magnitude
         ``lora_magnitude[name]`` ``(out,)`` initialised as PEFT's to ``‖W0 + s·BA‖_row`` (= ``‖W0‖_row``);
-        ValueError over a bitsandbytes base."""
+        ValueError over a bitsandbytes module not quantized yet."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
@@ -130,9 +130,7 @@ class MultiLoRALinear(LoRALayer):
         check_rank(r, self.in_features, self.out_features)
         check_scaling(alpha)
         check_dropout(dropout)
-        if not isinstance(use_dora, bool):
-            raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
-        check_no_dora_over_quantized(use_dora, quantized_base_names(self))
+        check_dora_bases(use_dora, [getattr(self, "base_layer", self)])
         factory = {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
         lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
@@ -273,11 +271,3 @@ class MultiLoRALinear(LoRALayer):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"adapters=[{adapters}], active={self.active_adapter!r}{layout}"
         )
-
-
-def quantized_base_names(layer: nn.Module) -> list[str]:
-    """The class name of ``layer``'s bitsandbytes base (its own ``base_layer``, or itself) if it has one, else []."""
-    from .quantized import is_quantized_linear
-
-    base = getattr(layer, "base_layer", layer)
-    return [type(base).__name__] if is_quantized_linear(base) else []

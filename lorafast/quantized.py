@@ -373,6 +373,10 @@ class QuantizedLoRALinear(FusedLoRALinear):
             _requantize(self.base_layer, _scaled_product(lora_A, lora_B, -scaling))
         self.merged, self._merged_factors = False, None
 
+    def adapter_to_merge(self) -> tuple | None:
+        """``(lora_A, lora_B, scaling, magnitude or None)`` of the adapter, None once merged (nothing left to add)."""
+        return None if self.merged else (self.lora_A, self.lora_B, self.scaling, self.lora_magnitude)
+
     def to_base_layer(self, merge: bool = False) -> nn.Module:
         """The bitsandbytes module, the adapter re-quantized into it (``merge``, lossy) or not."""
         self._set_merged(merge)
@@ -392,8 +396,9 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
     """``MultiLoRALinear`` (named adapters, mixed batches) over a bitsandbytes ``Linear4bit``/``Linear8bitLt``.
 
     As :class:`QuantizedLoRALinear`: the quantized module is ``base_layer`` under the quantized linear's own
-    state_dict keys, factors are fp32, one active adapter runs :func:`quantized_lora_linear`. A mixed batch
-    (``adapter_ids``) runs ``multi_lora_linear`` on a dequantized W0 that it keeps until backward.
+    state_dict keys, factors are fp32, one active adapter runs :func:`quantized_lora_linear` (a DoRA one
+    :func:`quantized_dora_linear`). A mixed batch (``adapter_ids``) runs ``multi_lora_linear`` (and DoRA rows' column
+    scale) on a dequantized W0 that it keeps until backward.
     """
 
     @classmethod
@@ -430,8 +435,12 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
         if active_row_adapters(self) is None and self._layer_row_adapters is None:
             if self.active_adapter is None:
                 return self.base_layer(x)
-            lora_A, lora_B, _, _, dropout = self.factors(self.active_adapter)
-            scaling = self.scaling(self.active_adapter)  # alpha / r, or alpha / sqrt(r) for rsLoRA
+            name = self.active_adapter
+            lora_A, lora_B, _, _, dropout = self.factors(name)
+            scaling = self.scaling(name)  # alpha / r, or alpha / sqrt(r) for rsLoRA
+            if self.uses_dora(name):
+                return quantized_dora_linear(x, self.base_layer, lora_A, lora_B, self.lora_magnitude[name], scaling,
+                                             dropout, self.training)  # fmt: skip
             return quantized_lora_linear(x, self.base_layer, lora_A, lora_B, scaling, dropout, self.training)
         dtype = compute_dtype(self.base_layer, x)
         factors_dtype = next(iter(self.lora_A.values())).dtype if self.lora_A else dtype
@@ -444,8 +453,18 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
 
     @torch.no_grad()
     def _set_merged(self, merged: bool) -> None:
-        if merged:
-            _requantize(self.base_layer, self.get_delta_weight(self.active_adapter))
+        """Re-quantize the active adapter into the base layer as PEFT merges (lossy): ``W0 + s·B·A``, for DoRA
+        ``g·(W0 + s·B·A)``. One way: used by ``to_base_layer(merge=True)`` only."""
+        if merged and self.active_adapter is not None:
+            _requantize(self.base_layer, merged=_merged_weight(self.base_weight(), self.adapter_to_merge()))
+
+    def adapter_to_merge(self) -> tuple | None:
+        """``(lora_A, lora_B, scaling, magnitude or None)`` of the active adapter, None with no active adapter."""
+        name = self.active_adapter
+        if name is None:
+            return None
+        lora_A, lora_B, *_ = self.factors(name)
+        return lora_A, lora_B, self.scaling(name), self.magnitude(name)
 
     def to_base_layer(self, merge: bool = False) -> nn.Module:
         """The bitsandbytes module, the active adapter re-quantized into it (``merge``, lossy) or not."""
@@ -537,12 +556,8 @@ def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     replacements = {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedLoRALinear):
-            replacements[name] = _dense_linear(module.base_layer, dtype, None if module.merged else module)
-        elif isinstance(module, QuantizedMultiLoRALinear):
-            active = module.active_adapter
-            delta = None if active is None else module.get_delta_weight(active)
-            replacements[name] = _dense_linear(module.base_layer, dtype, delta)
+        if isinstance(module, (QuantizedLoRALinear, QuantizedMultiLoRALinear)):
+            replacements[name] = _dense_linear(module.base_layer, dtype, module.adapter_to_merge())
         elif is_quantized_linear(module) and not any(name.startswith(n + ".") for n in replacements):
             replacements[name] = _dense_linear(module, dtype, None)
     for name, dense in replacements.items():
@@ -557,24 +572,27 @@ def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     return model
 
 
-def _dense_linear(
-    module: nn.Module, dtype: torch.dtype, adapter: QuantizedLoRALinear | torch.Tensor | None
-) -> nn.Linear:
-    """An ``nn.Linear`` in ``dtype`` holding ``module``'s dequantized W0 with ``adapter`` merged in fp32: a delta
-    ``(out, in)``, a ``QuantizedLoRALinear`` (its ``scaling·B·A``; DoRA: ``g·(W0 + scaling·B·A)``) or None."""
-    weight = dequantize_weight(module, torch.float32)
-    if isinstance(adapter, QuantizedLoRALinear) and adapter.use_dora:
-        weight = dora.merged_weight(weight, adapter.lora_A, adapter.lora_B, adapter.lora_magnitude, adapter.scaling)[0]
-    elif isinstance(adapter, QuantizedLoRALinear):
-        weight += _scaled_product(adapter.lora_A, adapter.lora_B, adapter.scaling)
-    elif adapter is not None:
-        weight += adapter
+def _dense_linear(module: nn.Module, dtype: torch.dtype, adapter: tuple | None) -> nn.Linear:
+    """An ``nn.Linear`` in ``dtype`` holding ``module``'s dequantized W0 with ``adapter`` (``(lora_A, lora_B,
+    scaling, magnitude or None)``, or None) merged in fp32 (:func:`_merged_weight`)."""
+    weight = _merged_weight(dequantize_weight(module, torch.float32), adapter)
     with torch.device("meta"):
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
     dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     if module.bias is not None:
         dense.bias = nn.Parameter(module.bias.detach().to(dtype, copy=True), requires_grad=False)
     return dense.train(module.training)
+
+
+def _merged_weight(weight: torch.Tensor, adapter: tuple | None) -> torch.Tensor:
+    """fp32 ``weight`` ``(out, in)`` with ``adapter`` = ``(lora_A, lora_B, scaling, magnitude or None)`` merged as
+    PEFT merges: ``W0 + s·B·A``, DoRA ``g·(W0 + s·B·A)`` (``weight`` itself is updated for plain LoRA)."""
+    if adapter is None:
+        return weight
+    lora_A, lora_B, scaling, magnitude = adapter
+    if magnitude is not None:
+        return dora.merged_weight(weight, lora_A, lora_B, magnitude, scaling)[0]
+    return weight.add_(_scaled_product(lora_A, lora_B, scaling))
 
 
 def _drop_quantization_marks(model: nn.Module) -> None:

@@ -370,3 +370,138 @@ def test_merge_requantizes_as_peft_does(base_dir, bits):
         merged = ours(**batch).logits
         assert _rel(merged, merged_peft(**batch).logits) < 1e-5
     assert _rel(merged, unmerged) > 1e-5  # the re-quantized weights differ from DoRA's by rounding only
+
+
+# --- named adapters --------------------------------------------------------------------------------------------
+
+
+def _named_dora_model(kind):
+    """One quantized linear with a DoRA adapter "d" (B non-zero, m away from its init) and a plain adapter "p"."""
+    layer, _ = _quantized_linear(kind)
+    model = nn.Sequential(layer)
+    lorafast.add_adapter(model, "d", target_modules=["0"], r=R, alpha=8, use_dora=True)
+    lorafast.add_adapter(model, "p", target_modules=["0"], r=2, alpha=4)
+    lora = model[0]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in "dp":
+            lora.lora_B[name].copy_(torch.randn(lora.lora_B[name].shape, generator=g) * 0.1)
+        lora.lora_magnitude["d"].mul_(1.0 + 0.2 * torch.randn(D_OUT, generator=g))
+    return model, lora
+
+
+def _named_reference(lora, name, rows, leaves):
+    """float64 output of adapter ``name`` (None: the base) on ``rows``; ``leaves``: float64 copies of the factors."""
+    w, b = dequantize_weight(lora.base_layer, torch.float64), lora.base_layer.bias.double()
+    if name is None:
+        return rows @ w.T + b
+    a, bb, m = leaves[name]
+    s = lora.scaling(name)
+    z = rows @ w.T + s * (rows @ a.T) @ bb.T
+    if m is None:
+        return z + b
+    return m / torch.linalg.vector_norm(w + s * bb @ a, dim=1).detach() * z + b
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_named_dora_adapters_single_and_mixed_match_float64(backend, kind):
+    """A DoRA and a plain named adapter over a quantized base: the active DoRA adapter, then a batch mixing DoRA,
+    base and plain rows; outputs and the gradients of x and every factor and magnitude against float64."""
+    model, lora = _named_dora_model(kind)
+    assert type(lora).__name__ == "QuantizedMultiLoRALinear" and lora.uses_dora("d") and not lora.uses_dora("p")
+    torch.testing.assert_close(
+        lora.lora_magnitude["d"].detach().double() / torch.linalg.vector_norm(lora.base_weight().double(), dim=1),
+        torch.ones(D_OUT, dtype=torch.float64),
+        rtol=0.7,
+        atol=0,
+    )  # PEFT's init ‖W0‖_row, scaled above by 1 ± 0.2·N(0, 1)
+    params = {n: lora.lora_A[n] for n in "dp"}, {n: lora.lora_B[n] for n in "dp"}
+    trained = [params[0]["d"], params[1]["d"], lora.lora_magnitude["d"], params[0]["p"], params[1]["p"]]
+    leaves = {
+        "d": [t.detach().double().requires_grad_() for t in trained[:3]],
+        "p": [t.detach().double().requires_grad_() for t in trained[3:]] + [None],
+    }
+    x = torch.randn(3, N, D_IN, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+
+    lorafast.set_adapter(model, "d")
+    y = model(x)
+    want = _named_reference(lora, "d", x64, leaves)
+    assert_close_scaled(y, want.detach())
+    grad = torch.randn_like(y)
+    got = _grads(y, [x, *trained[:3]], grad)
+    for g, w in zip(got, _grads(want, [x64, *leaves["d"]], grad.double()), strict=True):
+        assert_close_scaled(g, w)
+
+    with lorafast.adapter_ids(model, ["d", None, "p"]):
+        y = model(x)
+    want = torch.stack([_named_reference(lora, n, x64[i], leaves) for i, n in enumerate(["d", None, "p"])])
+    assert_close_scaled(y, want.detach())
+    got = _grads(y, [x, *trained], grad)
+    wanted = _grads(want, [x64, *leaves["d"], *leaves["p"][:2]], grad.double())
+    for g, w in zip(got, wanted, strict=True):
+        assert_close_scaled(g, w)
+
+
+def test_active_named_dora_adapter_keeps_nothing_of_w0(backend):
+    model, lora = _named_dora_model("nf4")
+    lorafast.set_adapter(model, "d")
+    x = torch.randn(N, D_IN, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in lora.parameters()} | {
+        t.untyped_storage().data_ptr() for t in (x, lora.base_layer.bias)
+    }
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = model(x)
+    y.sum().backward()
+    assert lora.lora_magnitude["d"].grad is not None
+    assert (D_OUT, D_IN) not in saved and (D_IN, D_OUT) not in saved, saved
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_named_dora_adapter_merges_as_peft(kind):
+    """merge_lora_dense writes g·(W0 + s·BA) exactly; merge_lora re-quantizes it (lossy, warns)."""
+    model, lora = _named_dora_model(kind)
+    lorafast.set_adapter(model, "d")
+    x = torch.randn(N, D_IN)
+    with torch.no_grad():
+        want = model(x)
+    w, _ = lorafast.dora.merged_weight(lora.base_weight(), lora.lora_A["d"], lora.lora_B["d"],
+                                       lora.lora_magnitude["d"], lora.scaling("d"))  # fmt: skip
+    dense = lorafast.merge_lora_dense(copy.deepcopy(model), torch.float32)
+    assert type(dense[0]) is nn.Linear
+    torch.testing.assert_close(dense[0].weight, w)
+    torch.testing.assert_close(dense(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        lorafast.merge_lora(model)
+    assert type(model[0]) is type(lora.base_layer)
+    torch.testing.assert_close(dequantize_weight(model[0], torch.float32), w, rtol=0, atol=0.2 * w.abs().max())
+    with torch.no_grad():
+        assert _rel(model(x), want) < (0.1 if kind != "int8" else 1e-2)
+
+
+def test_named_dora_adapter_on_a_4bit_model_loads_into_peft_and_back(base_dir, tmp_path):
+    model = lorafast.add_adapter(_load(base_dir), "plain", "all-linear", r=4, alpha=8)
+    lorafast.add_adapter(model, "dora", "all-linear", r=8, alpha=16, use_dora=True)
+    torch.manual_seed(0)
+    for _, layer in lorafast.multi_lora_layers(model):
+        nn.init.normal_(layer.lora_B["dora"], std=0.05)
+        with torch.no_grad():
+            layer.lora_magnitude["dora"].mul_(1.0 + 0.2 * torch.randn(layer.out_features))
+    model.train()
+    lorafast.set_adapter(model, "dora")
+    lorafast.save_adapter(model, tmp_path / "dora", adapter_name="dora")
+    peft_model = PeftModel.from_pretrained(_load(base_dir), tmp_path / "dora").train()
+    batch = lm_batch("llama", seed=2)
+    with torch.no_grad():
+        want = peft_model(**batch).logits
+        assert _rel(model(**batch).logits, want) < 1e-5
+    back = lorafast.load_adapter(_load(base_dir), tmp_path / "dora", adapter_name="again").train()
+    with torch.no_grad():
+        assert _rel(back(**batch).logits, want) < 1e-5
