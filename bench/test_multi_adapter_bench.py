@@ -7,7 +7,9 @@ but two sequences on adapter 0):
 - mixed: one call, each sequence with its own adapter (``MultiLoRALinear`` in an ``adapter_ids``
   block, the ids given on the host as a server holds them);
 - loop: what a user would write without it — per adapter, gather its rows, run them, scatter back;
-- PEFT: PEFT's own mixed batch (``adapter_names=``, forward only: PEFT refuses it in training).
+- PEFT: PEFT's own mixed batch (``adapter_names=``, forward only: PEFT refuses it in training);
+- mixed with DoRA: the same batch and factors with every other adapter DoRA (its rows scaled by g_k after the
+  mixed product), against the plain mixed batch (target: at most 1.25×, the single-adapter DoRA bar).
 Forward (serving) and forward+backward (training all eight adapters at once). On a GPU, one
 more mixed forward+backward runs under ``torch.cuda.set_sync_debug_mode("error")``: a host
 synchronisation in it is reported as a missed target.
@@ -29,6 +31,7 @@ elif GPU_PLAN:
 else:
     CASE, ROUNDS, LIMIT, LAYOUTS = (768, 768, 8192, 8), 6, 1.3, ("unsorted",)
 ONE, MIXED, LOOP, PEFT = "one adapter", "mixed (K=8)", "loop over adapters", "PEFT mixed batch"
+MIXED_DORA = "mixed (K=8, 4 DoRA)"
 
 
 def _sequence_ids(layout: str) -> torch.Tensor:
@@ -71,6 +74,23 @@ def _layer(d_in, d_out, r):
     return layer.train()
 
 
+def _dora_twin(layer):
+    """A MultiLoRALinear on the same frozen weight with the same adapters and factors, every other one DoRA (its
+    magnitude PEFT's initialisation, scaled so that g ≠ 1)."""
+    with torch.device("meta"):
+        base = torch.nn.Linear(layer.in_features, layer.out_features)
+    base.weight, base.bias = layer.weight, layer.bias
+    twin = MultiLoRALinear.from_linear(base)
+    for k, name in enumerate(layer.adapter_names):
+        twin.add_adapter(name, r=layer.ranks()[name], alpha=layer.alphas[name], use_dora=k % 2 == 1)
+        with torch.no_grad():
+            twin.lora_A[name].copy_(layer.lora_A[name])
+            twin.lora_B[name].copy_(layer.lora_B[name])
+            if twin.uses_dora(name):
+                twin.lora_magnitude[name].mul_(1.1)
+    return twin.train()
+
+
 def _runs(layer, x, grad_y, seq_ids):
     """``{name|fwd, name|fwd+bwd: callable}`` of the candidates (PEFT: fwd only)."""
     row_ids = seq_ids.repeat_interleave(x.shape[0] // seq_ids.shape[0])
@@ -96,6 +116,12 @@ def _runs(layer, x, grad_y, seq_ids):
         with adapter_ids(layer, seq_ids):
             return layer(x)
 
+    twin = _dora_twin(layer)
+
+    def mixed_dora():
+        with adapter_ids(twin, seq_ids):
+            return twin(x)
+
     def loop():
         layer.set_row_adapters(None)
         y = torch.empty(x.shape[0], layer.out_features, device=x.device, dtype=x.dtype)
@@ -108,13 +134,13 @@ def _runs(layer, x, grad_y, seq_ids):
         def run():
             fn().backward(grad_y)
             x.grad = None
-            for p in layer.parameters():
+            for p in (*layer.parameters(), *twin.parameters()):
                 p.grad = None
 
         return run
 
     runs = {}
-    for name, fn in ((FROZEN, frozen), (ONE, one), (MIXED, mixed), (LOOP, loop)):
+    for name, fn in ((FROZEN, frozen), (ONE, one), (MIXED, mixed), (MIXED_DORA, mixed_dora), (LOOP, loop)):
         runs[f"{name}|fwd"] = fn
         runs[f"{name}|fwd+bwd"] = backward_of(fn)
     runs[f"{PEFT}|fwd"] = peft
@@ -168,7 +194,7 @@ def test_mixed_adapter_batch(benchmark, report, case, layout):
             {k: v for k, v in times.items() if k.endswith(f"|{mode}")},
             baselines=tuple(f"{n}|{mode}" for n in (FROZEN, ONE, LOOP)),
         )
-        for name in (FROZEN, ONE, MIXED, LOOP, PEFT):
+        for name in (FROZEN, ONE, MIXED, MIXED_DORA, LOOP, PEFT):
             t = timing.get(f"{name}|{mode}")
             if t is None:
                 continue
@@ -183,6 +209,11 @@ def test_mixed_adapter_batch(benchmark, report, case, layout):
         report.targets.append(
             Target(f"{device} mixed batch / loop over adapters ({where})", ours[f"vs {LOOP}|{mode}"], 1.0)
         )
+        dora = summarize({k: times[k] for k in (f"{MIXED}|{mode}", f"{MIXED_DORA}|{mode}")}, (f"{MIXED}|{mode}",))
+        report.targets.append(
+            Target(f"{device} mixed batch with DoRA / plain mixed batch ({where})",
+                   dora[f"{MIXED_DORA}|{mode}"][f"vs {MIXED}|{mode}"], 1.25)
+        )  # fmt: skip
         if mode == "fwd":
             vs_peft = summarize({k: times[k] for k in (f"{MIXED}|fwd", f"{PEFT}|fwd")}, (f"{PEFT}|fwd",))
             speedup = 1.0 / vs_peft[f"{MIXED}|fwd"][f"vs {PEFT}|fwd"]
@@ -190,6 +221,7 @@ def test_mixed_adapter_batch(benchmark, report, case, layout):
                 Target(f"{device} mixed batch speed-up over PEFT's mixed batch ({where})", speedup, 2.0, at_most=False)
             )
     if DEVICE.type == "cuda":
-        syncs = _host_syncs(runs[f"{MIXED}|fwd+bwd"])
-        report.targets.append(Target(f"GPU host synchronisations in a mixed fwd+bwd step ({case_name})", syncs, 0))
+        for name in (MIXED, MIXED_DORA):
+            syncs = _host_syncs(runs[f"{name}|fwd+bwd"])
+            report.targets.append(Target(f"GPU host synchronisations in a {name} fwd+bwd step ({case_name})", syncs, 0))
     benchmark.extra_info.update({row["layer"] + "|" + row["mode"]: row["ms"] for row in report.multi_rows})
