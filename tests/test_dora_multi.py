@@ -377,27 +377,3 @@ def test_peft_model_with_a_dora_and_a_plain_adapter_loads_as_named_adapters(tmp_
     for module, tensors in theirs.items():
         for key, value in tensors.items():
             torch.testing.assert_close(again[module][key], value)
-
-
-@pytest.mark.slow
-def test_torch_compile_of_a_mixed_dora_batch_matches_eager():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 8))
-    for i in (0, 2):
-        model[i] = MultiLoRALinear.from_linear(model[i])
-        for name, r, use_dora in (("a", 2, True), ("b", 4, False)):
-            model[i].add_adapter(name, r=r, use_dora=use_dora)
-            with torch.no_grad():
-                model[i].lora_B[name].normal_()
-        model[i].set_row_adapters(torch.tensor([0, 1, -1]))
-    x = torch.randn(3, 5, 16)
-    results = []
-    for run in (model, torch.compile(model)):
-        model.zero_grad()
-        xs = x.clone().requires_grad_()
-        y = run(xs)
-        y.square().sum().backward()
-        grads = (model[0].lora_magnitude["a"].grad.clone(), model[2].lora_B["b"].grad.clone())
-        results.append((y.detach(), xs.grad, *grads))
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -322,13 +322,15 @@ def test_backends_agree_that_unchecked_ids_out_of_range_mean_no_adapter():
 
 
 @pytest.mark.slow
-def test_torch_compile_of_a_mixed_batch_matches_eager():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_torch_compile_of_a_mixed_batch_matches_eager(use_dora):
+    """Adapter "a" plain or DoRA (its rows' column scale after the mixed product), "b" plain, base rows."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 8))
     for i in (0, 2):
         model[i] = MultiLoRALinear.from_linear(model[i])
-        for name, r in (("a", 2), ("b", 4)):
-            model[i].add_adapter(name, r=r)
+        for name, r, dora in (("a", 2, use_dora), ("b", 4, False)):
+            model[i].add_adapter(name, r=r, use_dora=dora)
             with torch.no_grad():
                 model[i].lora_B[name].normal_()
         model[i].set_row_adapters(torch.tensor([0, 1, -1]))
@@ -339,6 +341,9 @@ def test_torch_compile_of_a_mixed_batch_matches_eager():
         xs = x.clone().requires_grad_()
         y = run(xs)
         y.square().sum().backward()
-        results.append((y.detach(), xs.grad, model[0].lora_A["a"].grad.clone(), model[2].lora_B["b"].grad.clone()))
-    for got, want in zip(*results):
+        grads = [model[0].lora_A["a"].grad.clone(), model[2].lora_B["b"].grad.clone()]
+        if use_dora:
+            grads.append(model[0].lora_magnitude["a"].grad.clone())
+        results.append((y.detach(), xs.grad, *grads))
+    for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
