@@ -86,7 +86,7 @@ def save_adapter(
         "lora_dropout": dropout,
         "target_modules": _target_modules(model, set(layers)),
         "bias": "none",
-        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in lora_layers(model)),  # GPT-2's Conv1D
+        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in _saved_layers(model, adapter_name)),  # Conv1D
         "init_lora_weights": True,
         "modules_to_save": None,
         "use_dora": use_dora,
@@ -243,6 +243,12 @@ def _check_config_numbers(config: dict, config_path: Path) -> None:
         raise ValueError(f"{config_path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
 
 
+def _saved_layers(model: nn.Module, adapter_name: str | None):
+    """The ``(name, layer)`` pairs an adapter is saved from or loaded into: single-adapter layers (``adapter_name``
+    None), or the named adapters' layers."""
+    return lora_layers(model) if adapter_name is None else multi_lora_layers(model)
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> nn.Module:
     """Load a PEFT LoRA adapter (saved by PEFT or :func:`save_adapter`) into ``model``; returns ``model``.
@@ -296,7 +302,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         )  # fmt: skip
     elif not layers:
         apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora, **options)
-    for name, layer in lora_layers(model) if adapter_name is None else multi_lora_layers(model):
+    for name, layer in _saved_layers(model, adapter_name):
         lora_A, lora_B, *_ = layer.factors(adapter_name)
         lora_A.copy_(factors[name]["A"])
         lora_B.copy_(factors[name]["B"])

@@ -6,6 +6,8 @@ path's table of factor pointers is rebuilt only when a pointer changes; GPT-2's 
 with named adapters.
 """
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -21,6 +23,7 @@ from lorafast import (
     load_adapter,
     multi_lora_layers,
     remove_adapter,
+    save_adapter,
     set_adapter,
 )
 
@@ -268,6 +271,13 @@ def test_gpt2_conv1d_peft_adapters_load_as_named_adapters_and_mix(backend, tmp_p
         with adapter_ids(model, [None if n == "__base__" else n for n in names]):
             got = model(**batch).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # saved back as a named adapter: PEFT's Conv1D layout flag, and PEFT loads it to the same logits
+    save_adapter(model, tmp_path / "again", adapter_name="second")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    again = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "again").eval()
+    set_adapter(model, "second")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
     for name in list(dirs):
         remove_adapter(model, name)
     assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
