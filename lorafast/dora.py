@@ -14,6 +14,10 @@ is kept beyond y and nothing is recomputed by a base GEMM. dA, dB, dX are the Lo
 
 :class:`ReloadedWeightDoRALinearFunction` is the same over a transient W0 that backward rebuilds instead of keeping
 (a dequantized bitsandbytes weight, :func:`lorafast.quantized.quantized_dora_linear`).
+
+Under ``torch.compile(fullgraph=True)`` nothing breaks the graph: ``‖W0‖²_row`` is computed in the graph (a cache
+keyed on storage cannot be guarded; one more read of W0), the Triton forward runs as ``lorafast::dora_forward`` and
+m's gradient, data-dependent where m = 0, as ``lorafast::dora_magnitude_grad``.
 """
 
 from __future__ import annotations
