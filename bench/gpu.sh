@@ -13,7 +13,7 @@
 # --dry-run: the same steps on CPU tensors, so that a GPU's first minute measures instead of crashing: the install
 # is checked with `pip install --dry-run` (this checkout runs from PYTHONPATH, nothing is installed), the GPU test
 # file runs with every kernel through Triton's interpreter (smaller shapes), and the benchmark suite runs the GPU
-# plan at its smallest shapes, one round (LORAFAST_BENCH_DRY_RUN=1). About 5 to 8 minutes on 2 cores.
+# plan at its smallest shapes, one round (LORAFAST_BENCH_DRY_RUN=1). About 2 to 3 minutes on 2 cores.
 #
 # The model benchmarks read SumPubMed from ../shared/sumpubmed, or from LORAFAST_SUMPUBMED.
 set -uo pipefail
