@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from .backend import front_door, implementation
-from .validation import check_lora_inputs
+from .validation import lora_inputs_check
 
 # id(weight) -> (weakref to it, its storage key, its row norms²); an entry goes when its weight is freed
 _BASE_NORMS: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
@@ -276,9 +276,7 @@ def dora_linear(
     out_features = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
     check_magnitude(magnitude, out_features, x)
 
-    def check(*tensors):
-        check_lora_inputs(*tensors, scaling, dropout_p)
-        return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
+    check = lora_inputs_check(scaling, dropout_p, training)
 
     def run(tensors, p, backend, seed):
         # the cached norms of the weight itself; under autocast its cast copy's, computed for this call

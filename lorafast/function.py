@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backend import front_door, implementation
-from .validation import check_lora_inputs
+from .validation import lora_inputs_check
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -64,9 +64,7 @@ def lora_linear(
     [0, 1), a weight or bias that requires grad (no gradient is computed for them), or an unusable backend.
     """
 
-    def check(*tensors):
-        check_lora_inputs(*tensors, scaling, dropout_p)
-        return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
+    check = lora_inputs_check(scaling, dropout_p, training)
 
     def run(tensors, p, backend, seed):
         x, *others = tensors

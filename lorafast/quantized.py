@@ -29,7 +29,7 @@ from .backend import front_door, implementation
 from .layer import FusedLoRALinear, _scaled_product
 from .multi_layer import MultiLoRALinear
 from .row_adapters import active_row_adapters
-from .validation import autocast_dtype, check_lora_inputs, check_rank
+from .validation import autocast_dtype, check_rank, lora_inputs_check
 
 _BASE = "base_layer"  # the quantized module's name inside QuantizedLoRALinear (hidden from state_dict keys)
 
@@ -181,8 +181,23 @@ def quantized_lora_linear(
     lora_B ``(out, r)`` in any floating dtype (cast to the compute dtype, gradients in their own). ValueError as
     lora_linear's, and for a module that is not quantized by bitsandbytes.
     """
+
+    def run(tensors, p, backend, seed, dtype):
+        x_, weight_, bias_ = tensors[:3]  # the Function casts the factors itself
+        return QuantizedLoRALinearFunction.apply(x_, weight_, bias_, lora_A, lora_B, module, float(scaling), p, seed,
+                                                 backend)  # fmt: skip
+
+    return _on_dequantized_base("quantized_lora_linear", x, module, lora_A, lora_B, scaling, dropout_p, training, run)
+
+
+def _on_dequantized_base(name, x, module, lora_A, lora_B, scaling, dropout_p, training, run, magnitude=None):
+    """What both quantized linears do around ``run(tensors, p, backend, seed, dtype)``: check the module (and DoRA's
+    ``magnitude``), choose the compute dtype (module docstring), cast x, bias and the factors to it with autocast off,
+    dequantize W0 into a transient buffer, pass all through :func:`lorafast.backend.front_door`, cast the output."""
     if not is_quantized_linear(module):
-        raise ValueError(f"quantized_lora_linear expects a bitsandbytes Linear4bit/Linear8bitLt, got {type(module)}")
+        raise ValueError(f"{name} expects a bitsandbytes Linear4bit/Linear8bitLt, got {type(module)}")
+    if magnitude is not None:
+        dora.check_magnitude(magnitude, module.out_features, x)
     dtype = compute_dtype(module, x)
     under_autocast = autocast_dtype(x) is not None
     out_dtype = dtype if under_autocast else x.dtype
@@ -190,20 +205,10 @@ def quantized_lora_linear(
     with torch.autocast(device_type=x.device.type, enabled=False) if under_autocast else contextlib.nullcontext():
         x_c = x.to(dtype)
         bias_c = None if bias is None else bias.to(dtype)
-        factors = lora_A.to(dtype), lora_B.to(dtype)  # what the checks see; the Function casts its own
+        factors = lora_A.to(dtype), lora_B.to(dtype)  # differentiable casts: the gradients arrive in A's and B's dtype
         weight = dequantize_weight(module, dtype)
-
-        def check(*tensors):
-            check_lora_inputs(*tensors, scaling, dropout_p)
-            return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
-
-        def run(tensors, p, backend, seed):
-            x_, weight_, bias_ = tensors[:3]
-            return QuantizedLoRALinearFunction.apply(
-                x_, weight_, bias_, lora_A, lora_B, module, float(scaling), p, seed, backend
-            )
-
-        y = front_door(x_c, weight, bias_c, *factors, check, run)
+        check = lora_inputs_check(scaling, dropout_p, training)
+        y = front_door(x_c, weight, bias_c, *factors, check, functools.partial(run, dtype=dtype))
     return y.to(out_dtype)
 
 
@@ -231,33 +236,18 @@ def quantized_dora_linear(
     backward (never kept); ``‖W0‖²_row`` is cached per quantized weight. ValueError as
     :func:`quantized_lora_linear`'s and :func:`lorafast.dora.dora_linear`'s.
     """
-    if not is_quantized_linear(module):
-        raise ValueError(f"quantized_dora_linear expects a bitsandbytes Linear4bit/Linear8bitLt, got {type(module)}")
-    dora.check_magnitude(magnitude, module.out_features, x)
-    dtype = compute_dtype(module, x)
-    under_autocast = autocast_dtype(x) is not None
-    out_dtype = dtype if under_autocast else x.dtype
-    bias = module.bias
-    with torch.autocast(device_type=x.device.type, enabled=False) if under_autocast else contextlib.nullcontext():
-        x_c = x.to(dtype)
-        bias_c = None if bias is None else bias.to(dtype)
-        factors = lora_A.to(dtype), lora_B.to(dtype)  # differentiable casts: the gradients arrive in A's and B's dtype
-        weight = dequantize_weight(module, dtype)
+
+    def run(tensors, p, backend, seed, dtype):
         # fp64 (references): the norms of the fp64 weight of this call, not the cached fp32 ones
         base_sq = quantized_row_norms_sq(module) if dtype != torch.float64 else None
+        reload = functools.partial(dequantize_weight, module, dtype)
+        return dora.ReloadedWeightDoRALinearFunction.apply(
+            *tensors, magnitude, float(scaling), p, seed, backend, base_sq, reload
+        )
 
-        def check(*tensors):
-            check_lora_inputs(*tensors, scaling, dropout_p)
-            return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
-
-        def run(tensors, p, backend, seed):
-            reload = functools.partial(dequantize_weight, module, dtype)
-            return dora.ReloadedWeightDoRALinearFunction.apply(
-                *tensors, magnitude, float(scaling), p, seed, backend, base_sq, reload
-            )
-
-        y = front_door(x_c, weight, bias_c, *factors, check, run)
-    return y.to(out_dtype)
+    return _on_dequantized_base(
+        "quantized_dora_linear", x, module, lora_A, lora_B, scaling, dropout_p, training, run, magnitude
+    )
 
 
 class QuantizedLoRALinear(FusedLoRALinear):

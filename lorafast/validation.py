@@ -63,6 +63,17 @@ def check_lora_inputs(
     check_same_dtype_and_device(named, x)
 
 
+def lora_inputs_check(scaling: float, dropout_p: float, training: bool):
+    """The ``check`` a one-adapter call gives :func:`lorafast.backend.front_door`: :func:`check_lora_inputs` on its
+    tensors, then ``(whether to draw a dropout seed, the dropout in effect)`` (dropout acts in training only)."""
+
+    def check(*tensors):
+        check_lora_inputs(*tensors, scaling, dropout_p)
+        return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
+
+    return check
+
+
 def check_base_inputs(
     named: dict[str, torch.Tensor], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[int, int]:
