@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import peft_saved_adapters
 
 from conftest import summarization_batches, tiny_bart
 from lorafast import (
@@ -113,17 +114,11 @@ def test_generate_with_mixed_ids_equals_per_adapter_generate(batch, num_beams):
 
 def _peft_adapter_dirs(tmp_path):
     """Two adapters trained-looking (random B) and saved by PEFT itself, different ranks."""
-    dirs = {}
-    for i, (name, r) in enumerate((("first", 4), ("second", 6))):
-        peft_model = get_peft_model(tiny_bart(), LoraConfig(r=r, lora_alpha=3 * r, target_modules=["q_proj", "v_proj"]))
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for pname, p in peft_model.named_parameters():
-                if "lora_" in pname:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        peft_model.save_pretrained(tmp_path / name)
-        dirs[name] = tmp_path / name
-    return dirs
+    configs = {
+        name: LoraConfig(r=r, lora_alpha=3 * r, target_modules=["q_proj", "v_proj"])
+        for name, r in (("first", 4), ("second", 6))
+    }
+    return peft_saved_adapters(tmp_path, tiny_bart, configs, seed=10)
 
 
 def test_peft_adapters_by_name_equal_peft(batch, tmp_path):

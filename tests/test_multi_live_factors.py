@@ -10,8 +10,8 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_models import lm_batch, tiny_gpt2
+from peft import LoraConfig, PeftModel
+from tiny_models import lm_batch, peft_saved_adapters, tiny_gpt2
 
 import lorafast.kernels.multi_factors as multi_factors
 from conftest import assert_close_scaled, reference_lora
@@ -234,18 +234,11 @@ def test_adapters_of_different_dtypes_in_one_layer_are_a_clear_error():
 
 def _peft_gpt2_dirs(tmp_path):
     """Two GPT-2 adapters on the Conv1D projections, random factors, saved by PEFT itself."""
-    dirs = {}
-    for i, (name, r) in enumerate((("first", 4), ("second", 2))):
-        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
-        peft_model = get_peft_model(tiny_gpt2(), config)
-        g = torch.Generator().manual_seed(20 + i)
-        with torch.no_grad():
-            for pname, p in peft_model.named_parameters():
-                if "lora_" in pname:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        peft_model.save_pretrained(tmp_path / name)
-        dirs[name] = tmp_path / name
-    return dirs
+    configs = {
+        name: LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+        for name, r in (("first", 4), ("second", 2))
+    }
+    return peft_saved_adapters(tmp_path, tiny_gpt2, configs, seed=20)
 
 
 def test_gpt2_conv1d_peft_adapters_load_as_named_adapters_and_mix(backend, tmp_path):

@@ -52,3 +52,21 @@ def lm_batch(kind: str, batch: int = 3, length: int = 9, seed: int = 0) -> dict[
     else:
         labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def peft_saved_adapters(tmp_path, make_model, configs: dict, seed: int) -> dict:
+    """``{name: directory}``: for each ``name: LoraConfig``, a PEFT model on ``make_model()`` whose LoRA factors are
+    random (``N(0, 0.2²)``, generator seeded ``seed + i``, so B is not zero), saved by PEFT itself."""
+    from peft import get_peft_model
+
+    dirs = {}
+    for i, (name, config) in enumerate(configs.items()):
+        peft_model = get_peft_model(make_model(), config)
+        g = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for pname, p in peft_model.named_parameters():
+                if "lora_" in pname:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        peft_model.save_pretrained(tmp_path / name)
+        dirs[name] = tmp_path / name
+    return dirs
