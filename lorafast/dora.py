@@ -75,10 +75,19 @@ def dora_weight_norm(
     lora_B ``(out, r)``, without forming ``B·A``; ``base_sq``: ``‖W0‖²_row`` (None: :func:`base_row_norms_sq`)."""
     if base_sq is None:
         base_sq = base_row_norms_sq(weight)
+    wa = torch.mm(weight, lora_A.to(weight.dtype).t())  # (out, r), the one product over in_features
+    return norm_from_product(base_sq, wa, lora_A, lora_B, scaling)
+
+
+@torch.no_grad()
+def norm_from_product(
+    base_sq: torch.Tensor, wa: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``‖W0 + s·B·A‖`` per row ``(out,)`` in base_sq's dtype from ``‖W0‖²_row`` base_sq ``(out,)`` and ``W0·Aᵀ``
+    wa ``(out, r)``: ``sqrt(‖W0‖² + 2s·rowsum(wa ⊙ B) + s²·rowsum((B·(A·Aᵀ)) ⊙ B))``."""
     acc = base_sq.dtype
     a, b = lora_A.to(acc), lora_B.to(acc)
-    wa = torch.mm(weight, lora_A.to(weight.dtype).t()).to(acc)  # (out, r), the one product over in_features
-    cross = (wa * b).sum(1)
+    cross = (wa.to(acc) * b).sum(1)
     quad = (torch.mm(b, a @ a.t()) * b).sum(1)
     return (base_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min_(0.0).sqrt_()
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .dora import base_row_norms_sq
+from .dora import base_row_norms_sq, norm_from_product
 
 
 @torch.no_grad()
@@ -23,16 +23,11 @@ def dora_norms(
     """``‖W0 + s_j·B_j·A_j‖`` per row for D adapters: weight ``(out, in)``, A_j ``(r_j, in)``, B_j ``(out, r_j)`` ->
     ``(D, out)`` fp32 (fp64 for fp64), from one ``W0·[A_1;…;A_D]ᵀ`` product (``‖W0‖²`` cached per weight)."""
     base_sq = base_row_norms_sq(weight)
-    acc = base_sq.dtype
     stacked = torch.cat([a.to(weight.dtype) for a in lora_A])
-    products = torch.mm(weight, stacked.t()).to(acc).split([a.shape[0] for a in lora_A], dim=1)  # (out, r_j) each
-    norms = []
-    for a, b, s, wa in zip(lora_A, lora_B, scalings, products, strict=True):
-        a, b = a.to(acc), b.to(acc)
-        cross = (wa * b).sum(1)
-        quad = (torch.mm(b, a @ a.t()) * b).sum(1)
-        norms.append(base_sq + (2.0 * s) * cross + (s * s) * quad)
-    return torch.stack(norms).clamp_min_(0.0).sqrt_()
+    products = torch.mm(weight, stacked.t()).split([a.shape[0] for a in lora_A], dim=1)  # (out, r_j) each
+    return torch.stack([
+        norm_from_product(base_sq, wa, a, b, s) for a, b, s, wa in zip(lora_A, lora_B, scalings, products, strict=True)
+    ])  # fmt: skip
 
 
 class RowScaleFunction(torch.autograd.Function):
