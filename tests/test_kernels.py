@@ -1,17 +1,24 @@
 """Each Triton kernel, through Triton's interpreter, for every config its autotuner can pick."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close_scaled, make_inputs
+from conftest import assert_close_scaled, make_inputs, require_interpreter
 from lorafast import kernels
 from lorafast.kernels.dropout_xa import dropout_xa_tuned
 from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
 from lorafast.kernels.launch import dot_precision, prune_for_rank, rank_block
 from lorafast.kernels.lora_weight_grad import lora_weight_grad_tuned
 
-pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests run in Triton's interpreter")
+require_interpreter()
+
+INTERPRETER_ONLY = ["test_kernels.py", "test_gemm_paths.py", "test_multi_kernels.py", "test_multi_gemm_paths.py"]
 
 # Odd sizes (not multiples of any block) and ranks that are not powers of two.
 SHAPES = [(37, 70, 50, 3), (130, 200, 150, 40)]
@@ -223,3 +230,16 @@ def test_launcher_errors():
         kernels.fused_lora_forward(x.double(), w.double(), b.double(), a.double(), bb.double(), 1.0)
     with pytest.raises(ValueError, match=r"dropout probability 1.0 must be in \(0, 1\)"):
         kernels.dropout_xa(x, a, 1.0, seed=0)
+
+
+def test_exported_triton_interpret_0_errors_instead_of_skipping():
+    """``TRITON_INTERPRET=0`` (as bench/gpu.sh exports) makes every interpreter-only module a collection error
+    naming the variable: pytest exits non-zero, nothing is skipped silently."""
+    tests = Path(__file__).parent
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *INTERPRETER_ONLY],
+        cwd=tests, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == pytest.ExitCode.INTERRUPTED, run.stdout[-2000:]
+    assert run.stdout.count("TRITON_INTERPRET='0': this module tests the Triton kernels") == len(INTERPRETER_ONLY)
+    assert "skipped" not in run.stdout
