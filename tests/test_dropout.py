@@ -2,12 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import keep_mask, make_inputs, reference_lora
+from conftest import assert_close_scaled, keep_mask, make_inputs, reference_lora
 from lorafast import FusedLoRALinear, lora_linear
-from lorafast.dropout import draw_seed
+from lorafast.dropout import draw_seed, row_blocks
 
 
 def test_eval_mode_equals_no_dropout(backend):
@@ -83,3 +84,44 @@ def test_torch_path_mask_is_independent_of_blocking():
     parts = [stream.next_rows(k) for k in (1, 99, 200)]
     assert torch.equal(torch.cat(parts), whole)
     assert abs(whole.float().mean().item() - 0.7) < 0.02
+
+
+def sfc64_keep(seed, rows, cols, p):
+    """The PyTorch path's mask by its definition, written with NumPy alone: rows drawn in order from
+    ``SFC64(seed)``, ``ceil(cols / 4)`` 64-bit draws a row, each four little-endian int16 lanes, the first ``cols``
+    lanes kept; an element is kept iff its lane is at least ``round(p·2¹⁶) - 2¹⁵``."""
+    draws_per_row = -(-cols // 4)
+    lanes = np.random.SFC64(seed).random_raw(rows * draws_per_row).astype("<u8").view("<i2")
+    lanes = lanes.reshape(rows, 4 * draws_per_row)[:, :cols]
+    return torch.from_numpy(lanes >= round(p * 65536) - 32768)
+
+
+def test_torch_path_mask_matches_its_numpy_definition():
+    whole = keep_mask("torch", 12345, (40, 70), 0.3)  # 70 columns: the last draw of each row half used
+    assert torch.equal(whole, sfc64_keep(12345, 40, 70, 0.3))
+
+
+def test_blocked_dropout_forward_and_backward_match_the_numpy_mask(monkeypatch):
+    """An input above the PyTorch path's block size (2²⁰ elements, real threshold, 8 columns: three row blocks, the
+    last ragged) through lora_linear: y, dX, dA, dB equal float64 math on the NumPy mask, row for row."""
+    n, d_in, d_out, r, p = 2 * 131072 + 100, 8, 6, 2, 0.25
+    blocks = list(row_blocks(n, d_in))
+    assert len(blocks) == 3 and blocks[-1].stop - blocks[-1].start == 100
+    monkeypatch.setenv("LORAFAST_BACKEND", "torch")
+    x, w, b, a, bb = make_inputs((n,), d_in, d_out, r)
+    x, a, bb = (t.requires_grad_() for t in (x, a, bb))
+    torch.manual_seed(7)
+    y = lora_linear(x, w, b, a, bb, 1.5, dropout_p=p, training=True)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, bb), gy)
+
+    torch.manual_seed(7)
+    keep = sfc64_keep(draw_seed(), n, d_in, p).double()
+    for rows in blocks[1:]:  # every block draws rows of its own, not block 0's again
+        assert not torch.equal(keep[rows][:100], keep[:100])
+    x_r, a_r, b_r = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    y_ref = x_r @ w.double().T + b.double() + 1.5 * ((x_r * keep / (1 - p)) @ a_r.T) @ b_r.T
+    grads_ref = torch.autograd.grad(y_ref, (x_r, a_r, b_r), gy.double())
+    assert_close_scaled(y, y_ref.detach())
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert_close_scaled(got, want, rel=1e-4)  # dA, dB sum 2.6e5 rows in fp32
