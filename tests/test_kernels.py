@@ -63,6 +63,23 @@ def test_fused_dx_every_config(config, shape, dropout_p):
     assert_close_scaled(dx, dx_ref)
 
 
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
+@pytest.mark.parametrize("bias,dropout_p", [(True, 0.25), (False, 0.0)])
+def test_dora_epilogue_every_config_over_several_column_tiles(config, bias, dropout_p):
+    """DoRA's column scale g and bias in the fused GEMM's epilogue: N spans at least two whole column tiles of
+    every config plus a ragged last one, so each tile must read g at its own columns."""
+    block_n = max(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
+    n, d_in, d_out, r = 20, 24, 2 * block_n + 37, 3
+    x, w, b, a, bb = make_inputs((n,), d_in, d_out, r, bias=bias)
+    col_scale = torch.rand(d_out, generator=torch.Generator().manual_seed(1)) + 0.5
+    y, xa = kernels.dora_forward(x, w, b, a, bb, 1.3, dropout_p, 17, col_scale, config=config)
+    keep = kernels.dropout_keep_mask(17, (n, d_in), dropout_p, "cpu").double() if dropout_p else 1.0
+    xa_ref = (x.double() * keep / (1 - dropout_p)) @ a.double().T
+    z_ref = x.double() @ w.double().T + 1.3 * xa_ref @ bb.double().T
+    assert_close_scaled(xa, xa_ref)
+    assert_close_scaled(y, col_scale.double() * z_ref + (0 if b is None else b.double()))
+
+
 @pytest.mark.parametrize("config", dropout_xa_tuned.configs, ids=ids)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dropout_xa_every_config(config, shape):
