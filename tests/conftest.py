@@ -62,6 +62,13 @@ def assert_close_scaled(actual, expected, dtype=torch.float32, rel=None):
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol)
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``‖actual - expected‖ / ‖expected‖`` in float64: scale-sensitive, unlike a cosine (a gradient twice too large
+    is 1.0 off)."""
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
 def reference_lora(x, weight, bias, lora_A, lora_B, scaling, keep=None, p=0.0):
     """Naive LoRA linear under plain autograd: ``x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``."""
     dropped = x if keep is None else x * keep.to(x.dtype) / (1.0 - p)

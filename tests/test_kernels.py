@@ -105,15 +105,21 @@ def test_weight_grad_every_config(config, split, dropout_p):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernels_half_precision(dtype):
+    """xa, y, g = dY·B and dX against float64 math on the same rounded inputs: none of the references reuses one of
+    the kernel's own intermediates (xa, g), so an error in one shows up where it is made."""
     x, w, b, a, bb = make_inputs((37,), 70, 50, 3, dtype=dtype)
+    x64, w64, b64, a64, bb64 = (t.double() for t in (x, w, b, a, bb))
     y, xa = kernels.fused_lora_forward(x, w, b, a, bb, 2.0)
     assert y.dtype == dtype and xa.dtype == dtype
-    xa_ref = x.float() @ a.float().T
+    xa_ref = x64 @ a64.T
     assert_close_scaled(xa, xa_ref, dtype)
-    assert_close_scaled(y, x.float() @ w.float().T + 2.0 * xa.float() @ bb.float().T + b.float(), dtype)
+    assert_close_scaled(y, x64 @ w64.T + 2.0 * xa_ref @ bb64.T + b64, dtype)
     gy = torch.randn(37, 50).to(dtype)
     dx, g = kernels.fused_lora_dx(gy, w, a, bb, 2.0)
-    assert_close_scaled(dx, gy.float() @ w.float() + 2.0 * g.float() @ a.float(), dtype)
+    assert dx.dtype == dtype
+    g_ref = gy.double() @ bb64
+    assert_close_scaled(g, g_ref, dtype)
+    assert_close_scaled(dx, gy.double() @ w64 + 2.0 * g_ref @ a64, dtype)
 
 
 def test_strided_inputs():

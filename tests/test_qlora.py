@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lorafast
+from conftest import relative_error
 from lorafast.profiling import saved_activation_bytes
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -353,8 +354,7 @@ def _step(model, batch):
     return out.logits.detach(), grads
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+_rel = relative_error
 
 
 def _losses(model, steps=5):
