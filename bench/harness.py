@@ -1,4 +1,4 @@
-"""Measuring LoRA layers side by side: the candidates, interleaved timing, memory, and the machine.
+"""Measuring LoRA layers side by side: the candidates, their float64 references, interleaved timing, memory, and
 
 Candidates share one frozen base weight: a frozen ``nn.Linear`` (its backward computes dX only),
 Hugging Face PEFT's LoRA ``Linear``, the same PEFT layer after ``lorafast.patch_peft`` and lorafast's
