@@ -1,4 +1,4 @@
-"""Measuring LoRA layers side by side: the candidates, interleaved timing, memory, and the machine.
+"""Measuring LoRA layers side by side: the candidates, their float64 references, interleaved timing, memory, and
 
 Candidates share one frozen base weight: a frozen ``nn.Linear`` (its backward computes dX only),
 Hugging Face PEFT's LoRA ``Linear``, the same PEFT layer after ``lorafast.patch_peft`` and lorafast's
@@ -10,6 +10,7 @@ them alike; figures are medians over rounds, and ratios are medians of per-round
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 import statistics
@@ -45,6 +46,112 @@ def make_candidates(d_in: int, d_out: int, r: int, alpha: float, dropout: float,
             layer.lora_A["default"].weight.copy_(ours.lora_A)
             layer.lora_B["default"].weight.copy_(ours.lora_B)
     return {FROZEN: base.train(), PEFT: peft.train(), PATCHED: patched.train(), LORAFAST: ours.train()}
+
+
+def candidate_references(candidates: dict[str, nn.Module]) -> dict[str, Callable]:
+    """The float64 references of :func:`make_candidates`' modules, for :func:`assert_matches_reference`."""
+    ours = candidates[LORAFAST]
+    lora = lora_reference(ours.weight, ours.bias, ours.lora_A, ours.lora_B, ours.scaling)
+    return {FROZEN: base_reference(ours.weight, ours.bias), PEFT: lora, PATCHED: lora, LORAFAST: lora}
+
+
+# Each trainable parameter by what it is, whatever its owner calls it (PEFT: lora_A.default.weight, ...)
+_PARAMETER_KINDS = ("lora_A", "lora_B", "magnitude")
+
+
+def lora_reference(weight, bias, lora_A, lora_B, scaling: float, magnitude=None) -> Callable:
+    """float64 LoRA (DoRA with ``magnitude``) of weight ``(out, in)``, bias, A ``(r, in)``, B ``(out, r)``, dropout off:
+    ``reference(x64) -> (y64 (n, out), {kind: float64 leaf})`` (kinds as in ``_PARAMETER_KINDS``). DoRA's row norm is
+    detached, as in lorafast and PEFT."""
+    w64 = weight.detach().double()
+    b64 = None if bias is None else bias.detach().double()
+
+    def reference(x64):
+        leaves = {"lora_A": lora_A.detach().double().requires_grad_(), "lora_B": lora_B.detach().double()}
+        leaves["lora_B"].requires_grad_()
+        y = x64 @ w64.T + scaling * (x64 @ leaves["lora_A"].T) @ leaves["lora_B"].T
+        if magnitude is not None:
+            leaves["magnitude"] = magnitude.detach().double().requires_grad_()
+            norm = torch.linalg.vector_norm(w64 + scaling * leaves["lora_B"] @ leaves["lora_A"], dim=1).detach()
+            y = leaves["magnitude"] / norm * y
+        return (y if b64 is None else y + b64), leaves
+
+    return reference
+
+
+def base_reference(weight, bias) -> Callable:
+    """float64 ``x·Wᵀ + b`` of a frozen layer, as :func:`lora_reference` gives it (no trainable leaves)."""
+    w64, b64 = weight.detach().double(), None if bias is None else bias.detach().double()
+
+    def reference(x64):
+        return (x64 @ w64.T if b64 is None else x64 @ w64.T + b64), {}
+
+    return reference
+
+
+def assert_matches_reference(
+    modules: dict[str, nn.Module], references: dict[str, Callable], x: torch.Tensor, grad_y: torch.Tensor
+) -> None:
+    """Before anything is timed: each module's output and the gradients of x and of its trainable parameters
+    equal its float64 reference's (:func:`lora_reference`), by relative norm error (1e-4 in fp32, 3e-2 in 16 bits).
+
+    Modules run in eval mode (dropout off; the gradients still flow), then return to the mode they were in.
+    AssertionError names the module and the tensor.
+    """
+    limit = 1e-4 if x.dtype in (torch.float32, torch.float64) else 3e-2
+    for name, module in modules.items():
+        training = module.training
+        module.eval()
+        try:
+            x_in = x.detach().clone().requires_grad_()
+            params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            y = module(x_in)
+            got = torch.autograd.grad(y, [x_in, *params.values()], grad_y)
+        finally:
+            module.train(training)
+        x64 = x.detach().double().requires_grad_()
+        y64, leaves = references[name](x64)
+        kinds = [next(k for k in _PARAMETER_KINDS if k in n) for n in params]
+        want = torch.autograd.grad(y64, [x64, *(leaves[k] for k in kinds)], grad_y.double())
+        for what, a, b in zip(("output", "dX", *kinds), (y, *got), (y64, *want), strict=True):
+            error = ((a.double() - b).norm() / b.norm()).item()
+            assert error < limit, f"{name}: {what} is {error:.2e} off its float64 reference (limit {limit})"
+
+
+def assert_same_loss(models: dict, batch: dict, rel: float) -> None:
+    """Before a training step is timed: every model's loss on ``batch`` (eval mode, no grad) equals the first's
+    within ``rel``; the adapters start as PEFT's (B = 0), so each model still computes its base model's loss."""
+    losses = {}
+    for name, model in models.items():
+        training = model.training
+        with torch.no_grad():
+            losses[name] = model.eval()(**batch).loss.item()
+        model.train(training)
+    first = next(iter(losses.values()))
+    for name, loss in losses.items():
+        assert abs(loss - first) <= rel * abs(first), f"{name}: loss {loss} differs from {first} (rel {rel})"
+
+
+def isolated_peak_cuda_bytes(build: Callable[[], Callable[[], None]], device: torch.device, steps: int = 2) -> int:
+    """Peak allocated CUDA memory of ``steps`` calls of ``build()``'s step (``build`` makes a model and its optimizer
+    and returns its training step; optimizer state appears in the first step) above what was allocated before the
+    build: the model's own weights count, loading transients and other models do not. Call it with no other model
+    resident; the model is freed again before it returns."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    step = build()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
 
 
 class Timer:

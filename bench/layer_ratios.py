@@ -24,6 +24,8 @@ import torch
 from harness import (
     FROZEN,
     Timer,
+    assert_matches_reference,
+    candidate_references,
     forward_backward,
     interleaved,
     kernel_launches,
@@ -43,6 +45,7 @@ def run(args) -> list[dict]:
     rows = []
     for p in args.dropout:
         candidates = make_candidates(args.features, d_out, args.rank, args.alpha, p, dtype, device)
+        assert_matches_reference(candidates, candidate_references(candidates), x, grad_y)
         runs = {name: forward_backward(module, x, grad_y) for name, module in candidates.items()}
         results = summarize(interleaved(runs, args.rounds, Timer(device)), baselines=(FROZEN,))
         for name, result in results.items():

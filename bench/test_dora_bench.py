@@ -10,7 +10,19 @@ import os
 
 import pytest
 import torch
-from harness import FROZEN, LORAFAST, Timer, forward, forward_backward, interleaved, saved_bytes, summarize
+from harness import (
+    FROZEN,
+    LORAFAST,
+    Timer,
+    assert_matches_reference,
+    base_reference,
+    forward,
+    forward_backward,
+    interleaved,
+    lora_reference,
+    saved_bytes,
+    summarize,
+)
 from peft import LoraConfig, get_peft_model
 from report import Target
 from torch import nn
@@ -60,6 +72,12 @@ def test_dora_layer(benchmark, report, case):
     candidates = _candidates(d_in, d_out, r, dropout)
     x = torch.randn(tokens, d_in, device=DEVICE, dtype=DTYPE, requires_grad=True)
     grad_y = torch.randn(tokens, d_out, device=DEVICE, dtype=DTYPE)
+    lora, dora = candidates[LORAFAST], candidates[LORAFAST_DORA]
+    dora_ref = lora_reference(dora.weight, dora.bias, dora.lora_A, dora.lora_B, dora.scaling, dora.lora_magnitude)
+    references = {FROZEN: base_reference(lora.weight, lora.bias), PEFT_DORA: dora_ref, PATCHED_DORA: dora_ref,
+                  LORAFAST: lora_reference(lora.weight, lora.bias, lora.lora_A, lora.lora_B, lora.scaling),
+                  LORAFAST_DORA: dora_ref}  # fmt: skip
+    assert_matches_reference(candidates, references, x, grad_y)
     runs = {}
     for name, module in candidates.items():
         runs[f"{name}|fwd"] = forward(module, x)

@@ -20,6 +20,8 @@ from harness import (
     PATCHED,
     PEFT,
     Timer,
+    assert_matches_reference,
+    candidate_references,
     forced_gemm,
     forward,
     forward_backward,
@@ -73,6 +75,7 @@ def test_layer(benchmark, report, case):
     candidates = make_candidates(d_in, d_out, r, 2 * r, dropout, DTYPE, DEVICE)
     x = torch.randn(tokens, d_in, device=DEVICE, dtype=DTYPE, requires_grad=True)
     grad_y = torch.randn(tokens, d_out, device=DEVICE, dtype=DTYPE)
+    assert_matches_reference(candidates, candidate_references(candidates), x, grad_y)
     runs = {}
     for name, module in candidates.items():
         runs[f"{name}|fwd"] = forward(module, x)

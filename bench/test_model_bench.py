@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import Timer, interleaved, summarize
+from harness import Timer, assert_same_loss, interleaved, isolated_peak_cuda_bytes, summarize
 from model_step import CONFIGS, batch_tokens, build, make_batch, make_tokenizer, peak_resident_bytes, train_step
 from report import Target
 
@@ -39,14 +39,16 @@ def _name(config):
     return "full" if method == "full" else f"{method} {targets} p={dropout}"
 
 
-def _peak_bytes(config, tokenizer_dir, models) -> int:
+def _peak_bytes(config, tokenizer_dir, batch) -> int:
+    """``config``'s training-step peak: on CUDA above the allocation before its model was built, with no other model
+    resident; on CPU its process's peak resident memory, in a process of its own."""
     if DEVICE.type == "cuda":
-        model, optimizer, batch = models[config]
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        train_step(model, optimizer, batch)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+
+        def build_step():
+            model, optimizer = build(config, tokenizer_dir, DEVICE)
+            return lambda: train_step(model, optimizer, batch)
+
+        return isolated_peak_cuda_bytes(build_step, DEVICE)
     if DRY_RUN:  # no CUDA peak on CPU, and no time for a process per configuration: a stand-in figure
         return peak_resident_bytes()
     method, targets, dropout = config
@@ -59,10 +61,8 @@ def _peak_bytes(config, tokenizer_dir, models) -> int:
 def test_training_step(benchmark, report, tokenizer_dir):
     batch = make_batch(tokenizer_dir, DEVICE)
     tokens = batch_tokens(batch)
-    models = {}
-    for config in CONFIGS:
-        model, optimizer = build(config, tokenizer_dir, DEVICE)
-        models[config] = (model, optimizer, batch)
+    models = {config: (*build(config, tokenizer_dir, DEVICE), batch) for config in CONFIGS}
+    assert_same_loss({c: m for c, (m, _, _) in models.items()}, batch, 1e-4 if DEVICE.type == "cpu" else 1e-2)
     runs = {config: (lambda m=m, o=o: train_step(m, o, batch)) for config, (m, o, _) in models.items()}
     times = {config: [] for config in CONFIGS}
     rounds = 1 if DRY_RUN else 10 if GPU_PLAN else 2
@@ -73,14 +73,15 @@ def test_training_step(benchmark, report, tokenizer_dir):
 
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0 if DRY_RUN else 1, iterations=1)
     timing = summarize(times, baselines=(CONFIGS[0],))
-    peaks = {config: _peak_bytes(config, tokenizer_dir, models) for config in CONFIGS}
+    trainable = {c: sum(p.numel() for p in m.parameters() if p.requires_grad) for c, (m, _, _) in models.items()}
+    models.clear(), runs.clear()  # one model resident at a time while peaks are measured
+    peaks = {config: _peak_bytes(config, tokenizer_dir, batch) for config in CONFIGS}
     for config in CONFIGS:
         method, targets, dropout = config
         peft = ("peft", targets, dropout)
-        model = models[config][0]
         row = {
             "method": method, "targets": "all" if method == "full" else targets, "dropout": dropout,
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable": trainable[config],
             "step_s": timing[config]["seconds"], "tokens_per_s": tokens / timing[config]["seconds"],
             "vs_full": timing[CONFIGS[0]]["seconds"] / timing[config]["seconds"],
             "vs_peft": timing[peft]["seconds"] / timing[config]["seconds"] if method == "lorafast" else None,

@@ -29,8 +29,8 @@ _LANE_LEVELS = 1 << 16
 def run_eagerly(fn: Callable) -> Callable:
     """``fn`` that torch.compile runs eagerly, as ``torch.compiler.disable(fn)`` would (a graph break).
 
-    Only the PyTorch path's seed and mask draws use it; the Triton path's compiled code draws its
-    seeds in the graph (:func:`dropout_seed`).
+    Only the direct entry points :func:`draw_seed` and :meth:`MaskStream.next_rows` use it; the layers'
+    compiled code draws seeds and masks in the graph (:func:`dropout_seed`, :func:`keep_blocks`).
 
     ``torch.compiler.disable`` imports ``torch._dynamo`` (seconds) when it decorates; here it is
     applied only while torch.compile traces a call, by which time torch.compile has imported it.
@@ -54,7 +54,7 @@ def draw_seed() -> int:
     """Draw a dropout seed from torch's default CPU generator.
 
     ``torch.manual_seed`` therefore makes a run's dropout masks reproducible, compiled or not.
-    Under torch.compile this breaks the graph; the Triton path draws through :func:`dropout_seed`.
+    Under torch.compile this breaks the graph; the layers draw through :func:`dropout_seed`.
     """
     return int(_seed_tensor().item())
 
@@ -76,14 +76,14 @@ _draw_seed_op.register_effect(EffectType.ORDERED)
 
 
 def dropout_seed(backend: str) -> int | torch.Tensor:
-    """A dropout seed for a call on ``backend``, drawn as :func:`draw_seed` draws it (same value).
+    """A dropout seed for a call on ``backend`` (either), drawn as :func:`draw_seed` draws it (same value).
 
-    Under torch.compile on the Triton path it is a 0-d int64 CPU tensor from the operator
-    ``lorafast::draw_seed`` (no graph break; the kernel operators read it on the host, no device
-    sync). Elsewhere a Python int: the PyTorch path's NumPy mask draw cannot be traced, so there
-    compiled code breaks the graph at the draw.
+    Under torch.compile it is a 0-d int64 CPU tensor from the operator ``lorafast::draw_seed`` (no graph
+    break): the Triton kernel operators read it on the host (no device sync), the PyTorch path hands it
+    to ``lorafast::keep_mask`` (:func:`keep_blocks`). Elsewhere a Python int.
     """
-    if backend == "triton" and torch.compiler.is_compiling():
+    del backend  # both paths draw alike; kept so that callers say which path the seed is for
+    if torch.compiler.is_compiling():
         return _draw_seed_op()
     return draw_seed()
 
@@ -153,14 +153,31 @@ def row_blocks(rows: int, cols: int, elements_per_block: int = 1 << 20, multiple
 
 
 def keep_blocks(
-    seed: int, p: float | torch.Tensor, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+    seed: int | torch.Tensor,
+    p: float | torch.Tensor,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """``(rows, keep)`` for each row block of a ``(n, cols)`` input: keep is its 0/1 mask in
     ``dtype``, written into one reused buffer (valid until the next block is drawn).
 
     ``p`` is one drop probability, or one per row ``(n,)`` (float32): row i is then masked as
-    ``keep_mask(seed, shape, p[i])`` masks it.
+    ``keep_mask(seed, shape, p[i])`` masks it. ``seed``: an int, or the 0-d int64 CPU tensor that
+    :func:`dropout_seed` gives under torch.compile; there the whole mask is one block, drawn by the
+    operator ``lorafast::keep_mask`` (NumPy's generator cannot be traced), so compiled code holds one
+    ``(n, cols)`` mask in ``dtype`` where eager code holds one cache-sized block.
     """
+    if torch.compiler.is_compiling():
+        seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+        per_row = p if isinstance(p, torch.Tensor) else None
+        yield slice(0, shape[0]), _keep_mask_op(seed, shape[0], shape[1], 0.5 if per_row is not None else p,
+                                                per_row, dtype, torch.device(device))  # fmt: skip
+        return
+    yield from _keep_blocks(int(seed), p, shape, dtype, device)
+
+
+def _keep_blocks(seed, p, shape, dtype, device):
     n, cols = shape
     per_row = isinstance(p, torch.Tensor)
     stream = MaskStream(seed, cols, 0.5 if per_row else p, device)
@@ -172,6 +189,29 @@ def keep_blocks(
         if buffer is None:
             buffer = torch.empty(count, cols, dtype=dtype, device=device)
         yield rows, stream.next_rows(count, out=buffer[:count], threshold=thresholds[rows] if per_row else None)
+
+
+# The PyTorch path's mask draw as an operator, so that torch.compile keeps it in its graph (fullgraph=True):
+# a pure function of the seed tensor, drawn at run time by the same stream as eager code.
+@torch.library.custom_op("lorafast::keep_mask", mutates_args=())
+def _keep_mask_op(
+    seed: torch.Tensor,
+    rows: int,
+    cols: int,
+    p: float,
+    row_p: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    mask = torch.empty(rows, cols, dtype=dtype, device=device)
+    for block, keep in _keep_blocks(int(seed), p if row_p is None else row_p, (rows, cols), dtype, device):
+        mask[block] = keep
+    return mask
+
+
+@_keep_mask_op.register_fake
+def _(seed, rows, cols, p, row_p, dtype, device):
+    return torch.empty(rows, cols, dtype=dtype, device=device)
 
 
 def keep_mask(seed: int, shape: tuple[int, int], p: float, device="cpu") -> torch.Tensor:

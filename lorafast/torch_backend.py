@@ -2,7 +2,8 @@
 
 No ``B·A``, dropped copy of x or mask beyond one cache-sized row block is materialised: forward writes the
 rank-r term and bias into y, then the big GEMM accumulates onto it (``addmm_``, beta=1; backward likewise for dX);
-the dropout mask is regenerated from the seed block by block (forward for xa, backward for dA and dX).
+the dropout mask is regenerated from the seed block by block (forward for xa, backward for dA and dX; under
+torch.compile as one whole-input block, see :func:`lorafast.dropout.keep_blocks`).
 Shapes: x ``(n, in)``, weight ``(out, in)``, bias ``(out,)``/None, lora_A ``(r, in)``, lora_B ``(out, r)``,
 y ``(n, out)``, xa ``(n, r)``.
 """

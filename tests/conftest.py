@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Must be set before triton.jit decorates lorafast's kernels (when lorafast.kernels is imported).
+# Must be set before triton.jit decorates lorafast's kernels (when lorafast.kernels is imported). An exported value
+# wins (bench/gpu.sh exports 0 to run test_cuda.py compiled); the interpreter-only modules then fail to collect
+# (require_interpreter) instead of skipping.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
@@ -16,6 +18,20 @@ import lorafast.dropout
 import lorafast.kernels
 
 BACKENDS = ["torch", "triton"]
+
+
+def require_interpreter() -> None:
+    """Called at the top of the kernel test modules: a loud collection error, never a skip, where Triton is not
+    interpreted (an exported ``TRITON_INTERPRET=0``). Those tests run CPU tensors through Triton's interpreter and
+    cannot run as meant otherwise; the compiled kernels' tests are test_cuda.py's (bench/gpu.sh)."""
+    if not lorafast.kernels.INTERPRETED:
+        pytest.fail(
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}: this module tests the Triton kernels through "
+            "Triton's interpreter on CPU tensors; unset TRITON_INTERPRET (or set it to 1), or run tests/test_cuda.py "
+            "for the compiled kernels",
+            pytrace=False,
+        )
+
 
 # The compiled kernels' tests need a GPU (bench/gpu.sh runs them); CPU runs do not collect them.
 collect_ignore = [] if torch.cuda.is_available() else ["test_cuda.py"]
@@ -44,6 +60,13 @@ def assert_close_scaled(actual, expected, dtype=torch.float32, rel=None):
     atol, rtol = TOLERANCES[dtype] if rel is None else (rel, rel)
     scale = max(1.0, expected.abs().max().item())
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``‖actual - expected‖ / ‖expected‖`` in float64: scale-sensitive, unlike a cosine (a gradient twice too large
+    is 1.0 off)."""
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
 def reference_lora(x, weight, bias, lora_A, lora_B, scaling, keep=None, p=0.0):

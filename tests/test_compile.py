@@ -52,13 +52,13 @@ def test_compiled_model_matches_eager(backend, mode, dropout, monkeypatch):
 
 @pytest.mark.parametrize(
     "backend,mode,dropout",
-    [("torch", "train", 0.0), ("torch", "eval", 0.2), ("triton", "train", 0.0), ("triton", "eval", 0.2),
-     ("triton", "train", 0.1)],
+    [("torch", "train", 0.0), ("torch", "eval", 0.2), ("torch", "train", 0.1), ("triton", "train", 0.0),
+     ("triton", "eval", 0.2), ("triton", "train", 0.1)],
 )  # fmt: skip
 def test_compiled_model_has_no_graph_break(backend, mode, dropout, monkeypatch):
-    """fullgraph=True: a LoRA layer adds no graph break. Training with dropout on the Triton path
-    draws its seeds inside the graph (``lorafast::draw_seed``) from torch's default generator, so
-    the masks are eager's; the PyTorch path draws them eagerly (a graph break, not tested here)."""
+    """fullgraph=True: a LoRA layer adds no graph break. Training with dropout, both paths draw their
+    seeds inside the graph (``lorafast::draw_seed``) from torch's default generator, so the masks are
+    eager's; the PyTorch path draws its NumPy mask inside the graph too (``lorafast::keep_mask``)."""
     monkeypatch.setenv("LORAFAST_BACKEND", backend)
     torch._dynamo.reset()
     model = _model(dropout).train(mode == "train")
@@ -74,8 +74,9 @@ def test_compiled_model_has_no_graph_break(backend, mode, dropout, monkeypatch):
 
 @pytest.mark.parametrize(
     "backend,mode,dropout",
-    [("torch", "train", 0.0), ("torch", "eval", 0.2), ("triton", "train", 0.0), ("triton", "train", 0.1)],
-)
+    [("torch", "train", 0.0), ("torch", "eval", 0.2), ("torch", "train", 0.1), ("triton", "train", 0.0),
+     ("triton", "train", 0.1)],
+)  # fmt: skip
 def test_compiled_dora_model_has_no_graph_break(backend, mode, dropout, monkeypatch):
     """fullgraph=True over DoRA layers: the base norms are computed in the graph, the Triton forward runs as
     ``lorafast::dora_forward`` and m's gradient (data-dependent where m = 0) as ``lorafast::dora_magnitude_grad``;
@@ -138,14 +139,14 @@ def test_import_does_not_load_dynamo():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_compiled_mixed_adapter_dropout_matches_eager(backend, monkeypatch):
-    """Under dropout the seed comes from torch's generator: compiled masks are eager's. The Triton
-    path draws it inside the graph (fullgraph=True); the PyTorch path breaks the graph to draw it."""
+    """Under dropout the seed comes from torch's generator: compiled masks are eager's. Both paths draw it
+    inside the graph (fullgraph=True), the PyTorch path its per-row masks too (``lorafast::keep_mask``)."""
     monkeypatch.setenv("LORAFAST_BACKEND", backend)
     torch._dynamo.reset()
     inputs = _mixed_inputs()
     dropout = torch.tensor([0.0, 0.3, 0.5])
     eager = _mixed_forward_backward(apply_multi_lora, *inputs, dropout)
-    compiled = _mixed_forward_backward(torch.compile(apply_multi_lora, fullgraph=backend == "triton"), *inputs, dropout)
+    compiled = _mixed_forward_backward(torch.compile(apply_multi_lora, fullgraph=True), *inputs, dropout)
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import MODELS, TASK_TYPES, lm_batch
 
 import lorafast
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, relative_error
 
 
 def _lora_module_names(model):
@@ -60,7 +60,7 @@ def test_fp32_factors_on_a_bf16_model_get_fp32_gradients_and_small_updates():
         ref = dict(reference.named_modules())[name]
         assert m.lora_A.grad.dtype == torch.float32
         for got, want in ((m.lora_A.grad, ref.lora_A.grad), (m.lora_B.grad, ref.lora_B.grad)):
-            assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+            assert relative_error(got, want) < 0.15  # bf16 model vs fp32: up to 0.06 seen
     before = {n: m.lora_A.detach().clone() for n, m in layers.items()}
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5).step()
     # an update of ~1e-5 is lost in a bf16 factor (resolution ~4e-3 relative) but kept in fp32

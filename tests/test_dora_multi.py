@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from test_dora import _reference as dora_reference
 from test_dora import central_differences
 from tiny_models import MODELS, TASK_TYPES, lm_batch
 
@@ -186,6 +187,12 @@ def test_active_dora_adapter_equals_fused_dora_layer(backend):
         outs.append((y, *torch.autograd.grad(y.square().sum(), params)))
     for got, want in zip(*outs, strict=True):
         torch.testing.assert_close(got, want)
+    # both sides run dora_linear: the fused layer's values against float64 DoRA written in test_dora
+    leaves = [t.detach().double().requires_grad_() for t in (fused.lora_A, fused.lora_B, fused.lora_magnitude)]
+    want_y = dora_reference(x, linear.weight.detach(), linear.bias.detach(), *leaves, layer.scaling("d2"))
+    want = (want_y, *torch.autograd.grad(want_y.square().sum(), leaves))
+    for got, expected in zip(outs[1], want, strict=True):
+        assert_close_scaled(got, expected.detach())
 
 
 def test_saved_for_backward_is_the_mixed_lora_s_plus_z():

@@ -4,13 +4,13 @@ the same outputs and gradients as a float64 reference, with and without dropout,
 import pytest
 import torch
 
-from conftest import assert_close_scaled, make_inputs, reference_lora
+from conftest import assert_close_scaled, make_inputs, reference_lora, require_interpreter
 from lorafast import kernels, lora_linear
 from lorafast.dropout import draw_seed
 from lorafast.kernels import gemm_choice
 from lorafast.kernels.fused_lora_matmul import cublas_lora_matmul, fused_lora_matmul
 
-pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests run in Triton's interpreter")
+require_interpreter()
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 

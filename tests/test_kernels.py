@@ -1,17 +1,24 @@
 """Each Triton kernel, through Triton's interpreter, for every config its autotuner can pick."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close_scaled, make_inputs
+from conftest import assert_close_scaled, make_inputs, require_interpreter
 from lorafast import kernels
 from lorafast.kernels.dropout_xa import dropout_xa_tuned
 from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
 from lorafast.kernels.launch import dot_precision, prune_for_rank, rank_block
 from lorafast.kernels.lora_weight_grad import lora_weight_grad_tuned
 
-pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests run in Triton's interpreter")
+require_interpreter()
+
+INTERPRETER_ONLY = ["test_kernels.py", "test_gemm_paths.py", "test_multi_kernels.py", "test_multi_gemm_paths.py"]
 
 # Odd sizes (not multiples of any block) and ranks that are not powers of two.
 SHAPES = [(37, 70, 50, 3), (130, 200, 150, 40)]
@@ -56,6 +63,23 @@ def test_fused_dx_every_config(config, shape, dropout_p):
     assert_close_scaled(dx, dx_ref)
 
 
+@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=ids)
+@pytest.mark.parametrize("bias,dropout_p", [(True, 0.25), (False, 0.0)])
+def test_dora_epilogue_every_config_over_several_column_tiles(config, bias, dropout_p):
+    """DoRA's column scale g and bias in the fused GEMM's epilogue: N spans at least two whole column tiles of
+    every config plus a ragged last one, so each tile must read g at its own columns."""
+    block_n = max(c.kwargs["BLOCK_N"] for c in GEMM_CONFIGS)
+    n, d_in, d_out, r = 20, 24, 2 * block_n + 37, 3
+    x, w, b, a, bb = make_inputs((n,), d_in, d_out, r, bias=bias)
+    col_scale = torch.rand(d_out, generator=torch.Generator().manual_seed(1)) + 0.5
+    y, xa = kernels.dora_forward(x, w, b, a, bb, 1.3, dropout_p, 17, col_scale, config=config)
+    keep = kernels.dropout_keep_mask(17, (n, d_in), dropout_p, "cpu").double() if dropout_p else 1.0
+    xa_ref = (x.double() * keep / (1 - dropout_p)) @ a.double().T
+    z_ref = x.double() @ w.double().T + 1.3 * xa_ref @ bb.double().T
+    assert_close_scaled(xa, xa_ref)
+    assert_close_scaled(y, col_scale.double() * z_ref + (0 if b is None else b.double()))
+
+
 @pytest.mark.parametrize("config", dropout_xa_tuned.configs, ids=ids)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dropout_xa_every_config(config, shape):
@@ -81,15 +105,21 @@ def test_weight_grad_every_config(config, split, dropout_p):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernels_half_precision(dtype):
+    """xa, y, g = dY·B and dX against float64 math on the same rounded inputs: none of the references reuses one of
+    the kernel's own intermediates (xa, g), so an error in one shows up where it is made."""
     x, w, b, a, bb = make_inputs((37,), 70, 50, 3, dtype=dtype)
+    x64, w64, b64, a64, bb64 = (t.double() for t in (x, w, b, a, bb))
     y, xa = kernels.fused_lora_forward(x, w, b, a, bb, 2.0)
     assert y.dtype == dtype and xa.dtype == dtype
-    xa_ref = x.float() @ a.float().T
+    xa_ref = x64 @ a64.T
     assert_close_scaled(xa, xa_ref, dtype)
-    assert_close_scaled(y, x.float() @ w.float().T + 2.0 * xa.float() @ bb.float().T + b.float(), dtype)
+    assert_close_scaled(y, x64 @ w64.T + 2.0 * xa_ref @ bb64.T + b64, dtype)
     gy = torch.randn(37, 50).to(dtype)
     dx, g = kernels.fused_lora_dx(gy, w, a, bb, 2.0)
-    assert_close_scaled(dx, gy.float() @ w.float() + 2.0 * g.float() @ a.float(), dtype)
+    assert dx.dtype == dtype
+    g_ref = gy.double() @ bb64
+    assert_close_scaled(g, g_ref, dtype)
+    assert_close_scaled(dx, gy.double() @ w64 + 2.0 * g_ref @ a64, dtype)
 
 
 def test_strided_inputs():
@@ -223,3 +253,16 @@ def test_launcher_errors():
         kernels.fused_lora_forward(x.double(), w.double(), b.double(), a.double(), bb.double(), 1.0)
     with pytest.raises(ValueError, match=r"dropout probability 1.0 must be in \(0, 1\)"):
         kernels.dropout_xa(x, a, 1.0, seed=0)
+
+
+def test_exported_triton_interpret_0_errors_instead_of_skipping():
+    """``TRITON_INTERPRET=0`` (as bench/gpu.sh exports) makes every interpreter-only module a collection error
+    naming the variable: pytest exits non-zero, nothing is skipped silently."""
+    tests = Path(__file__).parent
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *INTERPRETER_ONLY],
+        cwd=tests, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == pytest.ExitCode.INTERRUPTED, run.stdout[-2000:]
+    assert run.stdout.count("TRITON_INTERPRET='0': this module tests the Triton kernels") == len(INTERPRETER_ONLY)
+    assert "skipped" not in run.stdout

@@ -8,15 +8,14 @@ import pytest
 import torch
 from test_multi_lora_linear import rows_alone, run_mixed
 
-from conftest import assert_close_scaled, keep_mask, make_adapter_list
-from lorafast import kernels
+from conftest import assert_close_scaled, keep_mask, make_adapter_list, require_interpreter
 from lorafast.dropout import draw_seed
 from lorafast.kernels import gemm_choice
 from lorafast.kernels.adapter_segments import adapter_segments
 from lorafast.kernels.multi_factors import A_COL, B_COL, stacked_factors
 from lorafast.kernels.multi_lora_matmul import cublas_multi_lora_matmul, multi_lora_matmul
 
-pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests run in Triton's interpreter")
+require_interpreter()
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 N, IN_F, OUT_F, NUM_ADAPTERS = 41, 70, 50, 3

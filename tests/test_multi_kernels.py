@@ -6,7 +6,7 @@ import pytest
 import torch
 import triton
 
-from conftest import TOLERANCES
+from conftest import TOLERANCES, require_interpreter
 from lorafast import kernels
 from lorafast.kernels.adapter_segments import UNUSED_BLOCK, adapter_segments, num_row_blocks, num_row_chunks
 from lorafast.kernels.fused_lora_matmul import fused_lora_matmul_tuned
@@ -14,7 +14,7 @@ from lorafast.kernels.multi_dropout_xa import multi_dropout_xa_tuned
 from lorafast.kernels.multi_lora_matmul import BLOCK_M, multi_lora_matmul_tuned
 from lorafast.kernels.multi_lora_weight_grad import multi_lora_weight_grad_tuned
 
-pytestmark = pytest.mark.skipif(not kernels.INTERPRETED, reason="kernel tests run in Triton's interpreter")
+require_interpreter()
 
 GEMM_CONFIGS = multi_lora_matmul_tuned.configs
 GRAD_CONFIGS = multi_lora_weight_grad_tuned.configs

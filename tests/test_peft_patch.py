@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tiny_models import MODELS, TASK_TYPES, lm_batch
 
 import lorafast
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, relative_error
 from lorafast import patch_peft, unpatch_peft
 from lorafast.peft_patch import patched_layer_count
 
@@ -278,7 +278,7 @@ def test_bf16_base_with_fp32_adapters_trains_the_fp32_factors():
     for name, grad in _lora_grads(patched).items():
         assert grad.dtype == torch.float32
         want = _lora_grads(peft_model)[name]
-        assert torch.nn.functional.cosine_similarity(grad.flatten(), want.flatten(), dim=0) > 0.99
+        assert relative_error(grad, want) < 0.15  # bf16 base: up to 0.05 seen
 
 
 def test_lora_dropout_p_and_train_mode_reach_the_fused_call():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lorafast
+from conftest import relative_error
 from lorafast.profiling import saved_activation_bytes
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -52,6 +53,25 @@ def _quantized_linear(kind, double_quant=True, compute_dtype=torch.float32, bias
         )
     layer.load_state_dict(dense.state_dict())
     return layer.to("cpu").train(), dense
+
+
+def _reference(base, x, lora_A, lora_B, scaling, keep, p):
+    """float64 LoRA on bitsandbytes layer ``base``'s dequantized W0 under the 0/1 mask ``keep`` ``(n, in)``:
+    ``(y, (x, A, B))``, leaves for the gradients."""
+    w = dequantize_weight(base, torch.float64)
+    leaves = x64, a64, b64 = [t.detach().double().requires_grad_() for t in (x, lora_A, lora_B)]
+    y = x64 @ w.T + base.bias.double() + scaling * ((x64 * keep.double() / (1 - p)) @ a64.T) @ b64.T
+    return y, leaves
+
+
+def _check_against_reference(y, inputs, reference):
+    """y and its gradients w.r.t. ``inputs`` against the float64 ``(y, leaves)`` of :func:`_reference`."""
+    want, leaves = reference
+    grad_y = torch.randn_like(y)
+    assert_close_scaled(y, want.detach())
+    got, expected = torch.autograd.grad(y, inputs, grad_y), torch.autograd.grad(want, leaves, grad_y.double())
+    for g, e in zip(got, expected, strict=True):
+        assert_close_scaled(g, e)
 
 
 def _quant_snapshot(layer):
@@ -101,8 +121,11 @@ def test_layer_matches_float64_reference(backend, kind, double_quant, dtype):
 
 
 @needs_bnb
-def test_dropout_uses_the_seeded_mask(backend):
-    layer, _ = _quantized_linear("nf4")
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_dropout_uses_the_seeded_mask(backend, kind):
+    """y, dX, dA, dB under dropout against float64 math on the dequantized W0 and the forward's mask: backward
+    regenerates that mask from the seed (none is saved)."""
+    layer, _ = _quantized_linear(kind)
     lora = QuantizedLoRALinear.from_linear(layer, r=R, alpha=8, dropout=0.25).train()
     nn.init.normal_(lora.lora_B, std=0.1)
     x = torch.randn(N, D_IN, requires_grad=True)
@@ -110,12 +133,10 @@ def test_dropout_uses_the_seeded_mask(backend):
     y = lora(x)
     torch.manual_seed(7)
     seed = lorafast.dropout.dropout_seed(backend)  # what the forward drew
-    keep = keep_mask(backend, seed, (N, D_IN), 0.25).double()
-    w = dequantize_weight(layer, torch.float64)
-    x64 = x.detach().double()
-    a64, b64 = lora.lora_A.detach().double(), lora.lora_B.detach().double()
-    want = x64 @ w.T + layer.bias.double() + 2.0 * ((x64 * keep / 0.75) @ a64.T) @ b64.T
-    assert_close_scaled(y, want)
+    keep = keep_mask(backend, seed, (N, D_IN), 0.25)
+    assert 0 < keep.sum() < keep.numel()
+    reference = _reference(layer, x, lora.lora_A, lora.lora_B, 2.0, keep, 0.25)
+    _check_against_reference(y, (x, lora.lora_A, lora.lora_B), reference)
 
 
 @needs_bnb
@@ -226,7 +247,7 @@ def test_bad_bases_fail_clearly():
 @needs_bnb
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_patch_peft_plain_lora_linear_over_a_quantized_base(kind, dropout):
+def test_patch_peft_plain_lora_linear_over_a_quantized_base(kind, dropout, monkeypatch):
     """Outside a transformers model PEFT wraps a bitsandbytes layer in its plain ``lora.Linear``: patched too."""
     config = LoraConfig(r=R, lora_alpha=8, lora_dropout=dropout, target_modules=["0"], init_lora_weights=False)
     torch.manual_seed(3)
@@ -237,19 +258,15 @@ def test_patch_peft_plain_lora_linear_over_a_quantized_base(kind, dropout):
     lorafast.patch_peft(ours)
     assert patched_layer_count(ours) == 1
     x = torch.randn(N, D_IN, requires_grad=True)
-    if dropout:  # PEFT draws its own mask: compare lorafast against itself through a dense base instead
+    if dropout:  # PEFT draws its own mask: lorafast against float64 math on lorafast's mask, forward and backward
+        monkeypatch.setenv("LORAFAST_BACKEND", "torch")
         layer = ours.base_model.model[0]
-        dense = nn.Linear(D_IN, D_OUT).requires_grad_(False)
-        with torch.no_grad():
-            dense.weight.copy_(dequantize_weight(layer.base_layer, torch.float32))
-            dense.bias.copy_(layer.base_layer.bias)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         torch.manual_seed(4)
-        want = lorafast.lora_linear(
-            x, dense.weight, dense.bias, layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2.0,
-            dropout, True,
-        )  # fmt: skip
+        y = ours(x)
         torch.manual_seed(4)
-        torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
+        keep = keep_mask("torch", lorafast.dropout.draw_seed(), (N, D_IN), dropout)
+        _check_against_reference(y, (x, a, b), _reference(layer.base_layer, x, a, b, 2.0, keep, dropout))
         return
     want, got = ref(x), ours(x)
     assert _rel(got, want) < 1e-5
@@ -337,8 +354,7 @@ def _step(model, batch):
     return out.logits.detach(), grads
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+_rel = relative_error
 
 
 def _losses(model, steps=5):
