@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .entry import kernel_name, launch_failure
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 256
 
@@ -123,8 +125,19 @@ def launch(
 
     Without autotuning and without a pinned config, the first of the kernel's configs that fits
     the GPU runs (a big fp32 tile can need more shared memory than the GPU has; the autotuner
-    skips such configs itself). A pinned config that does not fit raises Triton's error.
+    skips such configs itself). A pinned config that does not fit raises Triton's error. An error
+    that means the kernel cannot run (``entry.launch_failure``) leaves with the kernel's name
+    (``lorafast_kernel``), for the message the library's entry (``entry.kernel_entry``) gives.
     """
+    try:
+        _launch(kernel, tuned_kernel, grid, args, config)
+    except Exception as exc:
+        if launch_failure(exc) is not None and not hasattr(exc, "lorafast_kernel"):
+            exc.lorafast_kernel = kernel_name(kernel)
+        raise
+
+
+def _launch(kernel, tuned_kernel, grid, args, config) -> None:
     if config is None and not INTERPRETED and os.environ.get("LORAFAST_AUTOTUNE", "1") != "0":
         tuned_kernel[grid](*args)
         return
