@@ -225,25 +225,31 @@ class ReloadedWeightDoRALinearFunction(torch.autograd.Function):
 class ZeroFlag:
     """Whether magnitude ``(out,)`` has a zero, asked in backward without waiting for the device there.
 
-    On CUDA the forward copies the flag to pinned host memory behind an event, asynchronously; by the time backward
-    asks, that event has long completed, so reading it does not drain the stream (``bool((m == 0).any())`` in
-    backward would wait for all the work queued before it). Under CUDA graph capture it is read when asked.
+    The forward computes the flag; on CUDA it copies it to pinned host memory behind an event, asynchronously. By the
+    time backward asks, that event has long completed, so reading the copy does not drain the stream (as
+    ``bool((m == 0).any())`` in backward would: it waits for all the work queued before it). Under CUDA graph capture
+    (no copy to the host may be captured) m is read when asked.
     """
 
     def __init__(self, magnitude: torch.Tensor):
-        self.magnitude, self.host, self.event = magnitude, None, None
-        if magnitude.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self.host.copy_((magnitude.detach() == 0).any(), non_blocking=True)
+        self.magnitude, self.event = None, None
+        if magnitude.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self.magnitude = magnitude
+            return
+        flag = (magnitude.detach() == 0).any()
+        if magnitude.device.type == "cuda":
+            self.host = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(flag, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-            self.magnitude = None  # the flag is all backward needs
+        else:
+            self.host = flag
 
     def __call__(self) -> bool:
-        if self.event is None:
+        if self.magnitude is not None:
             return bool((self.magnitude.detach() == 0).any())
-        self.event.synchronize()  # recorded in forward: complete by now
-        return bool(self.host)
+        if self.event is not None:
+            self.event.synchronize()  # recorded in forward: complete by now
+        return bool(self.host)  # a host tensor: no device to wait for
 
 
 def has_zero(ctx, magnitude: torch.Tensor) -> bool:
