@@ -91,14 +91,19 @@ def fallback_warnings(record):
     return [w for w in record if issubclass(w.category, KernelFallbackWarning)]
 
 
+def step_and_warnings(x, w, b, a, bb, **kwargs):
+    """:func:`step`'s ``(y, grads, gy)`` and the ``KernelFallbackWarning``s it gave."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        y, grads, gy = step(x, w, b, a, bb, **kwargs)
+    return y, grads, gy, fallback_warnings(record)
+
+
 def test_fallback_out_of_resources_runs_pytorch_path_once_per_key(monkeypatch):
     kernel = fail(monkeypatch, fused_lora_matmul, "fused_lora_matmul_kernel", out_of_shared_memory())
     x, w, b, a, bb = leaves()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        y, grads, gy = step(x, w, b, a, bb)
+    y, grads, gy, [warning] = step_and_warnings(x, w, b, a, bb)
     assert_matches(y, grads, *reference_step(x, w, b, a, bb, 2.0, gy))
-    [warning] = fallback_warnings(record)
     message = str(warning.message)
     for part in ("fused_lora_matmul_kernel", f"x ({N}, {IN}) float32", "shared memory", "LORAFAST_BACKEND=torch"):
         assert part in message
@@ -107,10 +112,8 @@ def test_fallback_out_of_resources_runs_pytorch_path_once_per_key(monkeypatch):
 
     # Same key (token bucket, sizes, rank, dtype, dropout): the PyTorch path at once, no retry, no warning.
     x2, *_ = leaves(n=N - 3, seed=1)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        y2, grads2, gy2 = step(x2, w, b, a, bb)
-    assert kernel.calls == attempts and not fallback_warnings(record)
+    y2, grads2, gy2, warned = step_and_warnings(x2, w, b, a, bb)
+    assert kernel.calls == attempts and not warned
     assert_matches(y2, grads2, *reference_step(x2, w, b, a, bb, 2.0, gy2))
 
     # Another token bucket is another key: tried again, warned again.
@@ -182,10 +185,8 @@ def test_fallback_in_backward_without_dropout_gives_the_pytorch_gradients(monkey
     """The forward ran on Triton; dA/dB's kernel fails: the PyTorch backward from the saved xa, one warning."""
     kernel = fail(monkeypatch, lora_weight_grad, "lora_weight_grad_kernel", out_of_shared_memory())
     x, w, b, a, bb = leaves()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        y, grads, gy = step(x, w, b, a, bb)
-    assert len(fallback_warnings(record)) == 1 and "lora_weight_grad_kernel" in str(record[0].message)
+    y, grads, gy, [warning] = step_and_warnings(x, w, b, a, bb)
+    assert "lora_weight_grad_kernel" in str(warning.message)
     assert_matches(y, grads, *reference_step(x, w, b, a, bb, 2.0, gy))
     attempts = kernel.calls
     step(x, w, b, a, bb)  # the key failed: forward and backward on the PyTorch path
