@@ -285,3 +285,43 @@ def test_device_guard_selects_the_tensors_cuda_device():
     guard = entry.device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert not isinstance(entry.device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+def test_fallback_without_autotuning_takes_the_first_kept_config_that_fits(monkeypatch):
+    """``LORAFAST_AUTOTUNE=0`` on a GPU: the configs the autotuner's pruning keeps, in order, the first that fits; all
+    too big: Triton's error, with the kernel's name for the entry's message."""
+    import triton
+
+    configs = [triton.Config({"BLOCK": b}) for b in (256, 128, 64, 32)]
+    tried = []
+
+    class Kernel:
+        __name__, arg_names = "some_kernel", ["x_ptr", "N"]
+
+        def __getitem__(self, grid):
+            def run(*args, BLOCK, **kwargs):
+                tried.append(BLOCK)
+                if BLOCK > limit:
+                    raise out_of_shared_memory()
+
+            return run
+
+    class Tuned:
+        def __init__(self):
+            self.configs = configs
+
+        @staticmethod
+        def early_config_prune(configs, named):
+            assert named == {"x_ptr": "x", "N": 7}
+            return [c for c in configs if c.kwargs["BLOCK"] != 128]  # keeps 256, 64, 32
+
+    monkeypatch.setattr(launch_module, "INTERPRETED", False)
+    monkeypatch.setenv("LORAFAST_AUTOTUNE", "0")
+    limit = 64
+    launch_module.launch(Kernel(), Tuned(), lambda meta: (1,), ("x", 7), None)
+    assert tried == [256, 64]
+    tried.clear()
+    limit = 16
+    with pytest.raises(OutOfResources) as caught:
+        launch_module.launch(Kernel(), Tuned(), lambda meta: (1,), ("x", 7), None)
+    assert tried == [256, 64, 32] and caught.value.lorafast_kernel == "some_kernel"
