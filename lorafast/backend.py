@@ -157,8 +157,8 @@ def _backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, n
     """The Triton backward of one adapter, or (auto, no dropout) the PyTorch one where a kernel cannot run."""
     from .kernels import lora_linear
 
-    key = fallback_key(*grad_y.shape[:1], x.shape[1], grad_y.shape[1], lora_A.shape[0], grad_y.dtype,
-                       dropout_p > 0.0, False, grad_y.device)  # fmt: skip
+    key = fallback_key(grad_y.shape[0], x.shape[1], grad_y.shape[1], lora_A.shape[0], grad_y.dtype, dropout_p > 0.0,
+                       False, grad_y.device)  # fmt: skip
     args = (grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, needs_grad)
     return _backward_or_fallback(key, lora_linear.backward, torch_backend.lora_backward, args, {})
 

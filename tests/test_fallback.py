@@ -23,7 +23,9 @@ from lorafast.dropout import keep_mask as torch_keep_mask
 from lorafast.kernels import entry, fused_lora_matmul, multi_lora_matmul
 from lorafast.kernels import launch as launch_module
 
-lora_weight_grad = importlib.import_module("lorafast.kernels.lora_weight_grad")  # the package exports a function
+# the package exports functions so named
+lora_weight_grad = importlib.import_module("lorafast.kernels.lora_weight_grad")
+multi_lora_weight_grad = importlib.import_module("lorafast.kernels.multi_lora_weight_grad")
 
 N, IN, OUT, R = 24, 32, 40, 4
 
@@ -161,15 +163,15 @@ def test_fallback_compilation_error_in_dora_forward(monkeypatch):
     assert_matches(y, grads, y64, expected)
 
 
-def test_fallback_mixed_adapters(monkeypatch):
-    fail(monkeypatch, multi_lora_matmul, "multi_lora_matmul_kernel", out_of_shared_memory())
+def mixed_step():
+    """A mixed batch of 2 adapters (and base rows) through ``multi_lora_linear``: ``(y, grads)`` and the float64
+    ``(y, grads)`` of the same leaves."""
     x, w, b, _, _ = leaves()
     g = torch.Generator().manual_seed(3)
     a = (torch.randn(2, R, IN, generator=g) / IN**0.5).requires_grad_()
     bb = torch.randn(2, OUT, R, generator=g).requires_grad_()
     ids = torch.tensor([0, 1, -1] * (N // 3))
-    with pytest.warns(KernelFallbackWarning, match="multi_lora_matmul_kernel"):
-        y = multi_lora_linear(x, w, b, a, bb, [2.0, 0.5], ids)
+    y = multi_lora_linear(x, w, b, a, bb, [2.0, 0.5], ids)
     gy = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, a, bb), gy)
     x64, a64, bb64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
@@ -178,7 +180,19 @@ def test_fallback_mixed_adapters(monkeypatch):
         rows = (ids == k).double()[:, None]
         delta = delta + rows * s * (x64 @ a64[k].T) @ bb64[k].T
     y64 = x64 @ w.double().T + b.double() + delta
-    assert_matches(y, grads, y64, torch.autograd.grad(y64, (x64, a64, bb64), gy.double()))
+    return y, grads, y64, torch.autograd.grad(y64, (x64, a64, bb64), gy.double())
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_fallback_mixed_adapters(monkeypatch, where):
+    """The mixed GEMM fails from the forward on, or only dA/dB's reduction in backward: the PyTorch path's results."""
+    if where == "forward":
+        fail(monkeypatch, multi_lora_matmul, "multi_lora_matmul_kernel", out_of_shared_memory())
+    else:
+        fail(monkeypatch, multi_lora_weight_grad, "multi_lora_weight_grad_kernel", out_of_shared_memory())
+    with pytest.warns(KernelFallbackWarning, match=f"multi_lora_{'matmul' if where == 'forward' else 'weight_grad'}"):
+        y, grads, y64, grads64 = mixed_step()
+    assert_matches(y, grads, y64, grads64)
 
 
 def test_fallback_in_backward_without_dropout_gives_the_pytorch_gradients(monkeypatch):
