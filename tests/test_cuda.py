@@ -252,7 +252,7 @@ def test_fallback_to_the_pytorch_path_on_cuda(monkeypatch):
 
     class TooBig:  # the plain and the autotuned kernel: every launch raises before running
         __name__ = "fused_lora_matmul_kernel"
-        configs = fused_lora_matmul.fused_lora_matmul_tuned.configs
+        configs, early_config_prune = fused_lora_matmul.fused_lora_matmul_tuned.configs, None
 
         def __getitem__(self, grid):
             def run(*args, **kwargs):
