@@ -129,7 +129,8 @@ def _dora_forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, drop
         else:  # one pass over y
             torch.addcmul(bias, y, g.to(y.dtype), out=y)
     ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
-    ctx.zero_flag = None if torch.compiler.is_compiling() else ZeroFlag(magnitude)
+    # read in backward only for m's gradient; traced code reads m itself
+    ctx.zero_flag = ZeroFlag(magnitude) if ctx.needs_input_grad[5] and not torch.compiler.is_compiling() else None
     return y.view(*x.shape[:-1], weight.shape[0]), xa, norm, g
 
 
