@@ -4,6 +4,11 @@
 ``LORAFAST_BACKEND=triton``) runs the GPU run's plan on CPU tensors: its cases at the smallest shapes, one round,
 bf16, lorafast's Triton kernels interpreted and its GEMM choice measured with a CPU clock. Its figures mean nothing;
 it proves that every step of the GPU run works.
+
+``LORAFAST_BENCH_STRICT=1`` makes every target a benchmark records (``report.targets``) an assertion: a benchmark whose
+targets are missed fails (at its teardown, after the report is written, naming each missed target). Off by default
+(a missed target is printed as "NO" in the report and listed in ``bench/gpu.sh``'s summary) and ignored in the dry run,
+whose figures mean nothing.
 """
 
 import os
@@ -21,6 +26,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DRY_RUN = os.environ.get("LORAFAST_BENCH_DRY_RUN") == "1"
 GPU_PLAN = DEVICE.type == "cuda" or DRY_RUN  # the cases, rounds and targets of a GPU run
 DTYPE = torch.bfloat16 if GPU_PLAN else torch.float32
+STRICT = os.environ.get("LORAFAST_BENCH_STRICT") == "1" and not DRY_RUN
 REPORT = Report(machine=machine(DEVICE) + (" (dry run of the GPU plan: figures mean nothing)" if DRY_RUN else ""))
 
 if DRY_RUN and DEVICE.type == "cpu":  # auto's measuring path, timed by the CPU clock, cached in a temporary folder
@@ -35,10 +41,15 @@ def report() -> Report:
 
 @pytest.fixture(autouse=True)
 def write_report_after_each_benchmark():
-    """Rewrite the report after every benchmark, so that a run cut short keeps what it measured."""
+    """Rewrite the report after every benchmark, so that a run cut short keeps what it measured; in strict mode, fail
+    the benchmark whose targets are missed."""
+    recorded = len(REPORT.targets)
     yield
     if REPORT.has_rows():
         REPORT.write(DEVICE.type)
+    missed = [t.row() for t in REPORT.targets[recorded:] if not t.met]
+    if STRICT and missed:
+        pytest.fail("missed targets (LORAFAST_BENCH_STRICT=1):\n" + "\n".join(missed), pytrace=False)
 
 
 def pytest_sessionfinish(session):

@@ -129,6 +129,8 @@ def _dora_forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, drop
         else:  # one pass over y
             torch.addcmul(bias, y, g.to(y.dtype), out=y)
     ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+    # read in backward only for m's gradient; traced code reads m itself
+    ctx.zero_flag = ZeroFlag(magnitude) if ctx.needs_input_grad[5] and not torch.compiler.is_compiling() else None
     return y.view(*x.shape[:-1], weight.shape[0]), xa, norm, g
 
 
@@ -141,7 +143,11 @@ def _dora_backward(ctx, grad_y, x, xa, weight, bias, lora_A, lora_B, magnitude, 
     grad_m = None
     if needs[5]:
         args = (grad_y, y.reshape(grad_y.shape), x2, xa, weight, bias, lora_B, magnitude, norm, ctx.scaling)
-        grad_m = _magnitude_grad_op(*args) if torch.compiler.is_compiling() else _magnitude_grad(*args)
+        grad_m = (
+            _magnitude_grad_op(*args)
+            if torch.compiler.is_compiling()
+            else _magnitude_grad(*args, has_zero(ctx, magnitude))
+        )
     grad_x = grad_a = grad_b = None
     if needs[0] or needs[3] or needs[4]:
         wanted = (needs[0], needs[3], needs[4])
@@ -209,7 +215,7 @@ class ReloadedWeightDoRALinearFunction(torch.autograd.Function):
         x, xa, bias, lora_A, lora_B, magnitude, norm, g, y = ctx.saved_tensors
         needs = ctx.needs_input_grad
         # m's gradient reads W0 only on columns where m = 0
-        wanted = needs[0] or (needs[5] and bool((magnitude == 0).any()))
+        wanted = needs[0] or (needs[5] and has_zero(ctx, magnitude))
         weight = ctx.reload() if wanted else None
         grad_x, grad_a, grad_b, grad_m = _dora_backward(
             ctx, grad_y, x, xa, weight, bias, lora_A, lora_B, magnitude, norm, g, y, True
@@ -217,9 +223,45 @@ class ReloadedWeightDoRALinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, grad_m, None, None, None, None, None, None
 
 
-def _magnitude_grad(grad_y, y, x, xa, weight, bias, lora_B, magnitude, norm, scaling):
+class ZeroFlag:
+    """Whether magnitude ``(out,)`` has a zero, asked in backward without waiting for the device there.
+
+    The forward computes the flag; on CUDA it copies it to pinned host memory behind an event, asynchronously. By the
+    time backward asks, that event has long completed, so reading the copy does not drain the stream (as
+    ``bool((m == 0).any())`` in backward would: it waits for all the work queued before it). Under CUDA graph capture
+    (no copy to the host may be captured) m is read when asked.
+    """
+
+    def __init__(self, magnitude: torch.Tensor):
+        self.magnitude, self.event = None, None
+        if magnitude.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self.magnitude = magnitude
+            return
+        flag = (magnitude.detach() == 0).any()
+        if magnitude.device.type == "cuda":
+            self.host = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = flag
+
+    def __call__(self) -> bool:
+        if self.magnitude is not None:
+            return bool((self.magnitude.detach() == 0).any())
+        if self.event is not None:
+            self.event.synchronize()  # recorded in forward: complete by now
+        return bool(self.host)  # a host tensor: no device to wait for
+
+
+def has_zero(ctx, magnitude: torch.Tensor) -> bool:
+    """Whether the forward's magnitude has a zero: its :class:`ZeroFlag`, else (compiled forward) read from m."""
+    return ctx.zero_flag() if ctx.zero_flag is not None else bool((magnitude == 0).any())
+
+
+def _magnitude_grad(grad_y, y, x, xa, weight, bias, lora_B, magnitude, norm, scaling, m_has_zero=None):
     """``dm = Σₙ dY ⊙ z / ‖·‖ = (Σₙ dY ⊙ (y - b)) / m`` ``(out,)`` in m's dtype; columns with m = 0 (y holds no
-    trace of z there) from z recomputed on those columns only."""
+    trace of z there) from z recomputed on those columns only. ``m_has_zero``: whether m has a zero, if known (a
+    :class:`ZeroFlag`'s answer; None: read from m, which waits for the device)."""
     acc = torch.promote_types(y.dtype, torch.float32)
     dot = torch.linalg.vecdot(grad_y.to(acc), y.to(acc), dim=0)
     if bias is not None:
@@ -227,7 +269,7 @@ def _magnitude_grad(grad_y, y, x, xa, weight, bias, lora_B, magnitude, norm, sca
     m = magnitude.detach().to(acc)
     zero = m == 0
     grad_m = dot / torch.where(zero, 1.0, m)
-    if bool(zero.any()):
+    if bool(zero.any()) if m_has_zero is None else m_has_zero:
         cols = zero.nonzero().squeeze(1)
         z = _pre_scale_columns(x, xa, weight, lora_B.to(x.dtype), scaling, cols).to(acc)
         grad_m[cols] = (grad_y[:, cols].to(acc) * z).sum(0) / norm[cols].to(acc)

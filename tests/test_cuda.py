@@ -240,3 +240,65 @@ def test_mixed_adapter_kernels_match_the_torch_path_on_cuda(shape, dtype, gemm, 
         assert got.dtype == dtype
         scale = max(1.0, want.abs().max().item())
         torch.testing.assert_close(got.float(), want, atol=atol * scale, rtol=rtol)
+
+
+def test_fallback_to_the_pytorch_path_on_cuda(monkeypatch):
+    """``auto`` with the fused GEMM made to fail as a too-big config does (``OutOfResources``): one warning, then the
+    PyTorch path's forward and gradients; a forced ``triton`` raises naming ``LORAFAST_BACKEND=torch``."""
+    from triton.runtime.errors import OutOfResources
+
+    from lorafast import backend
+    from lorafast.kernels import fused_lora_matmul
+
+    class TooBig:  # the plain and the autotuned kernel: every launch raises before running
+        __name__ = "fused_lora_matmul_kernel"
+        configs, early_config_prune = fused_lora_matmul.fused_lora_matmul_tuned.configs, None
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise OutOfResources(245760, 232448, "shared memory")
+
+            return run
+
+    monkeypatch.setattr(fused_lora_matmul, "fused_lora_matmul_kernel", TooBig())
+    monkeypatch.setattr(fused_lora_matmul, "fused_lora_matmul_tuned", TooBig())
+    monkeypatch.setattr(backend, "AUTO_TRITON_DEVICE_TYPES", {"cuda", DEVICE.type})
+    monkeypatch.setenv("LORAFAST_BACKEND", "auto")
+    backend.forget_failures()
+    n, d_in, d_out, r = SHAPES[1]
+    inputs = _inputs(n, d_in, d_out, r, torch.bfloat16)
+    x, w, b, a, bb = inputs
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    try:
+        with pytest.warns(backend.KernelFallbackWarning, match="fused_lora_matmul_kernel"):
+            y = lora_linear(leaves[0], w, b, leaves[1], leaves[2], 2.0)
+        gy = torch.randn_like(y)
+        _assert_matches_reference(inputs, y, torch.autograd.grad(y, leaves, gy), gy, None, 0.0)
+        monkeypatch.setenv("LORAFAST_BACKEND", "triton")
+        with pytest.raises(backend.KernelLaunchError, match="LORAFAST_BACKEND=torch"):
+            lora_linear(x, w, b, a, bb, 2.0)
+    finally:
+        backend.forget_failures()
+
+
+def test_dora_backward_does_not_wait_for_the_gpu(monkeypatch):
+    """After a warm-up step (autotuning and the GEMM choice time on the host), a DoRA training step runs with
+    ``torch.cuda.set_sync_debug_mode("error")``: no ``bool(tensor)`` or copy to pageable host memory (on CPU tensors,
+    the dry run, the same steps without the check)."""
+    from lorafast.dora import dora_linear
+
+    monkeypatch.delenv("LORAFAST_GEMM", raising=False)
+    n, d_in, d_out, r = SHAPES[1]
+    x, w, b, a, bb = _inputs(n, d_in, d_out, r, torch.bfloat16)
+    m = torch.linalg.vector_norm(w.float(), dim=1).requires_grad_()
+    x, a, bb = (t.requires_grad_() for t in (x, a, bb))
+    for checked in (False, DEVICE.type == "cuda"):
+        if checked:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = dora_linear(x, w, b, a, bb, m, 2.0)
+            grads = torch.autograd.grad(y, (x, a, bb, m), torch.ones_like(y))
+        finally:
+            if checked:
+                torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -121,3 +121,44 @@ def test_gemm_key_reads_the_operands():
     weight = torch.empty(1024, 768, dtype=torch.bfloat16)
     key = gemm_choice.gemm_key("forward", u, weight.t(), torch.empty(3000, 5), None, 0.1)
     assert key == GemmKey("forward", 4096, 1024, 768, 16, "bfloat16", False, True, "cpu")
+
+
+def _raises(error):
+    def candidate():
+        raise error
+
+    return candidate
+
+
+def test_fallback_a_failing_triton_candidate_loses_to_cublas(tmp_path):
+    from triton.runtime.errors import OutOfResources
+
+    candidates = {"triton": _raises(OutOfResources(245760, 232448, "shared memory")), "cublas": lambda: "cublas"}
+    chooser = GemmChooser(tmp_path / "c.json", FakeTimer({"cublas": 5.0}))
+    assert chooser.choose(KEY, candidates) == "cublas"
+    saved = json.loads((tmp_path / "c.json").read_text())[KEY.text()]
+    assert saved["seconds"] == {"cublas": 5.0} and "shared memory" in saved["failed"]["triton"]
+
+
+def test_fallback_every_candidate_failing_raises_and_remembers_nothing(tmp_path):
+    from triton.compiler.errors import CompilationError
+
+    error = CompilationError(None, None, "no tf32 here")
+    chooser = GemmChooser(tmp_path / "c.json", FakeTimer({}))
+    with pytest.raises(CompilationError):
+        chooser.choose(KEY, {"triton": _raises(error), "cublas": _raises(error)})
+    assert chooser.choices == {} and not (tmp_path / "c.json").exists()
+    with pytest.raises(ZeroDivisionError):  # a bug is no launch failure: it is raised, not counted as a loss
+        chooser.choose(KEY, {"triton": _raises(ZeroDivisionError()), "cublas": lambda: "cublas"})
+
+
+@pytest.mark.parametrize("remembered", [None, "cublas"])
+def test_graph_capture_reuses_the_choice_made(tmp_path, monkeypatch, remembered):
+    """Under CUDA graph capture nothing is timed: the choice already made for the key, else the fused kernel."""
+    chooser = GemmChooser(tmp_path / "c.json", FakeTimer({}))
+    if remembered:
+        chooser.choices[KEY.text()] = {"path": remembered, "seconds": {remembered: 1.0}}
+    monkeypatch.setattr(gemm_choice, "_CHOOSER", chooser)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert gemm_choice.choose_path(KEY, CANDIDATES, torch.device("cuda", 0)) == (remembered or "triton")
+    assert chooser.timer.timed == []

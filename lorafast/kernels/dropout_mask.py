@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .entry import device_guard
 from .launch import check_device
 
 
@@ -45,5 +46,6 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device="cuda"
     check_device("mask", device)
     out = torch.empty(M, K, dtype=torch.int8, device=device)
     grid = (triton.cdiv(M, 64), triton.cdiv(K, 64))
-    _keep_mask_kernel[grid](out, seed, M, K, float(p), BLOCK_M=64, BLOCK_K=64)
+    with device_guard(out.device):
+        _keep_mask_kernel[grid](out, seed, M, K, float(p), BLOCK_M=64, BLOCK_K=64)
     return out.bool()

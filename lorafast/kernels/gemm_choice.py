@@ -1,8 +1,9 @@
 """Which GEMM computes a LoRA matmul: the fused Triton kernel or cuBLAS beside a small Triton epilogue, by measurement.
 
 On CUDA the first call for a :class:`GemmKey` times both candidates (as Triton's autotuner times its configs) and
-keeps the faster; the choice is kept in-process and in a JSON file beside Triton's autotune cache
-(``triton.knobs.cache.dir``, i.e. ``TRITON_CACHE_DIR`` or ``~/.triton/cache``), so later processes and ranks reuse it.
+keeps the faster (a candidate that cannot compile or launch loses); the choice is kept in-process and in a JSON file
+beside Triton's autotune cache (``triton.knobs.cache.dir``, i.e. ``TRITON_CACHE_DIR`` or ``~/.triton/cache``), so
+later processes and ranks reuse it; under CUDA graph capture a choice already made is reused, never measured.
 ``LORAFAST_GEMM=auto|triton|cublas`` (read on every call) forces a path; ``auto`` measures on CUDA and takes the
 Triton kernel in the interpreter, whose timings mean nothing.
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_atomically
+from .entry import launch_failure
 from .launch import rank_block, token_bucket
 
 PATHS = ("triton", "cublas")
@@ -127,7 +129,11 @@ class GemmChooser:
         self._warned: set[str] = set()  # each kind of problem is reported once
 
     def choose(self, key: GemmKey, candidates: Mapping[str, Callable[[], object]]) -> str:
-        """The forced path, else the remembered one, else the candidate the timer finds fastest."""
+        """The forced path, else the remembered one, else the candidate the timer finds fastest.
+
+        A candidate that cannot compile or launch (``entry.launch_failure``) loses; its reason is kept under
+        ``"failed"``. When every candidate fails, the first one's error is raised (nothing is remembered).
+        """
         forced = forced_path()
         if forced is not None:
             return forced
@@ -136,11 +142,30 @@ class GemmChooser:
         if entry is None:
             entry = self._read().get(text)
             if not _valid(entry, candidates):
-                seconds = {name: float(self.timer(fn)) for name, fn in candidates.items()}
-                entry = {"path": min(seconds, key=seconds.get), "seconds": seconds}
+                entry = self._measure(candidates)
                 self._write(text, entry)
             self.choices[text] = entry
         return entry["path"]
+
+    def cached(self, key: GemmKey) -> str | None:
+        """The path remembered for ``key`` (in-process, then the file), or None; never measures."""
+        entry = self.choices.get(key.text()) or self._read().get(key.text())
+        return entry["path"] if _valid(entry, PATHS) else None
+
+    def _measure(self, candidates: Mapping[str, Callable[[], object]]) -> dict:
+        seconds, failed, first_error = {}, {}, None
+        for name, fn in candidates.items():
+            try:
+                seconds[name] = float(self.timer(fn))
+            except Exception as exc:
+                reason = launch_failure(exc)
+                if reason is None:
+                    raise
+                failed[name], first_error = reason, first_error or exc
+        if not seconds:
+            raise first_error
+        entry = {"path": min(seconds, key=seconds.get), "seconds": seconds}
+        return entry | ({"failed": failed} if failed else {})
 
     def _read(self) -> dict:
         """The file's choices; {} when it is missing, unreadable or corrupt (it is rewritten on the next choice)."""
@@ -195,13 +220,15 @@ def set_chooser(new: GemmChooser | None) -> None:
 
 
 def choose_path(key: GemmKey, candidates: Mapping[str, Callable[[], object]], device: torch.device) -> str:
-    """``"triton"`` or ``"cublas"`` for a call on ``device``: forced by ``LORAFAST_GEMM``, else measured on CUDA
-    (outside CUDA graph capture), else ``"triton"``."""
+    """``"triton"`` or ``"cublas"`` for a call on ``device``: forced by ``LORAFAST_GEMM``, else measured on CUDA;
+    under CUDA graph capture (where nothing may be timed) the choice already made for ``key``, else ``"triton"``."""
     forced = forced_path()
     if forced is not None:
         return forced
-    if device.type not in MEASURED_DEVICE_TYPES or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if device.type not in MEASURED_DEVICE_TYPES:
         return "triton"
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return chooser().cached(key) or "triton"
     return chooser().choose(key, candidates)
 
 

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .entry import kernel_name, launch_failure
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 256
 
@@ -121,10 +123,23 @@ def launch(
 ) -> None:
     """Run ``tuned_kernel`` (autotuned) or, with ``config`` or in the interpreter, ``kernel``.
 
-    Without autotuning and without a pinned config, the first of the kernel's configs that fits
-    the GPU runs (a big fp32 tile can need more shared memory than the GPU has; the autotuner
-    skips such configs itself). A pinned config that does not fit raises Triton's error.
+    Without autotuning (``LORAFAST_AUTOTUNE=0``) and without a pinned config, the first of the
+    configs the autotuner would keep for these arguments (its ``early_config_prune``) that fits
+    the GPU runs: one compile per kernel, not one per config (a tile can need more shared memory
+    than the GPU has; the autotuner skips such configs itself). A pinned config that does not fit
+    raises Triton's error. An error
+    that means the kernel cannot run (``entry.launch_failure``) leaves with the kernel's name
+    (``lorafast_kernel``), for the message the library's entry (``entry.kernel_entry``) gives.
     """
+    try:
+        _launch(kernel, tuned_kernel, grid, args, config)
+    except Exception as exc:
+        if launch_failure(exc) is not None and not hasattr(exc, "lorafast_kernel"):
+            exc.lorafast_kernel = kernel_name(kernel)
+        raise
+
+
+def _launch(kernel, tuned_kernel, grid, args, config) -> None:
     if config is None and not INTERPRETED and os.environ.get("LORAFAST_AUTOTUNE", "1") != "0":
         tuned_kernel[grid](*args)
         return
@@ -132,12 +147,15 @@ def launch(
         config = config or tuned_kernel.configs[0]
         kernel[grid(config.kwargs)](*args, **config.all_kwargs())
         return
-    for i, candidate in enumerate(tuned_kernel.configs):
+    candidates = tuned_kernel.configs
+    if tuned_kernel.early_config_prune is not None:
+        candidates = tuned_kernel.early_config_prune(candidates, dict(zip(kernel.arg_names, args))) or candidates
+    for i, candidate in enumerate(candidates):
         try:
             kernel[grid(candidate.kwargs)](*args, **candidate.all_kwargs())
             return
         except OutOfResources:  # raised before the kernel runs: nothing was written
-            if i == len(tuned_kernel.configs) - 1:
+            if i == len(candidates) - 1:
                 raise
 
 

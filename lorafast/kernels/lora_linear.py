@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .dropout_xa import lora_project
+from .entry import kernel_entry
 from .fused_lora_matmul import check_operands, dx_matmul, forward_matmul
 from .launch import check_tensor
 from .lora_weight_grad import weight_grad
@@ -26,11 +27,13 @@ def host_seed(seed: int | torch.Tensor) -> int:
 
 
 # The launchers' unchecked entries: lora_linear checked these inputs at its front door.
+@kernel_entry("the LoRA forward")
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     xa = lora_project(x, lora_A, dropout_p, host_seed(seed))
     return forward_matmul(x, weight, bias, xa, lora_B, scaling), xa
 
 
+@kernel_entry("the LoRA backward")
 def _backward(grad_y, x, xa, weight, lora_A, lora_B, scaling, dropout_p, seed, need_dx, need_da, need_db):
     grad_x = grad_a = grad_b = g = None
     seed = host_seed(seed)

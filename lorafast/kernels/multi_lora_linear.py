@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .adapter_segments import BLOCK_M, AdapterSegments, RowChunks, adapter_segments, resolve_segments
+from .entry import kernel_entry
 from .launch import check_tensor
 from .lora_linear import host_seed, seed_tensor
 from .multi_factors import B_COL, adapter_factors, split_grads
@@ -41,12 +42,14 @@ def batch_segments(row_adapter: torch.Tensor, num_adapters: int) -> AdapterSegme
 
 # The launchers' unchecked entries: multi_lora_linear checked these inputs at its front door. The adapters come as
 # K A's (r_k, in) and K B's (out, r_k), read in place through their factor table; dA and dB as flat buffers.
+@kernel_entry("the mixed-adapter LoRA forward")
 def _forward(x, weight, bias, lora_A, lora_B, scalings, row_adapter, dropout, seed, segments):
     factors = adapter_factors(lora_A, lora_B)
     segments = segments or batch_segments(row_adapter, factors.num_adapters)
     return multi_forward(x, weight, bias, factors, scalings, segments, None, dropout, host_seed(seed))
 
 
+@kernel_entry("the mixed-adapter LoRA backward")
 def _backward(grad_y, x, xa, weight, lora_A, lora_B, scalings, row_adapter, needs_grad, dropout, seed, segments):
     need_dx, need_da, need_db = needs_grad
     grad_x = grad_a = grad_b = None
