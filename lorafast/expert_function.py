@@ -2,11 +2,17 @@
 and its entry point :func:`expert_lora_linear`.
 
 Rows arrive grouped by expert (``counts[e]`` consecutive rows for expert e, as a router's tokens sorted by expert
-id). Each expert's segment runs the dense PyTorch path (:mod:`lorafast.torch_backend`) on its own weight, so no
-``E×out×in`` tensor (no ``B·A``, no ``W + ΔW``) is ever formed and no gradient for W or b is computed. Backward keeps
-x (the caller's), ``xa = drop(x)·Aᵀ`` ``(S, r)`` and the dropout seed: expert e's mask is the dense path's mask for
-seed ``seed·E + e`` over its segment, a function of (expert, row in segment), regenerated block by block in backward.
-The Triton kernels do not cover experts yet: every device runs this path.
+id). No ``E×out×in`` tensor (no ``B·A``, no ``W + ΔW``) is ever formed and no gradient for W or b is computed.
+Backward keeps x (the caller's), ``xa = drop(x)·Aᵀ`` ``(S, r)`` and the dropout seed.
+
+- PyTorch path: on CPU without dropout, one ``grouped_mm`` per product over all experts
+  (:mod:`lorafast.expert_grouped`); otherwise each expert's segment runs the dense path
+  (:mod:`lorafast.torch_backend`) on its own weight (a view). Under dropout expert e's mask is the dense path's mask
+  for seed ``seed·E + e`` over its segment, a function of (expert, row in segment), regenerated block by block in
+  backward.
+- Triton path (the ``triton`` backend, without dropout): :mod:`lorafast.kernels.expert_lora_matmul` runs forward and
+  dX grouped over the expert segments, base GEMM and LoRA shrink/expand fused; dA and dB are per-segment GEMMs on
+  the kept ``xa`` and the kernel's ``g = dY·B_e``. Calls with dropout take the PyTorch path on every device.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from .backend import front_door
+from .expert_grouped import grouped_backward, grouped_forward, grouped_usable
 from .torch_backend import lora_backward, lora_forward
 from .validation import check_dropout, check_rank, check_same_dtype_and_device, check_scaling
 
@@ -59,7 +66,21 @@ class ExpertLoRAFunction(torch.autograd.Function):
     unchecked (see :func:`expert_lora_linear`). Gradients for x, lora_A, lora_B only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, bounds, scaling, dropout_p, seed, transposed):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, bounds, scaling, dropout_p, seed, transposed, backend="torch"):
+        ctx.bounds, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.transposed = bounds, scaling, dropout_p, seed, transposed
+        ctx.segments, ctx.grouped = None, False
+        if backend == "triton" and dropout_p == 0.0:
+            from .kernels.expert_lora_matmul import expert_forward, expert_segments
+
+            ctx.segments = expert_segments([stop - start for start, stop in bounds], x.device)
+            y, xa = expert_forward(x, weight, bias, lora_A, lora_B, scaling, ctx.segments, transposed)
+            ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+            return y
+        if dropout_p == 0.0 and grouped_usable(x, weight, lora_A):
+            ctx.grouped = True
+            y, xa = grouped_forward(x, weight, bias, lora_A, lora_B, scaling, bounds, transposed)
+            ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+            return y
         experts = weight.shape[0]
         out_features = weight.shape[2] if transposed else weight.shape[1]
         y = x.new_empty(x.shape[0], out_features)
@@ -72,13 +93,19 @@ class ExpertLoRAFunction(torch.autograd.Function):
                 lora_A[e], lora_B[e], scaling, dropout_p, expert_seed(seed, e, experts),
             )  # fmt: skip
         ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
-        ctx.bounds, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.transposed = bounds, scaling, dropout_p, seed, transposed
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, xa, weight, lora_A, lora_B = ctx.saved_tensors
         need_dx, need_da, need_db = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+        if ctx.segments is not None:
+            grads = _triton_backward(ctx, grad_y, x, xa, weight, lora_A, lora_B, need_dx, need_da, need_db)
+            return grads[0], None, None, grads[1], grads[2], None, None, None, None, None, None
+        if ctx.grouped:
+            grads = grouped_backward(grad_y, x, xa, weight, lora_A, lora_B, ctx.scaling, ctx.bounds, ctx.transposed,
+                                     (need_dx, need_da, need_db))  # fmt: skip
+            return grads[0], None, None, grads[1], grads[2], None, None, None, None, None, None
         experts = weight.shape[0]
         grad_x = torch.empty_like(x) if need_dx else None
         grad_a = torch.zeros_like(lora_A) if need_da else None
@@ -97,7 +124,24 @@ class ExpertLoRAFunction(torch.autograd.Function):
                 grad_a[e] = da
             if need_db:
                 grad_b[e] = db
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None
+
+
+def _triton_backward(ctx, grad_y, x, xa, weight, lora_A, lora_B, need_dx, need_da, need_db):
+    """``(dX, dA, dB)`` on the Triton path: dX and g = dY·B_e from the kernel, then per segment
+    ``dA_e = s·g_eᵀ·x_e``, ``dB_e = s·dY_eᵀ·xa_e``."""
+    from .kernels.expert_lora_matmul import expert_dx
+
+    grad_y = grad_y.contiguous()
+    grad_x, g = expert_dx(grad_y, weight, lora_A, lora_B, ctx.scaling, ctx.segments, ctx.transposed)
+    grad_a = torch.zeros_like(lora_A) if need_da else None
+    grad_b = torch.zeros_like(lora_B) if need_db else None
+    for e, (start, stop) in enumerate(ctx.bounds):
+        if start < stop and need_da:
+            torch.mm(g[start:stop].t(), x[start:stop], out=grad_a[e]).mul_(ctx.scaling)
+        if start < stop and need_db:
+            torch.mm(grad_y[start:stop].t(), xa[start:stop], out=grad_b[e]).mul_(ctx.scaling)
+    return grad_x if need_dx else None, grad_a, grad_b
 
 
 def check_expert_inputs(
@@ -170,18 +214,21 @@ def expert_lora_linear(
             :func:`lorafast.experts.peft_expert_factors`); bias: frozen ``(E, out)`` or None.
         scaling: ``alpha / r``. dropout_p: dropout on the LoRA branch's input in [0, 1), applied when ``training``.
 
-    Under ``torch.autocast`` the inputs are first cast as ``F.linear``'s would be. ValueError on a shape, dtype or
-    device mismatch, counts that do not cover x's rows, r < 1, dropout outside [0, 1), or a weight or bias that
-    requires grad (no gradient is computed for them).
+    CUDA tensors run the Triton kernels (without dropout), others the PyTorch path (``LORAFAST_BACKEND`` overrides,
+    see :mod:`lorafast.backend`). Under ``torch.autocast`` the inputs are first cast as ``F.linear``'s would be.
+    ValueError on a shape, dtype or device mismatch, counts that do not cover x's rows, r < 1, dropout outside
+    [0, 1), or a weight or bias that requires grad (no gradient is computed for them).
     """
 
     def check(x, weight, bias, lora_A, lora_B):
         check_expert_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, transposed)
         return training and dropout_p > 0.0, float(dropout_p) if training else 0.0
 
-    def run(tensors, p, _backend, seed):
+    def run(tensors, p, backend, seed):
         x, weight, bias, lora_A, lora_B = tensors
         bounds = segment_bounds(counts, x.shape[0], weight.shape[0])
-        return ExpertLoRAFunction.apply(x, weight, bias, lora_A, lora_B, bounds, float(scaling), p, seed, transposed)
+        return ExpertLoRAFunction.apply(
+            x, weight, bias, lora_A, lora_B, bounds, float(scaling), p, seed, transposed, backend
+        )
 
     return front_door(x, weight, bias, lora_A, lora_B, check, run)
