@@ -10,9 +10,10 @@ Backward keeps x (the caller's), ``xa = drop(x)·Aᵀ`` ``(S, r)`` and the dropo
   (:mod:`lorafast.torch_backend`) on its own weight (a view). Under dropout expert e's mask is the dense path's mask
   for seed ``seed·E + e`` over its segment, a function of (expert, row in segment), regenerated block by block in
   backward.
-- Triton path (the ``triton`` backend, without dropout): :mod:`lorafast.kernels.expert_lora_matmul` runs forward and
-  dX grouped over the expert segments, base GEMM and LoRA shrink/expand fused; dA and dB are per-segment GEMMs on
-  the kept ``xa`` and the kernel's ``g = dY·B_e``. Calls with dropout take the PyTorch path on every device.
+- Triton path (the ``triton`` backend, without dropout, r up to 64 in fp32 and 128 in fp16/bf16):
+  :mod:`lorafast.kernels.expert_lora_matmul` runs forward and dX grouped over the expert segments, base GEMM and
+  LoRA shrink/expand fused; dA and dB are per-segment GEMMs on the kept ``xa`` and the kernel's ``g = dY·B_e``.
+  Other calls take the PyTorch path on every device.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class ExpertLoRAFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, bounds, scaling, dropout_p, seed, transposed, backend="torch"):
         ctx.bounds, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.transposed = bounds, scaling, dropout_p, seed, transposed
         ctx.segments, ctx.grouped = None, False
-        if backend == "triton" and dropout_p == 0.0:
+        if backend == "triton" and dropout_p == 0.0 and _kernel_fits(x.dtype, lora_A.shape[1]):
             from .kernels.expert_lora_matmul import expert_forward, expert_segments
 
             ctx.segments = expert_segments([stop - start for start, stop in bounds], x.device)
@@ -125,6 +126,12 @@ class ExpertLoRAFunction(torch.autograd.Function):
             if need_db:
                 grad_b[e] = db
         return grad_x, None, None, grad_a, grad_b, None, None, None, None, None, None
+
+
+def _kernel_fits(dtype: torch.dtype, r: int) -> bool:
+    from .kernels.expert_lora_matmul import kernel_rank_fits
+
+    return kernel_rank_fits(dtype, r)
 
 
 def _triton_backward(ctx, grad_y, x, xa, weight, lora_A, lora_B, need_dx, need_da, need_db):

@@ -184,3 +184,16 @@ def _call(**changes):
 def test_bad_input_is_refused_by_name(changes, message):
     with pytest.raises(ValueError, match=message):
         _call(**changes)
+
+
+def test_ranks_the_kernel_would_spill_take_the_pytorch_path(monkeypatch):
+    calls = []
+    real = lorafast.kernels.expert_lora_matmul.expert_forward
+    monkeypatch.setattr(lorafast.kernels.expert_lora_matmul, "expert_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("LORAFAST_BACKEND", "triton")
+    for r, expected in ((64, 1), (68, 0)):  # fp32: up to 64
+        t = _inputs(torch.float32, dims=(r, 8, 12))
+        y = expert_lora_linear(t["x"], COUNTS, t["weight"], t["lora_A"], t["lora_B"], 0.5)
+        torch.testing.assert_close(y.double(), _reference(t["x"], t["weight"], t["lora_A"], t["lora_B"], 0.5))
+        assert len(calls) == expected
+        calls.clear()

@@ -21,9 +21,29 @@ import triton.language as tl
 
 from .adapter_segments import BLOCK_M, UNUSED_BLOCK, adapter_segments
 from .launch import check_input, dot, dot_precision, grouped_tile, launch, rank_block, token_bucket
-from .multi_lora_matmul import _configs, _k_loop, _prune
+from .multi_lora_matmul import _configs, _k_loop
+from .multi_lora_matmul import _prune as _multi_prune
 
 _UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
+# The largest rank per input element size whose configs spill no more than the tutorial matmul on sm_90a (from rank 128
+# in fp32, 256 in bf16, the rank-R_PAD operands beside both accumulators spill); larger ranks take the PyTorch path.
+_MAX_RANK = {4: 64, 2: 128}
+
+
+def kernel_rank_fits(dtype: torch.dtype, r: int) -> bool:
+    """Whether the expert kernel runs rank r in ``dtype`` without spilling."""
+    return r <= _MAX_RANK.get(torch.empty((), dtype=dtype).element_size(), 0)
+
+
+def _prune(configs, named_args, **kwargs):
+    """The mixed-adapter kernel's pruning, but from rank 64 with 4-byte inputs only 64×64×32 tiles of 8 warps: with 4,
+    the two accumulators beside the (BLOCK_M, R_PAD) operand spill (``bench/kernel_report.py``'s build for sm_90a)."""
+    u = named_args.get("u_ptr")
+    if isinstance(u, torch.Tensor) and u.element_size() == 4 and kwargs.get("R_PAD", named_args.get("R_PAD", 16)) >= 64:
+        narrow = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) == (64, 32, 8)]
+        if narrow:
+            return narrow
+    return _multi_prune(configs, named_args, **kwargs)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
