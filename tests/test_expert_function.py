@@ -194,6 +194,7 @@ def test_ranks_the_kernel_would_spill_take_the_pytorch_path(monkeypatch):
     for r, expected in ((64, 1), (68, 0)):  # fp32: up to 64
         t = _inputs(torch.float32, dims=(r, 8, 12))
         y = expert_lora_linear(t["x"], COUNTS, t["weight"], t["lora_A"], t["lora_B"], 0.5)
-        torch.testing.assert_close(y.double(), _reference(t["x"], t["weight"], t["lora_A"], t["lora_B"], 0.5))
+        ref = _reference(t["x"], t["weight"], t["lora_A"], t["lora_B"], 0.5)
+        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
         assert len(calls) == expected
         calls.clear()
