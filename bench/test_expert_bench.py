@@ -6,9 +6,10 @@ ways on the same weights, routing and adapter, interleaved as in ``test_layer_be
 - the same PEFT model after ``patch_peft``,
 - lorafast (``apply_lora(target_parameters=...)``).
 
-Rows: the experts layer fwd+bwd (CPU: 32 experts, hidden 512, intermediate 256, top-2 of 2,048 tokens, r = 16; the
-targets: lorafast ≥ 2× faster than PEFT, fewer saved bytes, no tensor as large as an expert stack), and one training
-step (forward + backward from the input embeddings) of a tiny Qwen3-MoE. Time, activation bytes saved for backward
+Rows: the experts layer fwd+bwd (CPU: 32 experts, hidden 512, intermediate 256, top-2 of 2,048 tokens, r = 16; GPU,
+bf16: PEFT PR #3577's 128 experts, hidden 2048, intermediate 768, top-8 of 4,096 tokens, r = 16; the targets:
+lorafast ≥ 2× faster than PEFT, fewer saved bytes, no tensor as large as an expert stack), and one training step
+(forward + backward from the input embeddings) of a small Qwen3-MoE. Time, activation bytes saved for backward
 and, for lorafast, the largest tensor any op writes relative to the E×out×in stack.
 """
 
@@ -28,9 +29,12 @@ from lorafast.profiling import saved_activation_bytes
 
 PEFT_EXPERTS, PATCHED_EXPERTS = "PEFT target_parameters", "PEFT target_parameters + patch_peft"
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
+# (experts, hidden, intermediate, top_k, tokens, r), (hidden, experts, intermediate, tokens)
 if DRY_RUN:
     LAYER, MODEL, ROUNDS = (4, 32, 16, 2, 64, 4), (32, 4, 16, 32), 1
-else:  # (experts, hidden, intermediate, top_k, tokens, r), (hidden, experts, intermediate, tokens)
+elif DEVICE.type == "cuda":  # PEFT PR #3577's shape (top-8, as Qwen3-30B-A3B routes)
+    LAYER, MODEL, ROUNDS = (128, 2048, 768, 8, 4096, 16), (1024, 64, 256, 4096), 30
+else:
     LAYER, MODEL = (32, 512, 256, 2, 2048, 16), (128, 8, 64, 512)
     ROUNDS = int(os.environ.get("LORAFAST_EXPERT_ROUNDS", "8"))
 
