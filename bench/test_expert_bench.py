@@ -21,10 +21,10 @@ from harness import FROZEN, LORAFAST, Timer, interleaved, summarize
 from peft import LoraConfig, get_peft_model
 from report import Target
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICE, DRY_RUN, DTYPE
 from lorafast import apply_lora, patch_peft
+from lorafast.expert_memory import largest_write
 from lorafast.profiling import saved_activation_bytes
 
 PEFT_EXPERTS, PATCHED_EXPERTS = "PEFT target_parameters", "PEFT target_parameters + patch_peft"
@@ -70,21 +70,6 @@ def _four_ways(make, r):
     for p in base.parameters():
         p.requires_grad_(False)
     return {FROZEN: base, PEFT_EXPERTS: peft, PATCHED_EXPERTS: patched, LORAFAST: ours}
-
-
-class _LargestWrite(TorchDispatchMode):
-    """The largest tensor (elements) any op writes while the mode is on."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.is_view:  # a view allocates nothing
-            return out
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def _timed(runs, benchmark):
@@ -139,8 +124,7 @@ def test_expert_layer(benchmark, report):
         name: saved_activation_bytes(lambda m=m: m(x, index, weights), exclude=list(m.parameters()))
         for name, m in candidates.items()
     }
-    with _LargestWrite() as mode:
-        fwd_bwd(candidates[LORAFAST])()
+    largest = largest_write(fwd_bwd(candidates[LORAFAST]))
     stack = experts * hidden * 2 * intermediate  # gate_up_proj, the larger stack
     where = f"{experts} experts, hidden {hidden}, intermediate {intermediate}, top-{top_k} of {tokens}, r={r}"
     for name in candidates:
@@ -149,14 +133,14 @@ def test_expert_layer(benchmark, report):
             f"  vs PEFT {timing[name][f'vs {PEFT_EXPERTS}']:5.2f}  saved {saved[name] / 2**20:7.2f} MiB"
         )
         benchmark.extra_info[name] = {"fwd_bwd_ms": timing[name]["seconds"] * 1e3, "saved_bytes": saved[name]}
-    print(f"lorafast's largest tensor: {mode.largest / stack:.3f} of an expert stack ({where})")
+    print(f"lorafast's largest tensor: {largest / stack:.3f} of an expert stack ({where})")
     tag = DEVICE.type.upper()
     report.targets += [
         Target(f"{tag} PEFT target_parameters fwd+bwd / lorafast ({where})",
                1 / timing[LORAFAST][f"vs {PEFT_EXPERTS}"], 2.0, at_most=False),
         Target(f"{tag} lorafast experts saved MiB, PEFT's as limit ({where})",
                saved[LORAFAST] / 2**20, round(saved[PEFT_EXPERTS] / 2**20, 2)),
-        Target(f"{tag} lorafast's largest tensor / E×out×in ({where})", mode.largest / stack, 0.999),
+        Target(f"{tag} lorafast's largest tensor / E×out×in ({where})", largest / stack, 0.999),
     ]  # fmt: skip
 
 
