@@ -170,7 +170,9 @@ def _names_pattern(names) -> str:
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """``(config, {module name: {"A": (r, in), "B": (out, r)}})`` of a PEFT LoRA adapter directory; a DoRA adapter
-    (``use_dora``) also has ``"magnitude_vector"`` ``(out,)`` per module.
+    (``use_dora``) also has ``"magnitude_vector"`` ``(out,)`` per module. The wrappers of ``target_parameters``
+    (expert stacks) are keyed by PEFT's module path (``<experts>``, ``<experts>.base_layer``, ...: see
+    :func:`expert_entries`) with ``"A"`` ``(E·r, in)`` and ``"B"`` ``(out, r·E)``.
 
     FileNotFoundError if the directory, config or weights are missing; ValueError on a corrupt config, a
     non-LoRA adapter, an unsupported option (named), or weights that are not plain LoRA factors.
