@@ -7,11 +7,13 @@
 - :func:`add_adapter`, :func:`adapter_ids`, :func:`multi_lora_linear`, :class:`MultiLoRALinear`:
   several named adapters in one model, mixed in one batch (one adapter per sequence).
 - :func:`patch_peft`, :func:`unpatch_peft`: lorafast's fused LoRA inside a ``peft.PeftModel``.
+- :func:`expert_lora_linear`, ``apply_lora(target_parameters=...)``: LoRA on transformers' MoE expert stacks.
 - :class:`QuantizedLoRALinear`, :func:`merge_lora_dense`: QLoRA over bitsandbytes 4-/8-bit bases.
 - :func:`adapter_checkpoints`: a ``transformers.Trainer`` saves and resumes only the adapter.
 """
 
 from .adapter import load_adapter, read_adapter, save_adapter
+from .expert_function import expert_lora_linear
 from .function import LoRALinearFunction, lora_linear
 from .layer import FusedLoRALinear
 from .model import apply_lora, lora_layers, lora_state_dict, merge_lora, parameter_counts, remove_lora
@@ -32,6 +34,7 @@ __all__ = [
     "adapter_ids",
     "add_adapter",
     "apply_lora",
+    "expert_lora_linear",
     "list_adapters",
     "load_adapter",
     "lora_layers",

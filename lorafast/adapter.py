@@ -1,6 +1,10 @@
 """Adapters in PEFT's on-disk format (PEFT and vLLM load lorafast's, and back): ``adapter_config.json`` (a
 ``LoraConfig``) and ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A.weight`` ``(r, in)``
 and ``...lora_B.weight`` ``(out, r)`` per adapted linear layer.
+
+Expert adapters (``target_parameters``) are written as PEFT's ``lora.ParamWrapper`` writes them: lora_A ``(E·r,
+in)``, lora_B ``(out, r·E)``, keyed ``<experts module>.[base_layer.]*lora_A.weight`` by PEFT's nesting of the
+wrappers (:func:`lorafast.experts.peft_nesting`), and ``target_parameters`` lists their full names.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import torch
 from torch import nn
 
 from .atomic import write_atomically
+from .experts import expert_sizes, lora_experts, peft_expert_factors, peft_nesting, to_peft_factors
 from .layer import is_conv1d
-from .model import apply_lora, check_patterns, layer_settings, lora_layers
+from .model import apply_lora, check_patterns, layer_settings, lora_layers, select_target_parameters
 from .multi_adapter import add_adapter, list_adapters, multi_lora_layers
 from .multi_layer import MultiLoRALinear
 
@@ -39,7 +44,6 @@ _UNSUPPORTED = {
     "modules_to_save": None,
     "layers_to_transform": None,
     "layer_replication": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "use_qalora": False,
     "alora_invocation_tokens": None,
@@ -65,13 +69,17 @@ def save_adapter(
     """
     from safetensors.torch import save
 
-    layers = _adapter_factors(model, adapter_name)
-    shared = {(dropout, rslora) for *_, dropout, rslora in layers.values()}
+    experts = _expert_factors(model) if adapter_name is None else {}
+    layers = _adapter_factors(model, adapter_name, allow_none=bool(experts))
+    shared = {(dropout, rslora) for *_, dropout, rslora in [*layers.values(), *experts.values()]}
     if len(shared) > 1:
         raise ValueError(f"the LoRA layers differ in (dropout, use_rslora): {sorted(shared)}; save_adapter needs one")
     (dropout, use_rslora) = shared.pop()
-    r = _most_common(layer[2] for layer in layers.values())
-    alpha = _most_common(layer[3] for layer in layers.values())
+    r = _most_common(layer[2] for layer in (layers or experts).values())
+    alpha = _most_common(layer[3] for layer in (layers or experts).values())
+    differ = sorted(name for name, (_, _, er, ealpha, *_) in experts.items() if (er, ealpha) != (r, alpha))
+    if differ:
+        raise ValueError(f"expert adapters {differ[:3]} differ from r={r}, lora_alpha={alpha} of the other layers")
     magnitudes = _magnitudes(model, adapter_name)
     use_dora = any(m is not None for m in magnitudes.values())
     if use_dora and any(m is None for m in magnitudes.values()):
@@ -91,6 +99,7 @@ def save_adapter(
         "modules_to_save": None,
         "use_dora": use_dora,
         "use_rslora": use_rslora,
+        "target_parameters": sorted(experts) or None,
         "rank_pattern": {re.escape(n): layer[2] for n, layer in layers.items() if layer[2] != r},
         "alpha_pattern": {re.escape(n): layer[3] for n, layer in layers.items() if layer[3] != alpha},
         "inference_mode": True,
@@ -101,6 +110,12 @@ def save_adapter(
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
         if use_dora:
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitudes[name].detach().cpu().contiguous()
+    for module_name, experts_module in lora_experts(model) if experts else ():
+        depths = peft_nesting(experts_module, experts_module.lora_adapters)
+        for param, adapter in experts_module.lora_adapters.items():
+            key = f"{_PREFIX}{module_name}.{'base_layer.' * depths[param]}"
+            lora_A, lora_B = to_peft_factors(adapter.lora_A.detach().cpu(), adapter.lora_B.detach().cpu())
+            tensors[key + "lora_A.weight"], tensors[key + "lora_B.weight"] = lora_A.contiguous(), lora_B.contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # Each file is replaced in one step (a crash leaves every file old or new, never partial).
@@ -120,10 +135,20 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def _adapter_factors(model: nn.Module, adapter_name: str | None) -> dict[str, tuple]:
-    """``{module name: (lora_A, lora_B, r, alpha, dropout, use_rslora)}`` of the single adapter, or the named one."""
+def _expert_factors(model: nn.Module) -> dict[str, tuple]:
+    """``{"<experts module>.<parameter>": (lora_A, lora_B, r, alpha, dropout, use_rslora)}`` of the expert adapters."""
+    return {
+        f"{module_name}.{param}": (a.lora_A, a.lora_B, a.r, a.alpha, a.dropout, a.use_rslora)
+        for module_name, experts in lora_experts(model)
+        for param, a in experts.lora_adapters.items()
+    }
+
+
+def _adapter_factors(model: nn.Module, adapter_name: str | None, allow_none: bool = False) -> dict[str, tuple]:
+    """``{module name: (lora_A, lora_B, r, alpha, dropout, use_rslora)}`` of the single adapter, or the named one;
+    ValueError if there is none (unless ``allow_none``)."""
     layers = dict(lora_layers(model) if adapter_name is None else multi_lora_layers(model))
-    if adapter_name is None and not layers:
+    if adapter_name is None and not layers and not allow_none:
         hint = " (it has named adapters: pass adapter_name)" if list_adapters(model) else ""
         raise ValueError(f"the model has no LoRA layers to save{hint}; call apply_lora() first")
     if adapter_name is not None and adapter_name not in list_adapters(model):
@@ -145,7 +170,9 @@ def _names_pattern(names) -> str:
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """``(config, {module name: {"A": (r, in), "B": (out, r)}})`` of a PEFT LoRA adapter directory; a DoRA adapter
-    (``use_dora``) also has ``"magnitude_vector"`` ``(out,)`` per module.
+    (``use_dora``) also has ``"magnitude_vector"`` ``(out,)`` per module. The wrappers of ``target_parameters``
+    (expert stacks) are keyed by PEFT's module path (``<experts>``, ``<experts>.base_layer``, ...: see
+    :func:`expert_entries`) with ``"A"`` ``(E·r, in)`` and ``"B"`` ``(out, r·E)``.
 
     FileNotFoundError if the directory, config or weights are missing; ValueError on a corrupt config, a
     non-LoRA adapter, an unsupported option (named), or weights that are not plain LoRA factors.
@@ -208,14 +235,36 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
             f"for {incomplete or 'every module'}"
         )
     settings = _layer_settings(config, factors)
+    experts = expert_entries(config, factors)
     for name, ab in factors.items():
         r = settings[name][0]
+        if name in experts:  # PEFT's ParamWrapper: (E·r, in) and (out, r·E)
+            if ab["A"].shape[0] % r or ab["B"].shape[1] != ab["A"].shape[0]:
+                raise ValueError(
+                    f"{config_path.name} says r={r} for the expert parameter at {name} but it has lora_A "
+                    f"{tuple(ab['A'].shape)} and lora_B {tuple(ab['B'].shape)} (PEFT's (E·r, in) and (out, r·E))"
+                )
+            continue
         if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
             raise ValueError(
                 f"{config_path.name} says r={r} for {name} but it has lora_A {tuple(ab['A'].shape)} and lora_B "
                 f"{tuple(ab['B'].shape)} in {weights_path.name}"
             )
     return config, factors
+
+
+def expert_entries(config: dict, names) -> dict[str, tuple[str, int]]:
+    """``{name: (experts module, depth)}`` for the entries of ``names`` (module paths of an adapter's weights) that
+    are PEFT ``target_parameters`` wrappers: ``<module>.base_layer`` × depth, where ``<module>.<parameter>`` matches
+    a target parameter."""
+    targets = config.get("target_parameters") or []
+    modules = {t.rpartition(".")[0] for t in targets}
+    entries = {}
+    for name in names:
+        base = re.sub(r"(\.base_layer)+$", "", name)
+        if any(m == "" or base == m or base.endswith("." + m) for m in modules):
+            entries[name] = (base, (len(name) - len(base)) // len(".base_layer"))
+    return entries
 
 
 def _layer_settings(config: dict, names) -> dict[str, tuple[int, float]]:
@@ -257,10 +306,13 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     dropout, use_rslora, rank_pattern, alpha_pattern); one with LoRA layers must have them on those modules, and
     takes the adapter's alphas, dropout and scaling rule.
     With ``adapter_name`` it is added as a named adapter beside the others (same modules), a DoRA adapter
-    (``use_dora``) as a named DoRA adapter with its magnitudes. Errors as
-    :func:`read_adapter`, and ValueError naming the modules or shapes that do not fit the model.
+    (``use_dora``) as a named DoRA adapter with its magnitudes. An adapter with ``target_parameters`` (PEFT's
+    expert LoRA) gets expert adapters on those parameters (:mod:`lorafast.experts`), without ``adapter_name`` only.
+    Errors as :func:`read_adapter`, and ValueError naming the modules or shapes that do not fit the model.
     """
     config, factors = read_adapter(directory)
+    experts = _place_experts(model, config, factors, adapter_name)
+    expert_factors = {name: factors.pop(name) for name in experts}
     r, alpha, dropout = config["r"], config["lora_alpha"], float(config.get("lora_dropout") or 0.0)
     use_dora = bool(config.get("use_dora"))
     settings = _layer_settings(config, factors)
@@ -275,7 +327,14 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     if absent:
         raise ValueError(f"the adapter targets modules that {type(model).__name__} does not have: {absent[:5]}")
     layers = dict(lora_layers(model))
-    if adapter_name is None and layers:
+    has_experts = dict(lora_experts(model))
+    if adapter_name is None and (layers or has_experts):
+        on_model = {(m, p) for m, module in has_experts.items() for p in module.lora_adapters}
+        if on_model != set(experts.values()):
+            raise ValueError(
+                f"the adapter and the model's expert LoRA cover different parameters: {sorted(experts.values())[:4]} "
+                f"in the adapter, {sorted(on_model)[:4]} in the model"
+            )
         merged = sorted(name for name, layer in layers.items() if layer.merged)
         if merged:
             raise ValueError(f"LoRA layers {merged[:5]} are merged; unmerge() them before loading an adapter")
@@ -300,8 +359,13 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
             model, adapter_name, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora,
             **options,
         )  # fmt: skip
-    elif not layers:
-        apply_lora(model, _names_pattern(factors), r=r, alpha=alpha, dropout=dropout, use_dora=use_dora, **options)
+    elif not (layers or has_experts):
+        targets = _names_pattern(factors) if factors else []
+        expert_targets = config["target_parameters"] if experts else None
+        apply_lora(
+            model, targets, r=r, alpha=alpha, dropout=dropout, use_dora=use_dora, target_parameters=expert_targets,
+            **options,
+        )  # fmt: skip
     for name, layer in _saved_layers(model, adapter_name):
         lora_A, lora_B, *_ = layer.factors(adapter_name)
         lora_A.copy_(factors[name]["A"])
@@ -311,7 +375,49 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
             magnitude.copy_(factors[name][_MAGNITUDE])
         if adapter_name is None:  # a named adapter got them from add_adapter
             layer.alpha, layer.dropout, layer.use_rslora = settings[name][1], dropout, options["use_rslora"]
+    for name, (module_name, param) in experts.items():
+        adapter = model.get_submodule(module_name).lora_adapters[param]
+        lora_A, lora_B = peft_expert_factors(
+            expert_factors[name]["A"], expert_factors[name]["B"], adapter.lora_A.shape[0]
+        )
+        adapter.lora_A.copy_(lora_A)
+        adapter.lora_B.copy_(lora_B)
+        adapter.alpha, adapter.dropout, adapter.use_rslora = alpha, dropout, options["use_rslora"]
     return model
+
+
+def _place_experts(model: nn.Module, config: dict, factors: dict, adapter_name: str | None) -> dict[str, tuple]:
+    """``{adapter entry: (experts module, parameter)}`` for the adapter's PEFT ``target_parameters`` wrappers, each
+    checked against the model (a targeted expert projection, PEFT's nesting depth, ``(E·r, in)``/``(out, r·E)``)."""
+    entries = expert_entries(config, factors)
+    if not entries:
+        return {}
+    if adapter_name is not None:
+        raise ValueError(
+            "the adapter holds expert parameters (target_parameters); lorafast loads those as the model's single "
+            "adapter only, not as a named adapter (adapter_name)"
+        )
+    targeted = select_target_parameters(model, config["target_parameters"])
+    placed = {}
+    for name, (module_name, depth) in entries.items():
+        module = model.get_submodule(module_name) if module_name in targeted else None
+        by_depth = {} if module is None else {d: p for p, d in peft_nesting(module, targeted[module_name]).items()}
+        if depth not in by_depth:
+            raise ValueError(f"{name} in the adapter is no PEFT wrapper of an expert parameter the config targets")
+        param = by_depth[depth]
+        experts, in_features, out_features = expert_sizes(module, param)
+        shapes = {"A": (experts * config["r"], in_features), "B": (out_features, config["r"] * experts)}
+        for factor, shape in shapes.items():
+            if tuple(factors[name][factor].shape) != shape:
+                raise ValueError(
+                    f"lora_{factor} of {module_name}.{param} has shape {tuple(factors[name][factor].shape)} in the "
+                    f"adapter but {shape} in the model (E={experts}, r={config['r']})"
+                )
+        placed[name] = (module_name, param)
+    missing = {(m, p) for m, params in targeted.items() for p in params} - set(placed.values())
+    if missing:
+        raise ValueError(f"the adapter lacks the factors of target parameters {sorted(missing)[:4]}")
+    return placed
 
 
 def _linear_sizes(module: nn.Module) -> tuple[int, int] | None:

@@ -14,10 +14,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .experts import add_expert_lora, is_experts_module, lora_experts, remove_expert_lora
 from .layer import FusedLoRALinear, LoRALayer, check_dora_bases, conv1d_class, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
 from .quantized import held_quantized_bases, note_trainable_adapters
-from .validation import check_rank, check_scaling
+from .validation import check_dropout, check_rank, check_scaling
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
@@ -144,9 +145,42 @@ def multi_lora_layers(model: nn.Module) -> Iterator[tuple[str, MultiLoRALinear]]
     return lora_layers(model, MultiLoRALinear)
 
 
+def select_target_parameters(model: nn.Module, target_parameters: Sequence[str]) -> dict[str, list[str]]:
+    """``{experts module name: [parameter names]}`` that ``target_parameters`` selects, as PEFT's option of that name:
+    ``"<module>.<parameter>"`` equal to a target or ending with ``"." + target``. ValueError (listing the model's
+    3-D parameters) if a target matches nothing, or a matched parameter is not an expert projection of a
+    transformers experts stack (:mod:`lorafast.experts`)."""
+    if isinstance(target_parameters, str) or not target_parameters:
+        raise ValueError(f"target_parameters must be a non-empty list of names, got {target_parameters!r}")
+    if not all(isinstance(t, str) and t for t in target_parameters):
+        raise ValueError(f"target_parameters must be non-empty names, got {list(target_parameters)!r}")
+    matched: dict[str, list[str]] = {}
+    hits = dict.fromkeys(target_parameters, False)
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            key = f"{module_name}.{param_name}" if module_name else param_name
+            targets = [t for t in target_parameters if key == t or key.endswith("." + t)]
+            if not targets:
+                continue
+            hits.update(dict.fromkeys(targets, True))
+            if not is_experts_module(module) or param.dim() != 3 or param_name == "gate_up_proj_bias":
+                raise ValueError(
+                    f"target parameter {key!r} ({tuple(param.shape)}) is not an expert projection of a transformers "
+                    "experts stack; lorafast's target_parameters adapts 3-D gate_up_proj/up_proj/down_proj only"
+                )
+            matched.setdefault(module_name, []).append(param_name)
+    unmatched = [t for t, hit in hits.items() if not hit]
+    if unmatched:
+        stacks = [n for n, p in model.named_parameters() if p.dim() == 3][:4]
+        raise ValueError(
+            f"target_parameters {unmatched} match no parameter of {type(model).__name__} (its 3-D parameters: {stacks})"
+        )
+    return matched
+
+
 def apply_lora(
     model: nn.Module,
-    target_modules: str | Sequence[str] = DEFAULT_TARGETS,
+    target_modules: str | Sequence[str] | None = None,
     r: int = 8,
     alpha: float = 16,
     dropout: float = 0.0,
@@ -156,30 +190,50 @@ def apply_lora(
     use_dora: bool = False,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    target_parameters: Sequence[str] | None = None,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` (and GPT-2 ``Conv1D``) modules of ``model`` in place by FusedLoRALinear.
 
     The layers reuse the linears' weights (no copy); every other parameter is frozen, so only the factors train.
     ``target_modules`` as in the module docstring; r, alpha, dropout, adapter_dtype, use_rslora, use_dora as in
     FusedLoRALinear. ``rank_pattern``/``alpha_pattern`` (PEFT's): ``{pattern: r or alpha}`` for the modules whose
-    name ends with a match of the pattern (a regular expression; the first matching key wins). Returns ``model``.
+    name ends with a match of the pattern (a regular expression; the first matching key wins). ``target_modules``
+    None: ``("q_proj", "v_proj")``, or no module when ``target_parameters`` is given.
+    ``target_parameters`` (PEFT's option): expert stacks of transformers' MoE experts modules, e.g.
+    ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``, each get an expert LoRA adapter (r, alpha, dropout,
+    adapter_dtype, use_rslora; not the patterns; see :mod:`lorafast.experts`). Returns ``model``.
     ValueError if LoRA is already applied, a target matches no module (the message lists the model's linear
-    layers), a matched module is not an ``nn.Linear``, a pattern is malformed, or DoRA is asked for over a
-    bitsandbytes base that is not quantized yet.
+    layers) or parameter, a matched module is not an ``nn.Linear``, a matched parameter is not an expert
+    projection, a pattern is malformed, DoRA is asked for on experts, or DoRA is asked for over a bitsandbytes
+    base that is not quantized yet.
     """
-    if next(lora_layers(model), None) is not None:
+    if next(lora_layers(model), None) is not None or next(lora_experts(model), None) is not None:
         raise ValueError("the model already has LoRA layers; call merge_lora() or remove_lora() before applying again")
     if next(multi_lora_layers(model), None) is not None:
         raise ValueError(
             "the model has named adapters (add_adapter); use add_adapter() for another one, or remove_adapter() "
             "them all before apply_lora()"
         )
-    matched = select_targets(model, target_modules, allowed=_single_adapter_bases())
+    if target_modules is None:
+        target_modules = DEFAULT_TARGETS if target_parameters is None else []
+    experts = {} if target_parameters is None else select_target_parameters(model, target_parameters)
+    if experts and use_dora:
+        raise ValueError(
+            "use_dora is not supported on expert parameters (target_parameters): DoRA's per-row norm of W + s·B·A "
+            "would need every expert's full weight each step; use it on target_modules only"
+        )
+    no_modules = not isinstance(target_modules, str) and not list(target_modules)
+    matched = {} if experts and no_modules else select_targets(model, target_modules, allowed=_single_adapter_bases())
     default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the model changes
     settings = layer_settings(matched, r, alpha, rank_pattern, alpha_pattern)
+    check_rank(r)
+    check_scaling(alpha)
+    check_dropout(dropout)
     check_dora_bases(use_dora, matched.values())
     for param in model.parameters():
         param.requires_grad_(False)
+    for name, names in experts.items():
+        add_expert_lora(model.get_submodule(name), names, r, alpha, dropout, adapter_dtype, use_rslora)
     for name, module in matched.items():
         layer_r, layer_alpha = settings[name]
         options = {"dropout": dropout, "adapter_dtype": adapter_dtype, "use_rslora": use_rslora, "use_dora": use_dora}
@@ -189,18 +243,21 @@ def apply_lora(
 
 
 def remove_lora(model: nn.Module) -> nn.Module:
-    """Put plain ``nn.Linear`` modules back with the unmerged weights, dropping named adapters too; returns model."""
+    """Put plain ``nn.Linear`` modules back with the unmerged weights, dropping named adapters and expert adapters
+    too; returns model."""
     for name, layer in list(lora_layers(model, LoRALayer)):
         _replace(model, name, layer.to_base_layer())
+    for _, experts in list(lora_experts(model)):
+        remove_expert_lora(experts)
     return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put plain ``nn.Linear`` modules in place.
 
-    The result holds no lorafast code: its ``save_pretrained`` loads in plain transformers, same outputs, base
-    inference cost. With named adapters the active one is merged and the others dropped; ValueError if none
-    is active.
+    Expert adapters are folded into their expert stacks, one expert at a time. The result holds no lorafast code:
+    its ``save_pretrained`` loads in plain transformers, same outputs, base inference cost. With named adapters the
+    active one is merged and the others dropped; ValueError if none is active.
     """
     multi = list(multi_lora_layers(model))
     if multi:
@@ -212,6 +269,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
             )
     for name, layer in list(lora_layers(model, LoRALayer)):
         _replace(model, name, layer.to_base_layer(merge=True))
+    for _, experts in list(lora_experts(model)):
+        remove_expert_lora(experts, merge=True)
     return model
 
 

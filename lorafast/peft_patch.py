@@ -7,7 +7,8 @@ active adapter) or :func:`lorafast.multi_lora_linear` (``adapter_names=``) on th
 (merged or disabled layer, several active adapters, a variant other than DoRA, ``lora_bias``, trainable base)
 runs PEFT's forward unchanged. DoRA adapters run :func:`lorafast.dora.dora_linear` (over a bitsandbytes base
 :func:`lorafast.quantized.quantized_dora_linear`; dropout on the LoRA branch only: PEFT's second base GEMM on
-the dropped input is not run, see :mod:`lorafast.dora`).
+the dropped input is not run, see :mod:`lorafast.dora`). PEFT's expert LoRA (``target_parameters``,
+``lora.ParamWrapper``) on transformers' MoE experts runs :mod:`lorafast.expert_peft`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ import torch
 from torch import nn
 
 from .dora import dora_linear
+from .expert_peft import (
+    fused_wrapper_class,
+    is_param_wrapper,
+    patched_wrapper_count,
+    unpatch_peft_experts,
+    wrapper_reason,
+)
 from .function import lora_linear
 from .layer import is_conv1d
 from .multi_function import MAX_STACKED_RANK, multi_lora_linear
@@ -214,7 +222,8 @@ def patch_peft(model: nn.Module) -> nn.Module:
     ``model``: a ``PeftModel``, a tuner model (``LoraModel``), a PEFT layer, or a module holding PEFT LoRA
     layers. Supported: a frozen floating ``nn.Linear`` or GPT-2 ``Conv1D`` base, PEFT's
     ``lora.bnb.Linear4bit``/``Linear8bitLt`` (QLoRA, see :mod:`lorafast.quantized`; mixed batches there keep PEFT's
-    forward), adapters plain or DoRA (over a quantized base too), without other variants or ``lora_bias``.
+    forward), adapters plain or DoRA (over a quantized base too), without other variants or ``lora_bias``; and
+    PEFT's ``ParamWrapper`` (``target_parameters``) on transformers' experts stacks (:mod:`lorafast.expert_peft`).
     Everything else (Embedding, Conv, other tuners, ...) keeps PEFT's forward, and one ``lorafast.peft_patch`` log
     line counts the patched layers and names why others are not (a warning when some, or all, are not patched).
     Never raises on a model PEFT accepts; calling again patches layers added since. TypeError if ``model`` is not
@@ -239,6 +248,14 @@ def patch_peft(model: nn.Module) -> nn.Module:
             reasons[_tuner_name(layer)] += 1
             continue
         lora_count += 1
+        if is_param_wrapper(layer):  # target_parameters: lorafast.expert_peft
+            reason = wrapper_reason(layer)
+            if reason is None:
+                layer.__class__ = fused_wrapper_class()
+                patched += 1
+            else:
+                reasons[reason] += 1
+            continue
         quantized = peft_fused_class(layer)  # PEFT's bitsandbytes layers: lorafast.quantized
         if quantized is not None:
             layer.__class__ = quantized
@@ -265,6 +282,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
 def unpatch_peft(model: nn.Module) -> nn.Module:
     """Undo :func:`patch_peft`: every patched layer runs PEFT's own forward again. Returns ``model``."""
     unpatch_peft_quantized(model)
+    unpatch_peft_experts(model)
     if _fused_class is None:
         return model
     linear = _peft_linear_class()
@@ -276,5 +294,5 @@ def unpatch_peft(model: nn.Module) -> nn.Module:
 
 def patched_layer_count(model: nn.Module) -> int:
     """How many layers of ``model`` run lorafast's fused LoRA through :func:`patch_peft`."""
-    quantized = patched_quantized_count(model)
+    quantized = patched_quantized_count(model) + patched_wrapper_count(model)
     return quantized + (0 if _fused_class is None else sum(type(m) is _fused_class for m in model.modules()))
