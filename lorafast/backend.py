@@ -4,15 +4,16 @@ takes the Triton kernels on CUDA, else the PyTorch path.
 ``LORAFAST_BACKEND=auto|triton|torch`` overrides it, read on every call. ``triton`` on CPU needs
 ``TRITON_INTERPRET=1`` before ``lorafast.kernels`` is first imported (Triton decides at kernel definition).
 
-Fallback: under ``auto``, a Triton kernel that cannot compile or start (:class:`KernelLaunchError`: out of shared
-memory or registers, a compilation error, no C compiler or ``Python.h`` for Triton's launcher, a driver error raised
-before the launch) sends that call, and every later call of the same :func:`fallback_key` in this process, to the
-PyTorch path, after one :class:`KernelFallbackWarning`. The call is redone from its inputs: no output of the failed
-attempt is used. A backward whose kernels fail runs the PyTorch backward when the forward drew no dropout mask (the
-gradients need only the saved ``xa``); under dropout it raises, since the PyTorch path draws other masks than the
-forward's Triton kernels did, and later calls of that key take the PyTorch path from their forward on. Under
-``torch.compile`` a failure raises :class:`KernelLaunchError` (a compiled graph cannot switch paths).
-``LORAFAST_BACKEND=triton`` turns every fallback into that error, which names ``LORAFAST_BACKEND=torch``.
+Fallback: under ``auto``, a Triton kernel that cannot compile or start
+(``lorafast.kernels.entry.KernelLaunchError``: out of shared memory or registers, a compilation error, no C compiler
+or ``Python.h`` for Triton's launcher, a driver error raised before the launch) sends that call, and every later
+call of the same :func:`fallback_key` in this process, to the PyTorch path, after one
+:class:`KernelFallbackWarning`. The call is redone from its inputs: no output of the failed attempt is used. A
+backward whose kernels fail runs the PyTorch backward when the forward drew no dropout mask (the gradients need only
+the saved ``xa``); under dropout it raises, since the PyTorch path draws other masks than the forward's Triton
+kernels did, and later calls of that key take the PyTorch path from their forward on. Under ``torch.compile`` a
+failure raises that error (a compiled graph cannot switch paths). ``LORAFAST_BACKEND=triton`` turns every fallback
+into that error, which names ``LORAFAST_BACKEND=torch``.
 
 ``auto`` takes the Triton kernels on the device types in ``AUTO_TRITON_DEVICE_TYPES`` (CUDA); tests add ``"cpu"``
 to run ``auto``'s Triton path, fallback included, through Triton's interpreter.
@@ -37,20 +38,6 @@ ENV_VAR = "LORAFAST_BACKEND"
 AUTO_TRITON_DEVICE_TYPES = {"cuda"}
 
 
-class KernelLaunchError(RuntimeError):
-    """A Triton kernel could not compile or start for these inputs; nothing it computed is used.
-
-    ``kernel``: the kernel's name; ``reason``: Triton's or the driver's message; ``shapes``: the inputs, in words.
-    """
-
-    def __init__(self, op: str, kernel: str, shapes: str, reason: str):
-        self.op, self.kernel, self.shapes, self.reason = op, kernel, shapes, reason
-        super().__init__(
-            f"the Triton kernel {kernel} cannot run ({op} of {shapes}): {reason}. Set {ENV_VAR}=torch to run the "
-            f"PyTorch path instead ({ENV_VAR}=auto falls back to it by itself, outside torch.compile)"
-        )
-
-
 class KernelFallbackWarning(RuntimeWarning):
     """``auto`` runs the PyTorch path for a shape whose Triton kernel cannot run (once per :func:`fallback_key`)."""
 
@@ -72,7 +59,7 @@ def failed(key: tuple) -> bool:
     return key in _FAILED
 
 
-def record_failure(key: tuple, error: KernelLaunchError, note: str = "") -> None:
+def record_failure(key: tuple, error: Exception, note: str = "") -> None:
     """Remember that ``key`` takes the PyTorch path; warn the first time (one warning per key)."""
     with _FAILED_LOCK:
         first = key not in _FAILED
@@ -180,6 +167,8 @@ def _backward_or_fallback(key, triton_backward: Callable, torch_backward: Callab
     dropout = key[5]
     if requested_backend() == "auto" and failed(key) and not dropout:
         return torch_backward(*args, **kwargs)
+    from .kernels.entry import KernelLaunchError  # the Triton path's own error; kernels are imported by now
+
     try:
         return triton_backward(*args, **kwargs)
     except KernelLaunchError as error:
@@ -231,6 +220,8 @@ def front_door(x, weight, bias, lora_A, lora_B, check: Callable, run: Callable):
     if backend == "torch" or torch.compiler.is_compiling():  # a compiled graph cannot switch paths at run time
         return run(tensors, checked, backend, dropout_seed(backend) if dropout else 0)
     seed = dropout_seed("torch") if dropout else 0  # eager: the same int either backend would draw
+    from .kernels.entry import KernelLaunchError  # resolve_backend imported the kernels
+
     try:
         return run(tensors, checked, backend, seed)
     except KernelLaunchError as error:  # raised before any output was returned: the call is redone

@@ -16,12 +16,13 @@ from triton.runtime.errors import AutotunerError, OutOfResources
 
 from conftest import assert_close_scaled, make_inputs, reference_lora
 from lorafast import backend, lora_linear, multi_lora_linear
-from lorafast.backend import KernelFallbackWarning, KernelLaunchError
+from lorafast.backend import KernelFallbackWarning
 from lorafast.dora import dora_linear
 from lorafast.dropout import draw_seed
 from lorafast.dropout import keep_mask as torch_keep_mask
 from lorafast.kernels import entry, fused_lora_matmul, multi_lora_matmul
 from lorafast.kernels import launch as launch_module
+from lorafast.kernels.entry import KernelLaunchError
 
 # the package exports functions so named
 lora_weight_grad = importlib.import_module("lorafast.kernels.lora_weight_grad")

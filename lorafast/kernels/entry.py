@@ -1,5 +1,5 @@
 """Where the library enters the Triton kernels: every launch on the tensors' device, and a kernel that cannot run
-reported as :class:`lorafast.backend.KernelLaunchError`.
+reported as :class:`KernelLaunchError`.
 
 :func:`kernel_entry` wraps each entry (the one-adapter, mixed-adapter and DoRA forwards and backwards, eager and as
 torch.compile operators): inside it the tensors' CUDA device is the current device, so Triton launches there, on
@@ -22,7 +22,19 @@ import torch
 from triton.errors import TritonError
 from triton.runtime.errors import InterpreterError
 
-from ..backend import KernelLaunchError
+
+class KernelLaunchError(RuntimeError):
+    """A Triton kernel could not compile or start for these inputs; nothing it computed is used.
+
+    ``kernel``: the kernel's name; ``reason``: Triton's or the driver's message; ``shapes``: the inputs, in words.
+    """
+
+    def __init__(self, op: str, kernel: str, shapes: str, reason: str):
+        self.op, self.kernel, self.shapes, self.reason = op, kernel, shapes, reason
+        super().__init__(
+            f"the Triton kernel {kernel} cannot run ({op} of {shapes}): {reason}. Set LORAFAST_BACKEND=torch to run "
+            f"the PyTorch path instead (LORAFAST_BACKEND=auto falls back to it by itself, outside torch.compile)"
+        )
 
 
 def launch_failure(exc: BaseException) -> str | None:
