@@ -101,6 +101,11 @@ class Launch:
     def named_args(self) -> dict:
         return dict(zip(self.kernel.arg_names, self.args))
 
+    @property
+    def tried(self) -> tuple:
+        """The pinned config, else those the autotuner would try on an H100."""
+        return (self.pinned,) if self.pinned is not None else self.configs
+
     def kept(self, shared_limit: int) -> tuple:
         """The configs the launch would try on a GPU with ``shared_limit`` bytes of shared memory per block
         (none where its prune raises ``OutOfResources``)."""
@@ -556,7 +561,7 @@ def arch_rows(dtypes, ranks, archs, kernel_filter: str = "", quick: bool = False
                     for arch_name in archs:
                         arch = architectures[arch_name]
                         # a ROCm target: the configs a launch tries first, through the front end
-                        kept = launch.kept(arch.shared_limit) if arch.is_cuda else launch.configs[:1]
+                        kept = launch.kept(arch.shared_limit) if arch.is_cuda else launch.tried[:1]
                         compiled, error = [], ""
                         for config in kept:
                             try:

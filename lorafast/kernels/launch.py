@@ -179,7 +179,7 @@ def epilogue_config(block_m: int, r_pad: int, element_size: int) -> triton.Confi
     """The untuned config of a GEMM launch with K = 0 (the cuBLAS composite's LoRA term: no main loop): ``BLOCK_N``
     as wide as its ``(BLOCK_M, R_PAD)`` and ``(R_PAD, BLOCK_N)`` operands fit an RTX card's shared memory."""
     smallest = min(SHARED_MEMORY_PER_BLOCK.values())
-    block_n = next((bn for bn in (128, 64, 32) if (block_m + bn) * r_pad * element_size <= smallest - 3 * 1024), 16)
+    block_n = next((bn for bn in (128, 64, 32) if (block_m + bn) * r_pad * element_size <= smallest), 16)
     return _gemm_config(block_m, block_n, 32, 2, 4)
 
 
