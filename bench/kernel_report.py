@@ -1,4 +1,4 @@
-"""Offline Hopper report of the Triton kernels: registers, spills and shared memory per config.
+"""Offline report of the Triton kernels: registers, spills and shared memory per config (Hopper), or per architecture.
 
 ``python bench/kernel_report.py`` compiles every lorafast kernel and every autotune config for
 sm_90a (H100/H200) on any machine, no GPU needed, and prints per config the registers, spill
@@ -567,8 +567,8 @@ def arch_rows(dtypes, ranks, archs, kernel_filter: str = "", quick: bool = False
                             try:
                                 shared = front_end_shared_memory(launch.kernel, launch.args, config, arch.target)
                             except Exception as exc:  # reported, and the exit status says it
-                                first_line = (str(exc).splitlines() or [""])[0][:200]
-                                shared, error = None, f"{type(exc).__name__}: {first_line}"
+                                last_line = ([""] + [line for line in str(exc).splitlines() if line.strip()])[-1]
+                                shared, error = None, f"{type(exc).__name__}: {last_line.strip()[:200]}"
                             compiled.append((config, shared))
                             if progress is not None:
                                 progress.update()
