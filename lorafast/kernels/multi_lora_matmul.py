@@ -73,8 +73,8 @@ def _configs() -> list[triton.Config]:
     """``gemm_configs()`` (without its own small tiles) with BLOCK_M pinned to the block table's, duplicates
     dropped, then ``SMALL_TILES``.
 
-    The first, run when not autotuning, is the ``(BLOCK_M, 128, 32)`` tile: its fp32 pipeline
-    fits the 227 KiB of shared memory of an H100/H200 up to rank 128.
+    The first, run when not autotuning (the others in order where it does not fit), is the
+    ``(BLOCK_M, 128, 32)`` tile, the narrowest K step of the 128-wide ones.
     """
     configs = {}
     # + 64×64 tiles for 4-byte inputs from rank 64 (see _prune): 8 warps (the dX mask), 3 stages
