@@ -1,4 +1,4 @@
-"""Offline Hopper report of the Triton kernels: registers, spills and shared memory per config.
+"""Offline report of the Triton kernels: registers, spills and shared memory per config (Hopper), or per architecture.
 
 ``python bench/kernel_report.py`` compiles every lorafast kernel and every autotune config for
 sm_90a (H100/H200) on any machine, no GPU needed, and prints per config the registers, spill
@@ -19,6 +19,15 @@ Options: ``--dtype``, ``--rank`` and ``--kernel`` restrict the sweep; ``--widest
 kernel's widest tiles only (the quick check of ``tests/test_kernel_report.py``). The exit status
 is 1 when a config spills more than the tutorial matmul or needs more shared memory than an
 H100 has.
+
+``--arch [ARCH ...]`` (sm_80, sm_86, sm_89, sm_90a: all by default; gfx90a, gfx942 by name) reports instead, per
+launch and architecture, the configs the launch's prune keeps for that GPU's shared memory per block and which of
+them fit it, their shared memory taken from Triton's own pipeline to LLVM IR for that target (no ptxas); the
+cuBLAS composite's K = 0 epilogue launches are included. It sweeps bf16, fp16 and fp32 at ranks 8 to 256 unless
+``--dtype``/``--rank`` say otherwise, ``--shape`` sets the layer, and ``--quick`` keeps a few representative
+launches (the large-rank worst cases; CI). On a ROCm target it checks that every launch's first config passes
+Triton's front end (to LLVM IR; shared memory is reported, not checked against the LDS). The exit status is 1
+when a launch keeps no config that fits a CUDA architecture, or a kernel fails a target's front end.
 
 Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
 """
@@ -45,11 +54,13 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
+from triton.compiler.compiler import ir
+from triton.runtime.errors import OutOfResources
 from triton.runtime.jit import create_function_from_signature
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block of an H100/H200
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # A layer shape of a 7B-class model; all sizes multiples of 16 as in practice.
 TOKENS, IN_FEATURES, OUT_FEATURES = 1024, 4096, 4096
 
@@ -81,8 +92,29 @@ class Launch:
     """One kernel launch as a launcher issues it: the plain and autotuned kernels and the arguments."""
 
     kernel: object
-    configs: tuple  # those the autotuner would try for these arguments (after its pruning)
+    configs: tuple  # those the autotuner would try for these arguments (after its pruning for an H100)
     args: tuple
+    tuned: object = None  # the autotuned kernel
+    pinned: triton.Config | None = None  # the config the launcher gives (no autotuning)
+
+    @property
+    def named_args(self) -> dict:
+        return dict(zip(self.kernel.arg_names, self.args))
+
+    @property
+    def tried(self) -> tuple:
+        """The pinned config, else those the autotuner would try on an H100."""
+        return (self.pinned,) if self.pinned is not None else self.configs
+
+    def kept(self, shared_limit: int) -> tuple:
+        """The configs the launch would try on a GPU with ``shared_limit`` bytes of shared memory per block
+        (none where its prune raises ``OutOfResources``)."""
+        if self.pinned is not None:
+            return (self.pinned,)
+        try:
+            return tuple(self.tuned.early_config_prune.prune(self.tuned.configs, self.named_args, shared_limit))
+        except OutOfResources:
+            return ()
 
 
 def _ptxas_resources(ptx: str, ptxas: Path) -> tuple[int, int, int]:
@@ -101,14 +133,38 @@ def _ptxas_resources(ptx: str, ptxas: Path) -> tuple[int, int, int]:
     return registers, int(spills.group(1)), int(spills.group(2))
 
 
-def compile_for_hopper(kernel, args: tuple, config: triton.Config, ptxas: Path) -> Resources:
-    """Compile ``kernel`` for sm_90a with the launch arguments ``args`` and ``config``."""
-    backend = make_backend(HOPPER)
+def _source(kernel, args: tuple, config: triton.Config, target: GPUTarget):
+    """``(backend, ASTSource, options)`` of ``kernel`` specialised for ``args`` and ``config`` on ``target``."""
+    backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = config.all_kwargs()
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=HOPPER, options=options.__dict__)
+    return backend, ASTSource(kernel, signature, constexprs, attrs), options
+
+
+def front_end_shared_memory(kernel, args: tuple, config: triton.Config, target: GPUTarget) -> int:
+    """Shared memory per block (bytes) of ``kernel`` for ``target``, from Triton's pipeline up to LLVM IR (as
+    ``triton.compile`` runs it, without the assembler); raises what the front end raises."""
+    backend, src, options = _source(kernel, args, config, target)
+    options = backend.parse_options(dict(options.__dict__, **src.parse_options()))
+    stages = {}
+    backend.add_stages(stages, options, src.language)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    codegen = backend.get_codegen_implementation(options)
+    module = src.make_ir(target, options, codegen, backend.get_module_map(), context)
+    metadata = {"target": target, **options.__dict__}
+    for name in ("ttir", "ttgir", "llir"):
+        module = stages[name](module, metadata)
+    return metadata["shared"]
+
+
+def compile_for_hopper(kernel, args: tuple, config: triton.Config, ptxas: Path) -> Resources:
+    """Compile ``kernel`` for sm_90a with the launch arguments ``args`` and ``config``."""
+    _, src, options = _source(kernel, args, config, HOPPER)
+    compiled = triton.compile(src, target=HOPPER, options=options.__dict__)
     registers, stores, loads = _ptxas_resources(compiled.asm["ptx"], ptxas)
     return Resources(registers, stores, loads, compiled.metadata.shared, *main_loop_counts(compiled.asm["ptx"]))
 
@@ -209,7 +265,7 @@ def captured_launches() -> Iterator[list[Launch]]:
         configs = tuned_kernel.configs
         if tuned_kernel.early_config_prune is not None:
             configs = tuned_kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)))
-        launches.append(Launch(kernel, tuple(configs), tuple(args)))
+        launches.append(Launch(kernel, tuple(configs), tuple(args), tuned_kernel, config))
 
     multi_grad_module = importlib.import_module("lorafast.kernels.multi_lora_weight_grad")  # not the function
 
@@ -298,6 +354,36 @@ def _mixed_ranks_step(x, dy, w, bias, r, scalings, dropout, ids):
     lora_B = [torch.empty(OUT_FEATURES, k, dtype=x.dtype) for k in ranks]
     _, xa = multi_lora_linear.forward(x, w, bias, lora_A, lora_B, scalings, ids, dropout, 7)
     multi_lora_linear.backward(dy, x, xa, w, lora_A, lora_B, scalings, ids, (True, True, True), dropout, 7)
+
+
+@contextlib.contextmanager
+def _cublas_path() -> Iterator[None]:
+    """The launchers take the cuBLAS composite (``LORAFAST_GEMM=cublas``) with its GEMM skipped (CPU stand-ins)."""
+    saved_env, saved_addmm = os.environ.get("LORAFAST_GEMM"), torch.addmm
+    os.environ["LORAFAST_GEMM"] = "cublas"
+    torch.addmm = lambda c, u, v, out=None: c
+    try:
+        yield
+    finally:
+        torch.addmm = saved_addmm
+        if saved_env is None:
+            del os.environ["LORAFAST_GEMM"]
+        else:
+            os.environ["LORAFAST_GEMM"] = saved_env
+
+
+def _epilogue_cases(cases: dict[str, Callable[[], object]]) -> dict[str, Callable[[], object]]:
+    """The GEMM cases again through the cuBLAS composite: its K = 0 epilogue launches (a pinned config)."""
+
+    def composite(run):
+        def run_composite():
+            with _cublas_path():
+                run()
+
+        return run_composite
+
+    gemms = ("forward", "dX", "multi forward", "multi dX")
+    return {f"{name} [cuBLAS]": composite(run) for name, run in cases.items() if name.split(",")[0] in gemms}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,15 +477,175 @@ HEADER = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A GPU architecture the arch report checks: Triton's target and the shared memory per block it offers."""
+
+    target: GPUTarget
+    shared_limit: int
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.target.backend == "cuda"
+
+
+def _architectures() -> dict[str, Arch]:
+    from lorafast.kernels.shared_memory import SHARED_MEMORY_PER_BLOCK as LIMITS
+
+    hip_lds = 64 * 1024  # MI200 / MI300 (the arch report does not check it)
+    return {
+        "sm_80": Arch(GPUTarget("cuda", 80, 32), LIMITS["sm_80"]),
+        "sm_86": Arch(GPUTarget("cuda", 86, 32), LIMITS["sm_86"]),
+        "sm_89": Arch(GPUTarget("cuda", 89, 32), LIMITS["sm_89"]),
+        "sm_90a": Arch(GPUTarget("cuda", 90, 32), LIMITS["sm_90"]),
+        "gfx90a": Arch(GPUTarget("hip", "gfx90a", 64), hip_lds),
+        "gfx942": Arch(GPUTarget("hip", "gfx942", 64), hip_lds),
+    }
+
+
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90a")
+HIP_ARCHS = ("gfx90a", "gfx942")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchRow:
+    """One launch on one architecture: its kept configs with their shared memory (None: the front end failed)."""
+
+    case: str
+    kernel: str
+    dtype: str
+    r_pad: int
+    flags: str
+    arch: str
+    shared_limit: int
+    kept: tuple  # ((config, shared bytes or None), ...)
+    error: str = ""  # the front end's error, if any
+
+    @property
+    def fitting(self) -> list:
+        return [c for c, shared in self.kept if shared is not None and shared <= self.shared_limit]
+
+    @property
+    def ok(self) -> bool:
+        """A CUDA launch keeps a config that fits; a ROCm launch passes the front end."""
+        return not self.error and (bool(self.fitting) or not self.arch.startswith("sm_"))
+
+
+QUICK_CASES = ("forward, dropout", "dA, dropout", "forward, dropout [cuBLAS]", "multi dA, dropout")
+
+
+def arch_rows(dtypes, ranks, archs, kernel_filter: str = "", quick: bool = False, progress=None) -> Iterator[ArchRow]:
+    """Compile every kept config of every selected (case, launch) for each of ``archs`` and yield a row per
+    launch and architecture (a launch issued the same way by two cases once)."""
+    from lorafast.kernels.launch import rank_block
+
+    architectures = _architectures()
+    seen = set()
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for r in ranks:
+            cases = {**_one_adapter_cases(dtype, r), **_multi_adapter_cases(dtype, r)}
+            cases.update(_epilogue_cases(cases))
+            for case, run in cases.items():
+                if (kernel_filter and kernel_filter not in case) or (quick and case not in QUICK_CASES):
+                    continue
+                with captured_launches() as launches:
+                    run()
+                for launch in launches:
+                    name = launch.kernel.__name__
+                    key = (name, dtype_name, rank_block(r), str(launch.pinned), _constexpr_key(launch))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    flags = ", ".join(f"{k}={v}" for k, v in launch.named_args.items() if isinstance(v, bool) and v)
+                    for arch_name in archs:
+                        arch = architectures[arch_name]
+                        # a ROCm target: the configs a launch tries first, through the front end
+                        kept = launch.kept(arch.shared_limit) if arch.is_cuda else launch.tried[:1]
+                        compiled, error = [], ""
+                        for config in kept:
+                            try:
+                                shared = front_end_shared_memory(launch.kernel, launch.args, config, arch.target)
+                            except Exception as exc:  # reported, and the exit status says it
+                                last_line = ([""] + [line for line in str(exc).splitlines() if line.strip()])[-1]
+                                shared, error = None, f"{type(exc).__name__}: {last_line.strip()[:200]}"
+                            compiled.append((config, shared))
+                            if progress is not None:
+                                progress.update()
+                        yield ArchRow(
+                            case, name, dtype_name, rank_block(r), flags, arch_name, arch.shared_limit,
+                            tuple(compiled), error,
+                        )  # fmt: skip
+
+
+def _tile(config: triton.Config) -> str:
+    kw = config.kwargs
+    sizes = "×".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_P", "BLOCK_K") if k in kw)
+    return f"{sizes}/{config.num_stages}/{config.num_warps}"
+
+
+def format_arch_row(row: ArchRow) -> str:
+    kept = ", ".join(f"{_tile(c)}: {'–' if s is None else s // 1024}" for c, s in row.kept) or "none"
+    verdict = "ok" if row.ok else ("FRONT END FAILS " + row.error if row.error else "NO CONFIG FITS")
+    return (
+        f"| {row.case} | {row.kernel} | {row.dtype} | {row.r_pad} | {row.flags} | {row.arch} | {kept} | "
+        f"{len(row.fitting)} | {verdict} |"
+    )
+
+
+ARCH_HEADER = (
+    "| case | kernel | dtype | R_PAD | flags | arch | kept configs (BLOCKs/stages/warps: smem KiB) | fitting | |"
+    "\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def arch_report(opts) -> int:
+    """Print the arch report; 1 if a launch has no fitting config on a CUDA arch or fails a front end."""
+    from tqdm import tqdm
+
+    archs = opts.arch or list(CUDA_ARCHS)
+    dtypes = opts.dtype or (["bf16", "fp32"] if opts.quick else list(DTYPES))
+    ranks = opts.rank or ([256] if opts.quick else [8, 16, 32, 64, 128, 256])
+    with tqdm(desc=f"compiling for {', '.join(archs)}", unit="config", file=sys.stderr) as progress:
+        rows = list(arch_rows(dtypes, ranks, archs, opts.kernel, opts.quick, progress))
+    print(ARCH_HEADER)
+    for row in rows:
+        print(format_arch_row(row))
+    launches = len({(r.case, r.kernel, r.dtype, r.r_pad, r.flags) for r in rows})
+    print(f"\n{launches} launches ({', '.join(dtypes)}; ranks {', '.join(map(str, ranks))}; "
+          f"{TOKENS} tokens × {IN_FEATURES} → {OUT_FEATURES}).")  # fmt: skip
+    for arch in archs:
+        failing = [r for r in rows if r.arch == arch and not r.ok]
+        what = "fail the front end" if arch in HIP_ARCHS else "keep no config that fits"
+        limit = next(r.shared_limit for r in rows if r.arch == arch) if rows else 0
+        print(f"{arch} ({limit // 1024} KiB): {len(failing)} launches {what}.")
+    return 0 if all(r.ok for r in rows) else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), action="append", help="default: bf16 and fp32")
     parser.add_argument("--rank", type=int, action="append", help="LoRA rank(s) (default: 16 and 64)")
     parser.add_argument("--kernel", default="", help="only the cases whose name contains this")
     parser.add_argument("--widest", action="store_true", help="each kernel's widest tiles only")
+    parser.add_argument(
+        "--arch",
+        nargs="*",
+        choices=[*CUDA_ARCHS, *HIP_ARCHS],
+        help=f"report which kept configs fit these architectures (no value: {', '.join(CUDA_ARCHS)})",
+    )
+    parser.add_argument("--quick", action="store_true", help="with --arch: a few representative launches (CI)")
+    parser.add_argument(
+        "--shape", nargs=3, type=int, metavar=("TOKENS", "IN", "OUT"), help="the layer (default: 1024 4096 4096)"
+    )
     opts = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    if opts.shape:
+        global TOKENS, IN_FEATURES, OUT_FEATURES
+        TOKENS, IN_FEATURES, OUT_FEATURES = opts.shape
+    if opts.arch is not None:
+        return arch_report(opts)
     if bundled_ptxas() is None:
         parser.error("Triton's bundled ptxas (triton/backends/nvidia/bin) is missing")
     from tqdm import tqdm

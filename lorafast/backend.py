@@ -114,7 +114,12 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, rank: int = 1) -> 
         raise ValueError(f"the Triton backend does not run on {device.type} tensors; {fallback}")
     elif kernels.INTERPRETED:
         raise ValueError(f"TRITON_INTERPRET=1 runs Triton on CPU tensors only, not on {device}; {fallback}")
-    elif torch.version.hip is None:
+    elif torch.version.hip is not None:  # ROCm: only where the kernels build for the architecture
+        from .kernels.targets import hip_backend
+
+        if hip_backend(choice, torch.cuda.get_device_properties(device).gcnArchName) == "torch":
+            return "torch"
+    else:
         capability = torch.cuda.get_device_capability(device)
         needed = (8, 0) if dtype == torch.bfloat16 else (7, 0)
         if capability < needed:

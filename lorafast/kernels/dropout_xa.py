@@ -18,17 +18,25 @@ from .launch import (
     dot,
     dot_precision,
     launch,
-    prune_wide_fp32_tiles,
+    projection_tiles,
     rank_block,
+    skinny_prune,
     token_bucket,
 )
+from .shared_memory import SmallTiles, on_device
+
+
+def _config(bm, bk, stages, warps) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=stages, num_warps=warps)
+
+
+# For large ranks, whose (BLOCK_K, R_PAD) tiles of Aᵀ outgrow an RTX card (2-byte) or an A100 (4-byte).
+SMALL_TILES = SmallTiles((_config(64, 32, 3, 4), _config(64, 32, 2, 4)))
 
 
 def _configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=s, num_warps=w)
-        for bm, bk, s, w in [(64, 128, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4), (32, 128, 3, 4)]
-    ]
+    shapes = [(64, 128, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4), (32, 128, 3, 4)]
+    return [_config(*shape) for shape in shapes] + list(SMALL_TILES.configs)
 
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
@@ -65,7 +73,7 @@ def dropout_xa_kernel(
 dropout_xa_tuned = triton.autotune(
     configs=_configs(),
     key=["M_BUCKET", "K", "R_PAD", "DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_wide_fp32_tiles("x_ptr", "BLOCK_K")},
+    prune_configs_by={"early_config_prune": on_device(skinny_prune("x_ptr", "BLOCK_K", SMALL_TILES, projection_tiles))},
     cache_results=True,
 )(dropout_xa_kernel)
 

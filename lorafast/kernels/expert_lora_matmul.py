@@ -20,9 +20,12 @@ import triton
 import triton.language as tl
 
 from .adapter_segments import BLOCK_M, UNUSED_BLOCK, adapter_segments
+from .entry import kernel_entry
 from .launch import check_input, dot, dot_precision, grouped_tile, launch, rank_block, token_bucket
-from .multi_lora_matmul import _configs, _k_loop
+from .multi_lora_matmul import SMALL_TILES, _configs, _k_loop
 from .multi_lora_matmul import _prune as _multi_prune
+from .multi_lora_matmul import _shared_memory as multi_shared_memory
+from .shared_memory import DEFAULT_SHARED_MEMORY, fitting, on_device
 
 _UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
 # The largest rank per input element size whose configs spill no more than the tutorial matmul on sm_90a (from rank 128
@@ -35,15 +38,18 @@ def kernel_rank_fits(dtype: torch.dtype, r: int) -> bool:
     return r <= _MAX_RANK.get(torch.empty((), dtype=dtype).element_size(), 0)
 
 
-def _prune(configs, named_args, **kwargs):
-    """The mixed-adapter kernel's pruning, but from rank 64 with 4-byte inputs only 64×64×32 tiles of 8 warps: with 4,
-    the two accumulators beside the (BLOCK_M, R_PAD) operand spill (``bench/kernel_report.py``'s build for sm_90a)."""
+def _prune(configs, named_args, shared_limit=DEFAULT_SHARED_MEMORY):
+    """The mixed-adapter kernel's pruning for ``shared_limit`` bytes of shared memory, but from rank 64 with 4-byte
+    inputs only the 64×64×32 tiles of 8 warps that fit (else its small tiles): with 4 warps, the two accumulators
+    beside the (BLOCK_M, R_PAD) operand spill (``bench/kernel_report.py``'s build for sm_90a)."""
     u = named_args.get("u_ptr")
-    if isinstance(u, torch.Tensor) and u.element_size() == 4 and kwargs.get("R_PAD", named_args.get("R_PAD", 16)) >= 64:
-        narrow = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) == (64, 32, 8)]
+    if isinstance(u, torch.Tensor) and u.element_size() == 4 and named_args.get("R_PAD", 16) >= 64:
+        regular, small = SMALL_TILES.split(configs)
+        narrow = [c for c in regular if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) == (64, 32, 8)]
         if narrow:
-            return narrow
-    return _multi_prune(configs, named_args, **kwargs)
+            need = lambda c: multi_shared_memory(c, 4, named_args, shared_limit)  # noqa: E731
+            return fitting(narrow, small, need, shared_limit)
+    return _multi_prune(configs, named_args, shared_limit)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -93,7 +99,7 @@ def expert_lora_matmul_kernel(
 expert_lora_matmul_tuned = triton.autotune(
     configs=_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": on_device(_prune)},
     cache_results=True,
 )(expert_lora_matmul_kernel)
 
@@ -135,6 +141,7 @@ def expert_lora_matmul(u, v, v_transposed, p, p_transposed, q, q_transposed, bia
     return c, up
 
 
+@kernel_entry("the expert LoRA forward")
 def expert_forward(x, weight, bias, lora_A, lora_B, scaling, segments, transposed=False, config=None):
     """The forward: x ``(S, in)`` grouped by expert, weight ``(E, out, in)`` (``(E, in, out)`` if ``transposed``),
     bias ``(E, out)``/None, lora_A ``(E, r, in)``, lora_B ``(E, out, r)`` -> ``(y (S, out), xa (S, r))``."""
@@ -142,6 +149,7 @@ def expert_forward(x, weight, bias, lora_A, lora_B, scaling, segments, transpose
     return expert_lora_matmul(x, weight, not transposed, lora_A, True, lora_B, True, bias, scaling, segments, config)
 
 
+@kernel_entry("the expert LoRA input gradient")
 def expert_dx(grad_y, weight, lora_A, lora_B, scaling, segments, transposed=False, config=None):
     """The input gradient: dY ``(S, out)`` -> ``(dX (S, in), g = dY·B_e (S, r))``; other arguments as the forward's."""
     check_input("grad_y", grad_y)

@@ -24,6 +24,7 @@ from .launch import (
     check_tensor,
     dot,
     dot_precision,
+    epilogue_config,
     gemm_configs,
     grouped_tile,
     launch,
@@ -31,6 +32,7 @@ from .launch import (
     rank_block,
     token_bucket,
 )
+from .shared_memory import on_device
 
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
@@ -93,7 +95,7 @@ def fused_lora_matmul_kernel(
 fused_lora_matmul_tuned = triton.autotune(
     configs=gemm_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "HAS_COL_SCALE", "DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_for_rank},
+    prune_configs_by={"early_config_prune": on_device(prune_for_rank)},
     cache_results=True,
 )(fused_lora_matmul_kernel)
 
@@ -125,14 +127,11 @@ def fused_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed, config, col_sca
     return c
 
 
-# The K = 0 launch has no main loop: one memory-bound tile shape serves every GEMM, and nothing is autotuned.
-EPILOGUE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=2, num_warps=4)
-
-
 def cublas_lora_matmul(u, v, up, q, bias, scale, dropout_p, seed):
     """:func:`fused_lora_matmul`'s result from the kernel at K = 0 (``s·keep ⊙ (UP·Q) + b``, the same mask) and
     one cuBLAS GEMM adding U·V in place (beta = 1): no buffer beyond C."""
-    c = fused_lora_matmul(u[:, :0], v[:0], up, q, bias, scale, dropout_p, seed, EPILOGUE_CONFIG)
+    config = epilogue_config(64, rank_block(up.shape[1]), u.element_size())  # K = 0: memory-bound, untuned
+    c = fused_lora_matmul(u[:, :0], v[:0], up, q, bias, scale, dropout_p, seed, config)
     return torch.addmm(c, u, v, out=c)
 
 

@@ -15,9 +15,12 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
 from triton.runtime.errors import OutOfResources
 
 from .entry import kernel_name, launch_failure
+from .shared_memory import DEFAULT_SHARED_MEMORY, SHARED_MEMORY_PER_BLOCK, SmallTiles, fitting, shared_memory_need
+from .targets import current_target, has_tf32
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 256
@@ -79,11 +82,13 @@ def token_bucket(m: int) -> int:
     return min(max(16, triton.next_power_of_2(m)), 65536)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: fp32 follows torch's TF32 permission (:func:`tf32_allowed`)."""
-    if dtype == torch.float32 and not tf32_allowed():
+def dot_precision(dtype: torch.dtype, target: GPUTarget | None = None) -> str:
+    """``tl.dot`` input precision: IEEE for 2-byte inputs (their products are exact in fp32); fp32 takes TF32 where
+    torch allows it (:func:`tf32_allowed`) and ``target`` has it (default: the current GPU's; ROCm: gfx942 only)."""
+    if dtype != torch.float32 or not tf32_allowed():
         return "ieee"
-    return "tf32"
+    target = target or current_target()
+    return "tf32" if target is None or has_tf32(target) else "ieee"
 
 
 def check_tensor(name: str, t: torch.Tensor, shape: Sequence[int], like: torch.Tensor) -> None:
@@ -159,9 +164,20 @@ def _launch(kernel, tuned_kernel, grid, args, config) -> None:
                 raise
 
 
+def _gemm_config(bm, bn, bk, stages, warps) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps
+    )
+
+
+# Small-smem GEMM tiles for 4-byte inputs at large ranks, whose (BLOCK_M + BLOCK_N)·R_PAD epilogue operands outgrow
+# an A100 (64×64) or an RTX card (32×64): kept only where no regular tile fits (``prune_for_rank``).
+SMALL_GEMM_TILES = SmallTiles((_gemm_config(64, 64, 32, 2, 8), _gemm_config(32, 64, 32, 2, 2)))
+
+
 def gemm_configs() -> list[triton.Config]:
     """Tiles of the GEMM-shaped kernels (forward, dX) for Hopper/Ampere; the small ones also
-    serve short inputs and large ranks."""
+    serve short inputs and large ranks; ``SMALL_GEMM_TILES`` last."""
     shapes = [
         (128, 256, 64, 3, 8),
         (128, 128, 64, 4, 4),
@@ -173,35 +189,46 @@ def gemm_configs() -> list[triton.Config]:
         (64, 128, 32, 4, 8),  # 4-byte inputs
         (64, 64, 32, 4, 4),
     ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in shapes
-    ]
+    return [_gemm_config(*shape) for shape in shapes] + list(SMALL_GEMM_TILES.configs)
 
 
-# Shared memory a block may use on an H100/H200; Ampere's A100 has 163 KiB.
-SHARED_MEMORY_BUDGET = 227 * 1024
+def epilogue_config(block_m: int, r_pad: int, element_size: int) -> triton.Config:
+    """The untuned config of a GEMM launch with K = 0 (the cuBLAS composite's LoRA term: no main loop): ``BLOCK_N``
+    as wide as its ``(BLOCK_M, R_PAD)`` and ``(R_PAD, BLOCK_N)`` operands fit an RTX card's shared memory."""
+    smallest = min(SHARED_MEMORY_PER_BLOCK.values())
+    block_n = next((bn for bn in (128, 64, 32) if (block_m + bn) * r_pad * element_size <= smallest), 16)
+    return _gemm_config(block_m, block_n, 32, 2, 4)
 
 
-def prune_for_rank(configs, named_args, **kwargs):
-    """The GEMM tiles that fit the inputs without spilling registers on Hopper.
+def _element_size(named_args: dict, pointer: str) -> int:
+    """Bytes per element of the tensor at ``pointer`` (2 when the arguments name none)."""
+    data = named_args.get(pointer)
+    return data.element_size() if isinstance(data, torch.Tensor) else 2
+
+
+def gemm_shared_memory(config: triton.Config, element_size: int, r_pad: int, shared_limit: int) -> int:
+    """:func:`.shared_memory.shared_memory_need` of a fused GEMM config: U and V tiles in the main loop, UP
+    ``(BLOCK_M, R_PAD)`` and Q ``(R_PAD, BLOCK_N)`` in the epilogue."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return shared_memory_need(config, element_size, [(bm, bk), (bk, bn)], [(bm, r_pad), (r_pad, bn)], shared_limit)
+
+
+def rank_suited(configs, named_args: dict) -> list[triton.Config]:
+    """The GEMM tiles that suit the inputs' element size and rank without spilling registers on Hopper.
 
     4-byte inputs double the pipeline's shared memory and the registers of the operand tiles:
     they take BLOCK_K = 32 (the bytes per row of a 2-byte BLOCK_K = 64) and 8 warps from
     64×128 outputs up (and, from rank 64, 64×128 tiles at most); 2-byte inputs take 4 warps up
     to 128×128, 8 at 128×128 when the GEMM draws a dropout mask. Large ranks add (BLOCK_M,
-    R_PAD) operands. Short inputs (``M_BUCKET``) and narrow outputs (N) drop tiles much larger
-    than themselves (``bench/kernel_report.py`` checks every config offline).
+    R_PAD) operands: 128×128 outputs at most from rank 128.
     """
-    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
-    u = named_args.get("u_ptr")
-    element_size = u.element_size() if isinstance(u, torch.Tensor) else 2
+    r_pad = named_args.get("R_PAD", 16)
+    element_size = _element_size(named_args, "u_ptr")
 
-    def fits(config):
+    def suits(config):
         kw = config.kwargs
         area = kw["BLOCK_M"] * kw["BLOCK_N"]
-        pipeline = config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
-        if pipeline > SHARED_MEMORY_BUDGET or (r_pad >= 128 and area > 128 * 128):
+        if r_pad >= 128 and area > 128 * 128:
             return False
         if element_size == 4:
             if r_pad >= 64:  # the (BLOCK_M, R_PAD)·(R_PAD, BLOCK_N) start of the accumulator
@@ -211,29 +238,66 @@ def prune_for_rank(configs, named_args, **kwargs):
             return config.num_warps == 8
         return config.num_warps == 4 or area > 128 * 128
 
-    kept = [c for c in configs if fits(c)] or configs
-    # Tiles far wider than the problem only idle threads: skip them when smaller ones remain.
+    return [c for c in configs if suits(c)]
+
+
+def snug_tiles(configs, named_args: dict) -> list[triton.Config]:
+    """``configs`` without tiles far wider than the problem (they only idle threads) when smaller ones remain:
+    BLOCK_M beyond the token bucket ``M_BUCKET``, BLOCK_N beyond N (64 always allowed)."""
     m_bucket, n = named_args.get("M_BUCKET"), named_args.get("N")
     snug = [
         c
-        for c in kept
+        for c in configs
         if (m_bucket is None or c.kwargs["BLOCK_M"] <= max(64, m_bucket))
         and (n is None or c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n)))
     ]
-    return snug or kept
+    return snug or list(configs)
 
 
-def prune_wide_fp32_tiles(pointer: str, width: str):
-    """An ``early_config_prune`` for the skinny kernels: with 4-byte data at ``pointer`` only
-    ``BLOCK_M × width`` tiles up to 64×64 are kept (the bytes of a 2-byte 64×128 tile)."""
+def prune_for_rank(configs, named_args, shared_limit=DEFAULT_SHARED_MEMORY, **kwargs):
+    """The fused GEMM's prune: the :func:`rank_suited` tiles whose shared memory (:func:`gemm_shared_memory`)
+    fits ``shared_limit``, else the ``SMALL_GEMM_TILES`` that fit, then :func:`snug_tiles`
+    (``bench/kernel_report.py --arch`` checks every kept config offline)."""
+    named_args = {**named_args, **kwargs}
+    r_pad = named_args.get("R_PAD", 16)
+    element_size = _element_size(named_args, "u_ptr")
+    regular, small = SMALL_GEMM_TILES.split(configs)
 
-    def prune(configs, named_args, **kwargs):
-        data = named_args.get(pointer)
-        if not isinstance(data, torch.Tensor) or data.element_size() < 4:
-            return configs
-        return [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs[width] <= 64] or configs
+    def need(config):
+        return gemm_shared_memory(config, element_size, r_pad, shared_limit)
+
+    return snug_tiles(fitting(rank_suited(regular, named_args), small, need, shared_limit), named_args)
+
+
+def skinny_prune(pointer: str, width: str, small: SmallTiles, loop_tiles):
+    """A prune ``(configs, named_args, shared_limit)`` for the skinny kernels (rank-R projections, weight
+    gradients): with 4-byte data at ``pointer`` only ``BLOCK_M × width`` tiles up to 64×64 (the bytes of a 2-byte
+    64×128 tile); then those whose main loop's tiles, ``loop_tiles(config.kwargs, R_PAD)``, fit ``shared_limit``,
+    else the ``small`` tiles that fit."""
+
+    def prune(configs, named_args, shared_limit=DEFAULT_SHARED_MEMORY):
+        element_size = _element_size(named_args, pointer)
+        r_pad = named_args.get("R_PAD", 16)
+        regular, small_ones = small.split(configs)
+        if element_size == 4:
+            regular = [c for c in regular if c.kwargs["BLOCK_M"] <= 64 and c.kwargs[width] <= 64]
+
+        def need(config):
+            return shared_memory_need(config, element_size, loop_tiles(config.kwargs, r_pad), [], shared_limit)
+
+        return fitting(regular, small_ones, need, shared_limit)
 
     return prune
+
+
+def projection_tiles(kw: dict, r_pad: int) -> list[tuple[int, int]]:
+    """The main loop's tiles of ``drop(x)·Aᵀ``: x ``(BLOCK_M, BLOCK_K)`` and Aᵀ ``(BLOCK_K, R_PAD)``."""
+    return [(kw["BLOCK_M"], kw["BLOCK_K"]), (kw["BLOCK_K"], r_pad)]
+
+
+def weight_grad_tiles(kw: dict, r_pad: int) -> list[tuple[int, int]]:
+    """The main loop's tiles of ``Uᵀ·V``: U ``(BLOCK_M, BLOCK_P)`` and V ``(BLOCK_M, R_PAD)``."""
+    return [(kw["BLOCK_M"], kw["BLOCK_P"]), (kw["BLOCK_M"], r_pad)]
 
 
 @triton.jit

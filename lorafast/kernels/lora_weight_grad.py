@@ -22,17 +22,28 @@ from .launch import (
     dot,
     dot_precision,
     launch,
-    prune_wide_fp32_tiles,
     rank_block,
+    skinny_prune,
     token_bucket,
+    weight_grad_tiles,
 )
+from .shared_memory import SmallTiles, on_device
+
+
+def _config(bm, bp, stages, warps) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_P": bp}, num_stages=stages, num_warps=warps)
+
+
+# For large ranks, whose (BLOCK_M, R_PAD) tiles of V outgrow an RTX card (2-byte) or an A100 (4-byte).
+SMALL_TILES = SmallTiles((_config(32, 64, 3, 4), _config(32, 64, 2, 4)))
 
 
 def _configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_P": bp}, num_stages=s, num_warps=w)
-        for bm, bp, s, w in [(64, 128, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4), (128, 128, 3, 8)]
-    ]
+    shapes = [(64, 128, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4), (128, 128, 3, 8)]
+    return [_config(*shape) for shape in shapes] + list(SMALL_TILES.configs)
+
+
+prune = skinny_prune("u_ptr", "BLOCK_P", SMALL_TILES, weight_grad_tiles)
 
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
@@ -76,7 +87,7 @@ def lora_weight_grad_kernel(
 lora_weight_grad_tuned = triton.autotune(
     configs=_configs(),
     key=["M_BUCKET", "P", "R_PAD", "DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_wide_fp32_tiles("u_ptr", "BLOCK_P")},
+    prune_configs_by={"early_config_prune": on_device(prune)},
     cache_results=True,
 )(lora_weight_grad_kernel)
 

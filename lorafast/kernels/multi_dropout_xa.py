@@ -34,11 +34,13 @@ from .launch import (
     dot,
     dot_precision,
     launch,
-    prune_wide_fp32_tiles,
+    projection_tiles,
     rank_block,
+    skinny_prune,
     token_bucket,
 )
 from .multi_factors import A_COL, RANK_COL, TABLE_WIDTH, AdapterFactors, adapter_factors, factor_pointer
+from .shared_memory import SmallTiles, on_device
 
 _UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
 _TABLE_WIDTH = tl.constexpr(TABLE_WIDTH)
@@ -46,12 +48,17 @@ _A_COL = tl.constexpr(A_COL)
 _RANK_COL = tl.constexpr(RANK_COL)
 
 
-def _configs() -> list[triton.Config]:
+def _config(bk, stages, warps) -> triton.Config:
     # BLOCK_M is the block table's; the rest is free.
-    return [
-        triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_K": bk}, num_stages=s, num_warps=w)
-        for bk, s, w in [(128, 3, 4), (64, 4, 4), (64, 3, 8)]
-    ]
+    return triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_K": bk}, num_stages=stages, num_warps=warps)
+
+
+# For large ranks, whose (BLOCK_K, R_PAD) tiles of A_kᵀ outgrow an RTX card (2-byte) or an A100 (4-byte).
+SMALL_TILES = SmallTiles((_config(32, 3, 4), _config(32, 2, 4)))
+
+
+def _configs() -> list[triton.Config]:
+    return [_config(*shape) for shape in [(128, 3, 4), (64, 4, 4), (64, 3, 8)]] + list(SMALL_TILES.configs)
 
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
@@ -104,7 +111,7 @@ def multi_dropout_xa_kernel(
 multi_dropout_xa_tuned = triton.autotune(
     configs=_configs(),
     key=["M_BUCKET", "K", "R_PAD", "DROPPED_ONLY"],
-    prune_configs_by={"early_config_prune": prune_wide_fp32_tiles("x_ptr", "BLOCK_K")},
+    prune_configs_by={"early_config_prune": on_device(skinny_prune("x_ptr", "BLOCK_K", SMALL_TILES, projection_tiles))},
     cache_results=True,
 )(multi_dropout_xa_kernel)
 

@@ -35,19 +35,23 @@ from .adapter_segments import BLOCK_M, UNUSED_BLOCK, AdapterSegments, check_drop
 from .dropout_mask import keep_mask
 from .gemm_choice import choose_path, gemm_key
 from .launch import (
+    SMALL_GEMM_TILES,
     check_input,
     check_tensor,
     dot,
     dot_precision,
+    epilogue_config,
     gemm_configs,
     grouped_tile,
     launch,
-    prune_for_rank,
     rank_block,
+    rank_suited,
+    snug_tiles,
     token_bucket,
 )
 from .multi_dropout_xa import launch_multi_dropout_xa
 from .multi_factors import A_COL, B_COL, RANK_COL, TABLE_WIDTH, factor_pointer, stacked_factors
+from .shared_memory import DEFAULT_SHARED_MEMORY, SmallTiles, config_key, fitting, on_device, shared_memory_need
 
 # Rows per program: BLOCK_M (from adapter_segments); the block table is built for it, so every config keeps it.
 _UNUSED_BLOCK = tl.constexpr(UNUSED_BLOCK)
@@ -55,42 +59,70 @@ _TABLE_WIDTH = tl.constexpr(TABLE_WIDTH)
 _RANK_COL = tl.constexpr(RANK_COL)
 
 
-def _configs() -> list[triton.Config]:
-    """``gemm_configs()`` with BLOCK_M pinned to the block table's, duplicates dropped.
+def _config(bn, bk, stages, warps) -> triton.Config:
+    kwargs = {"BLOCK_M": BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    return triton.Config(kwargs, num_stages=stages, num_warps=warps)
 
-    The first, run when not autotuning, is the ``(BLOCK_M, 128, 32)`` tile: its fp32 pipeline
-    fits the 227 KiB of shared memory of an H100/H200 up to rank 256 (the wider tiles' do not).
+
+# For 4-byte inputs at large ranks, whose (BLOCK_M, R_PAD) UP and (BLOCK_K, R_PAD) P_k tiles outgrow an RTX card:
+# kept only where no regular tile fits (``_prune``).
+SMALL_TILES = SmallTiles((_config(32, 16, 2, 4), _config(16, 16, 2, 4)))
+
+
+def _configs() -> list[triton.Config]:
+    """``gemm_configs()`` (without its own small tiles) with BLOCK_M pinned to the block table's, duplicates
+    dropped, then ``SMALL_TILES``.
+
+    The first, run when not autotuning (the others in order where it does not fit), is the
+    ``(BLOCK_M, 128, 32)`` tile, the narrowest K step of the 128-wide ones.
     """
     configs = {}
     # + 64×64 tiles for 4-byte inputs from rank 64 (see _prune): 8 warps (the dX mask), 3 stages
-    tile = {"BLOCK_M": BLOCK_M, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
-    extra = [triton.Config(tile, num_stages=s, num_warps=w) for s in (3, 4) for w in (4, 8)]
-    for c in [*gemm_configs(), *extra]:
-        kwargs = {**c.kwargs, "BLOCK_M": BLOCK_M}
-        key = (tuple(sorted(kwargs.items())), c.num_warps, c.num_stages)
-        configs.setdefault(key, triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
-    return sorted(configs.values(), key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) != (128, 32))
+    extra = [_config(64, 32, s, w) for s in (3, 4) for w in (4, 8)]
+    for c in [*SMALL_GEMM_TILES.split(gemm_configs())[0], *extra]:
+        pinned = _config(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps)
+        configs.setdefault(config_key(pinned), pinned)
+    ordered = sorted(configs.values(), key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) != (128, 32))
+    return ordered + list(SMALL_TILES.configs)
 
 
-def _prune(configs, named_args, **kwargs):
-    """``prune_for_rank``, and from rank 64 with 4-byte inputs 64×64×32 tiles only (8 warps
+def _shared_memory(config: triton.Config, element_size: int, named_args: dict, shared_limit: int) -> int:
+    """:func:`.shared_memory.shared_memory_need` of a config: U, V (with C) and P_k (unless UP is given) tiles in
+    the main loop; UP ``(BLOCK_M, R_PAD)`` and Q_k ``(R_PAD, BLOCK_N)`` in the epilogue (with C)."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    r_pad = named_args.get("R_PAD", 16)
+    write_c = named_args.get("WRITE_C", True)
+    loop = [(bm, bk)] + [(bk, bn)] * write_c + [(bk, r_pad)] * (not named_args.get("UP_GIVEN", False))
+    epilogue = [(bm, r_pad), (r_pad, bn)] if write_c else []
+    return shared_memory_need(config, element_size, loop, epilogue, shared_limit)
+
+
+def _prune(configs, named_args, shared_limit=DEFAULT_SHARED_MEMORY):
+    """``prune_for_rank``'s rules, and from rank 64 with 4-byte inputs 64×64×32 tiles only (8 warps
     when dX draws a mask, 3 stages when the forward reads the dropped rows' xa or the adapters'
     ranks differ): the (BLOCK_M, R_PAD) accumulator of U·P_k sits beside the output's in the K
-    loop (``bench/kernel_report.py`` checks every config offline)."""
+    loop. Of those, the ones that fit ``shared_limit``, else the ``SMALL_TILES`` that fit
+    (``bench/kernel_report.py --arch`` checks every kept config offline)."""
     u = named_args.get("u_ptr")
-    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD", 16))
-    if isinstance(u, torch.Tensor) and u.element_size() == 4 and r_pad >= 64:
+    element_size = u.element_size() if isinstance(u, torch.Tensor) else 2
+    regular, small = SMALL_TILES.split(configs)
+    narrow = []
+    if element_size == 4 and named_args.get("R_PAD", 16) >= 64:
         warps = 8 if named_args.get("DROPOUT_C", False) else 4  # the mask drawn beside both accumulators
         # the factor table's values beside the xa branch, or the adapter's own rank
         stages = 3 if named_args.get("DROPOUT_UP", False) or not named_args.get("EQUAL_RANKS", True) else 4
         narrow = [
             c
-            for c in configs
+            for c in regular
             if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == (64, 32, warps, stages)
         ]
-        if narrow:
-            return narrow
-    return prune_for_rank(configs, named_args, **kwargs)
+
+    def need(config):
+        return _shared_memory(config, element_size, named_args, shared_limit)
+
+    if narrow:
+        return fitting(narrow, small, need, shared_limit)
+    return snug_tiles(fitting(rank_suited(regular, named_args), small, need, shared_limit), named_args)
 
 
 @triton.jit
@@ -221,7 +253,7 @@ def multi_lora_matmul_kernel(
 multi_lora_matmul_tuned = triton.autotune(
     configs=_configs(),
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "WRITE_C", "DROPOUT_UP", "DROPOUT_C", "UP_GIVEN"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": on_device(_prune)},
     cache_results=True,
 )(multi_lora_matmul_kernel)
 
@@ -322,17 +354,12 @@ def fused_multi_lora_forward(
     return multi_forward(x, weight, bias, factors, scalings, segments, config, dropout, seed)
 
 
-# The K = 0 launch has no main loop: one memory-bound tile (BLOCK_M the block table's) serves every GEMM, untuned.
-EPILOGUE_CONFIG = triton.Config(
-    {"BLOCK_M": BLOCK_M, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=2, num_warps=4
-)
-
-
 def cublas_multi_lora_matmul(u, v, factors, p_col, bias, scalings, segments, dropout, seed, up):
     """:func:`multi_lora_matmul`'s C from every row's given UP ``(M, R)``: the kernel at K = 0 writes
     ``s_k·keep_i ⊙ (UP_i·Q_k) + b`` (the same mask), then one cuBLAS GEMM adds U·V in place (beta = 1)."""
+    config = epilogue_config(BLOCK_M, rank_block(factors.rank), u.element_size())  # K = 0: memory-bound, untuned
     c, _ = multi_lora_matmul(
-        u[:, :0], v[:0], factors, p_col, bias, scalings, segments, True, EPILOGUE_CONFIG, dropout, seed, up=up,
+        u[:, :0], v[:0], factors, p_col, bias, scalings, segments, True, config, dropout, seed, up=up,
         up_given=True,
     )  # fmt: skip
     return torch.addmm(c, u, v, out=c)

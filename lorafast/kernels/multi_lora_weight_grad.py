@@ -42,13 +42,13 @@ from .launch import (
     dot,
     dot_precision,
     launch,
-    prune_wide_fp32_tiles,
     rank_block,
     token_bucket,
 )
-from .lora_weight_grad import lora_weight_grad_tuned
+from .lora_weight_grad import lora_weight_grad_tuned, prune
 from .multi_factors import grad_layout
 from .multi_lora_matmul import BLOCK_M
+from .shared_memory import on_device
 
 
 @triton.jit(do_not_specialize=["seed", "M_BUCKET"])
@@ -130,7 +130,7 @@ _SUM_TILE = 4096  # elements of a chunk_sum program's (BLOCK_P, R_PAD) tile
 multi_lora_weight_grad_tuned = triton.autotune(
     configs=list(lora_weight_grad_tuned.configs),
     key=["M_BUCKET", "P", "R_PAD", "DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_wide_fp32_tiles("u_ptr", "BLOCK_P")},
+    prune_configs_by={"early_config_prune": on_device(prune)},
     cache_results=True,
 )(multi_lora_weight_grad_kernel)
 
