@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora
+from .bases import check_quantized, is_quantized_linear
 from .function import lora_linear
 from .validation import check_dropout, check_rank, check_scaling, lora_scaling
 
@@ -21,6 +22,12 @@ class LoRALayer(nn.Module):
     is the subclass's)."""
 
     fan_in_fan_out = False  # True: the weight is stored (in_features, out_features), as a Conv1D's
+    quantized_class: type | None = None  # what from_linear gives over a quantized base (lorafast.quantized)
+
+    def __init_subclass__(cls, over_quantized: bool = False, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if over_quantized:  # the layer class over quantized bases of its parent class
+            cls.__mro__[1].quantized_class = cls
 
     def factors(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
         """``(lora_A (r, in), lora_B (out, r), r, alpha, dropout)`` of adapter ``name`` (None: the layer's one)."""
@@ -130,13 +137,11 @@ class FusedLoRALinear(LoRALayer):
         use_rslora: bool = False,
         use_dora: bool = False,
     ):
-        """Wrap an ``nn.Linear`` or ``Conv1D``, reusing (not copying) and freezing its weight and bias; a
-        bitsandbytes ``Linear4bit``/``Linear8bitLt`` gives a :class:`lorafast.quantized.QuantizedLoRALinear`."""
-        from .quantized import QuantizedLoRALinear, is_quantized_linear  # QLoRA bases
-
+        """Wrap an ``nn.Linear`` or ``Conv1D``, reusing (not copying) and freezing its weight and bias; a quantized
+        linear (:mod:`lorafast.bases`) gives a :class:`lorafast.quantized.QuantizedLoRALinear`."""
         if is_quantized_linear(linear) and cls is FusedLoRALinear:
             options = {"adapter_dtype": adapter_dtype, "use_rslora": use_rslora, "use_dora": use_dora}
-            return QuantizedLoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, **options)
+            return cls.quantized_class.from_linear(linear, r=r, alpha=alpha, dropout=dropout, **options)
         conv1d = is_conv1d(linear)
         if not (conv1d or isinstance(linear, nn.Linear)):
             raise ValueError(
@@ -281,8 +286,6 @@ class FusedLoRALinear(LoRALayer):
 def check_dora_bases(use_dora: bool, modules) -> None:
     """ValueError if ``use_dora`` is not a bool, or is True over a bitsandbytes base in ``modules`` that is not
     quantized yet (DoRA's magnitude is initialised from W0)."""
-    from .quantized import check_quantized, is_quantized_linear
-
     if not isinstance(use_dora, bool):
         raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
     for module in modules if use_dora else ():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora
+from .bases import is_quantized_linear
 from .layer import (
     LoRALayer,
     _adopt_conv1d,
@@ -50,12 +51,10 @@ class MultiLoRALinear(LoRALayer):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> MultiLoRALinear:
         """Wrap ``linear`` (an ``nn.Linear`` or GPT-2's ``Conv1D``, kept in its ``(in, out)`` layout and read
-        transposed) with no adapter yet: its weight and bias Parameters are reused and frozen; a bitsandbytes
-        ``Linear4bit``/``Linear8bitLt`` gives a :class:`lorafast.quantized.QuantizedMultiLoRALinear`."""
-        from .quantized import QuantizedMultiLoRALinear, is_quantized_linear  # QLoRA bases
-
+        transposed) with no adapter yet: its weight and bias Parameters are reused and frozen; a quantized
+        linear (:mod:`lorafast.bases`) gives a :class:`lorafast.quantized.QuantizedMultiLoRALinear`."""
         if is_quantized_linear(linear) and cls is MultiLoRALinear:
-            return QuantizedMultiLoRALinear.from_linear(linear)
+            return cls.quantized_class.from_linear(linear)
         if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
             raise ValueError(
                 f"from_linear expects an nn.Linear, got {type(linear).__name__} (transformers' Conv1D works too)"

@@ -21,6 +21,8 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .bases import is_quantized_linear
+from .bases.bnb4 import bnb_class
 from .dora import dora_linear
 from .expert_peft import (
     fused_wrapper_class,
@@ -33,13 +35,7 @@ from .function import lora_linear
 from .layer import is_conv1d
 from .multi_function import MAX_STACKED_RANK, multi_lora_linear
 from .multi_stack import stack_factors
-from .quantized import (
-    is_quantized_linear,
-    patched_quantized_count,
-    peft_fused_class,
-    peft_quantized_forward,
-    unpatch_peft_quantized,
-)
+from .quantized import quantized_dora_linear, quantized_lora_linear
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +194,8 @@ def __getattr__(name: str):
     # Lets pickle (torch.save of a whole patched model) find the class, built on first use.
     if name == "PeftFusedLinear":
         return _make_fused_class()
+    if name.startswith("PeftFused") and name.removeprefix("PeftFused") in _PEFT_LAYERS:
+        return _peft_fused_class(name.removeprefix("PeftFused"))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -296,3 +294,84 @@ def patched_layer_count(model: nn.Module) -> int:
     """How many layers of ``model`` run lorafast's fused LoRA through :func:`patch_peft`."""
     quantized = patched_quantized_count(model) + patched_wrapper_count(model)
     return quantized + (0 if _fused_class is None else sum(type(m) is _fused_class for m in model.modules()))
+
+
+# PEFT's LoRA layers over bitsandbytes bases (lora.bnb.Linear4bit/Linear8bitLt)
+_PEFT_LAYERS = ("Linear4bit", "Linear8bitLt")  # peft.tuners.lora.bnb's LoRA layers over bitsandbytes bases
+_peft_fused: dict[str, type] = {}
+
+
+def _peft_bnb_class(name: str) -> type | None:
+    if bnb_class(name) is None:  # bitsandbytes not loaded
+        return None
+    from peft.tuners.lora import bnb as peft_bnb
+
+    return getattr(peft_bnb, name, None)
+
+
+def _peft_fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's bnb LoRA forward with one active adapter (plain or DoRA) computed by lorafast."""
+    peft_class = type(self).__mro__[1]
+    extra = {k: v for k, v in kwargs.items() if v is not None}  # adapter_names (mixed batches) included
+    if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
+        return peft_class.forward(self, x, *args, **kwargs)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
+        return peft_class.forward(self, x, *args, **kwargs)
+    return peft_quantized_forward(self, x, active[0])
+
+
+def peft_quantized_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A PEFT LoRA layer over a bitsandbytes base, its adapter ``name`` (plain or DoRA) run by lorafast."""
+    base, lora_A, lora_B = layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight
+    scaling, dropout_p = layer.scaling[name], _dropout_p(layer, name)
+    if _is_dora(layer, name):
+        magnitude = layer.lora_magnitude_vector[name].weight
+        return quantized_dora_linear(x, base, lora_A, lora_B, magnitude, scaling, dropout_p, True)
+    return quantized_lora_linear(x, base, lora_A, lora_B, scaling, dropout_p, True)
+
+
+def _peft_fused_class(name: str) -> type:
+    if name not in _peft_fused:
+        peft_class = _peft_bnb_class(name)
+        _peft_fused[name] = type(
+            name,  # PEFT's class name, so the repr reads lora.Linear4bit(...) as PEFT's
+            (peft_class,),
+            {
+                "forward": _peft_fused_forward,
+                "__module__": __name__,
+                "__qualname__": f"PeftFused{name}",  # where pickle finds the class (module __getattr__ below)
+                "__doc__": f"PEFT's LoRA {name} whose forward runs lorafast's QLoRA linear (see patch_peft).",
+            },
+        )
+    return _peft_fused[name]
+
+
+def peft_fused_class(layer: nn.Module) -> type | None:
+    """The class ``patch_peft`` gives a PEFT ``lora.bnb.Linear4bit``/``Linear8bitLt`` layer with an adapter
+    lorafast runs (None for any other layer)."""
+    for name in _PEFT_LAYERS:
+        peft_class = _peft_bnb_class(name)
+        if peft_class is None:
+            continue
+        if type(layer) is peft_class or type(layer) is _peft_fused.get(name):
+            supported = any(_adapter_reason(layer, a) is None for a in layer.lora_A)
+            return _peft_fused_class(name) if supported else None
+    return None
+
+
+def unpatch_peft_quantized(model: nn.Module) -> int:
+    """Give every patched PEFT bnb layer of ``model`` its PEFT class back; returns how many were patched."""
+    fused = {cls: cls.__mro__[1] for cls in _peft_fused.values()}
+    count = 0
+    for module in model.modules():
+        if type(module) in fused:
+            module.__class__ = fused[type(module)]
+            count += 1
+    return count
+
+
+def patched_quantized_count(model: nn.Module) -> int:
+    """How many PEFT bnb layers of ``model`` run lorafast's QLoRA linear."""
+    fused = set(_peft_fused.values())
+    return sum(type(m) in fused for m in model.modules())

@@ -1,24 +1,19 @@
-"""LoRA over bitsandbytes' quantized linears (QLoRA): ``Linear4bit`` (NF4/FP4, double quant or not) and
-``Linear8bitLt``.
+"""LoRA over quantized linears (the kinds of :mod:`lorafast.bases`): bitsandbytes' ``Linear4bit`` (NF4/FP4, double
+quant or not) and ``Linear8bitLt`` (QLoRA), transformers' ``FP8Linear``.
 
-Each forward dequantizes W0 with bitsandbytes' own functions into a transient dense buffer in the compute dtype
-and runs lorafast's LoRA linear on it; backward dequantizes again. Nothing dense of W0 is kept for backward (it
+Each forward dequantizes W0 (the kind's own function) into a transient dense buffer in the compute dtype and runs
+lorafast's LoRA linear on it; backward dequantizes again. Nothing dense of W0 is kept for backward (it
 saves x and ``xa`` ``(n, r)`` only), and the quantized weight and its ``quant_state`` are only read.
 
 Compute dtype: the autocast dtype under ``torch.autocast``, else a ``Linear4bit``'s ``compute_dtype`` (x's dtype if
-unset), else x's dtype; the output has x's dtype, as bitsandbytes' layers return. 8-bit: W0 = CB·SCB/127 as
-bitsandbytes' CPU/XPU training path computes it, so on CUDA results differ from its int8 matmul (which also
-quantizes the activations, and splits out outlier columns above ``threshold``) by that activation quantization.
-
-bitsandbytes is optional: nothing here imports it unless a model already holds its layers.
+unset), else x's dtype; the output has x's dtype, as bitsandbytes' layers return. 8-bit: see
+:mod:`lorafast.bases.bnb8` for how its W0 differs from bitsandbytes' CUDA int8 matmul.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import sys
 import warnings
 
 import torch
@@ -26,98 +21,13 @@ from torch import nn
 
 from . import dora
 from .backend import front_door, implementation
+from .bases import check_quantized, compute_dtype, dequantize_weight, is_quantized_linear, requantize
 from .layer import FusedLoRALinear, _scaled_product
 from .multi_layer import MultiLoRALinear
 from .row_adapters import active_row_adapters
 from .validation import autocast_dtype, check_rank, lora_inputs_check
 
 _BASE = "base_layer"  # the quantized module's name inside QuantizedLoRALinear (hidden from state_dict keys)
-
-
-def _bnb_classes() -> tuple[type, ...]:
-    """bitsandbytes' ``(Linear4bit, Linear8bitLt)`` if it has been imported (a model can hold them only then)."""
-    modules = sys.modules.get("bitsandbytes.nn.modules")
-    return () if modules is None else (modules.Linear4bit, modules.Linear8bitLt)
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes ``Linear4bit`` (or subclass: ``LinearNF4``, ``LinearFP4``) or
-    ``Linear8bitLt``."""
-    classes = _bnb_classes()
-    return bool(classes) and isinstance(module, classes)
-
-
-def _is_4bit(module: nn.Module) -> bool:
-    return isinstance(module, _bnb_classes()[0])
-
-
-def compute_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """The dtype ``module``'s LoRA linear computes in for input x (see the module docstring)."""
-    dtype = autocast_dtype(x)
-    if dtype is not None:
-        return dtype
-    if _is_4bit(module) and module.compute_dtype is not None:
-        return module.compute_dtype
-    return x.dtype
-
-
-def _quant_state(module: nn.Module):
-    """A ``Linear4bit``'s QuantState in bitsandbytes' canonical layout (a copy where bitsandbytes' CPU inference
-    has repacked the weight; the module keeps its own)."""
-    weight = module.weight
-    state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
-    if state is None:
-        raise ValueError(
-            f"{type(module).__name__} is not quantized yet (no quant_state): move it to a device (.to(...)) or load "
-            "the model with a BitsAndBytesConfig first"
-        )
-    if not getattr(state, "packing_format_for_cpu", False):
-        return weight.data, state
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    # Undo the code layout only: the repacked absmax (bf16, blocks transposed, no longer nested) is what bitsandbytes
-    # itself now multiplies by, so it is used as it is rather than re-quantized.
-    unpacked = copy.copy(state)
-    unpacked.original_nested = False
-    packed, unpacked = _convert_weight_packed_for_cpu_inverse(weight.data, unpacked)
-    unpacked.absmax = state.absmax.T.reshape(-1).float()
-    return packed, unpacked
-
-
-def check_quantized(module: nn.Module) -> None:
-    """ValueError unless ``module`` is a bitsandbytes ``Linear4bit``/``Linear8bitLt`` whose weight is quantized
-    already (bitsandbytes quantizes when the module is moved to a device, or transformers when it loads)."""
-    if not is_quantized_linear(module):
-        raise ValueError(f"expected a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}")
-    if _is_4bit(module):
-        _quant_state(module)  # raises when there is none
-    elif module.weight.dtype != torch.int8 and not getattr(module.weight, "has_fp16_weights", False):
-        raise ValueError(
-            f"{type(module).__name__} is not quantized yet (its weight is {module.weight.dtype}, not int8): move it "
-            "to a device (.to(...)) or load the model with a BitsAndBytesConfig first"
-        )
-
-
-@torch.no_grad()
-def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """W0 ``(out, in)`` of a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` as a new dense tensor in ``dtype``.
-
-    4-bit: ``bitsandbytes.functional.dequantize_4bit`` (NF4/FP4, nested absmax or not). 8-bit: ``CB·SCB/127``.
-    """
-    if _is_4bit(module):
-        from bitsandbytes.functional import dequantize_4bit
-
-        packed, state = _quant_state(module)
-        return dequantize_4bit(packed, state).to(dtype)
-    weight, state = module.weight, module.state
-    if weight.dtype != torch.int8:  # has_fp16_weights: the weight was never quantized
-        return weight.detach().to(dtype, copy=True)
-    scb = getattr(weight, "SCB", None)
-    scb = state.SCB if scb is None else scb
-    if scb is None:
-        raise ValueError("Linear8bitLt has an int8 weight but no SCB row scales: it was not quantized by bitsandbytes")
-    # bitsandbytes' CPU/XPU training path (MatMul8bitFp) dequantizes exactly so.
-    return weight.data.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
 
 
 def held_quantized_bases(model: nn.Module) -> set[int]:
@@ -250,7 +160,7 @@ def quantized_dora_linear(
     )
 
 
-class QuantizedLoRALinear(FusedLoRALinear):
+class QuantizedLoRALinear(FusedLoRALinear, over_quantized=True):
     """``FusedLoRALinear`` over a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` (QLoRA).
 
     The quantized module is kept as ``base_layer`` (its ``.to()``/device moves stay bitsandbytes'), yet the
@@ -343,9 +253,9 @@ class QuantizedLoRALinear(FusedLoRALinear):
             lora_A, lora_B, scaling = self._merged_factors
             weight, g = dora.merged_weight(self.base_weight(), lora_A, lora_B, self.lora_magnitude, scaling)
             self._merged_factors += (g,)
-            _requantize(self.base_layer, merged=weight)
+            requantize(self.base_layer, merged=weight)
         else:
-            _requantize(self.base_layer, _scaled_product(*self._merged_factors))
+            requantize(self.base_layer, _scaled_product(*self._merged_factors))
         self.merged = True
 
     @torch.no_grad()
@@ -358,9 +268,9 @@ class QuantizedLoRALinear(FusedLoRALinear):
         lora_A, lora_B, scaling, *g = self._merged_factors
         if g:  # DoRA: W0 = W/g - s·BA
             weight = dora.unmerged_weight(self.base_weight(), lora_A, lora_B, g[0], scaling)
-            _requantize(self.base_layer, merged=weight)
+            requantize(self.base_layer, merged=weight)
         else:
-            _requantize(self.base_layer, _scaled_product(lora_A, lora_B, -scaling))
+            requantize(self.base_layer, _scaled_product(lora_A, lora_B, -scaling))
         self.merged, self._merged_factors = False, None
 
     def adapter_to_merge(self) -> tuple | None:
@@ -382,7 +292,7 @@ class QuantizedLoRALinear(FusedLoRALinear):
         )
 
 
-class QuantizedMultiLoRALinear(MultiLoRALinear):
+class QuantizedMultiLoRALinear(MultiLoRALinear, over_quantized=True):
     """``MultiLoRALinear`` (named adapters, mixed batches) over a bitsandbytes ``Linear4bit``/``Linear8bitLt``.
 
     As :class:`QuantizedLoRALinear`: the quantized module is ``base_layer`` under the quantized linear's own
@@ -446,7 +356,7 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
         """Re-quantize the active adapter into the base layer as PEFT merges (lossy): ``W0 + s·B·A``, for DoRA
         ``g·(W0 + s·B·A)``. One way: used by ``to_base_layer(merge=True)`` only."""
         if merged and self.active_adapter is not None:
-            _requantize(self.base_layer, merged=_merged_weight(self.base_weight(), self.adapter_to_merge()))
+            requantize(self.base_layer, merged=merged_weight(self.base_weight(), self.adapter_to_merge()))
 
     def adapter_to_merge(self) -> tuple | None:
         """``(lora_A, lora_B, scaling, magnitude or None)`` of the active adapter, None with no active adapter."""
@@ -502,79 +412,7 @@ def _reported_keys_as_own(module: nn.Module, incompatible_keys) -> None:
         keys[:] = [k.replace(inner, inner[: -len(_BASE) - 1], 1) if k.startswith(inner) else k for k in keys]
 
 
-def _requantize(module: nn.Module, delta: torch.Tensor | None = None, merged: torch.Tensor | None = None) -> None:
-    """Replace ``module``'s quantized weight by the quantization of ``dequant(W0) + delta`` (fp32 math), or of the
-    ``merged`` weight ``(out, in)`` (DoRA), with bitsandbytes' own parameter classes and settings (PEFT's merge).
-    Warns: lossy."""
-    import bitsandbytes as bnb
-
-    warnings.warn(
-        f"merging LoRA into a quantized {type(module).__name__} re-quantizes the weight: the result differs from "
-        "the merged weight by rounding; lorafast.merge_lora_dense() merges into a dense copy instead",
-        stacklevel=4,
-    )
-    weight = module.weight
-    if merged is None:
-        merged = dequantize_weight(module, torch.float32).add_(delta.to(torch.float32))
-    else:
-        merged = merged.to(torch.float32)
-    if _is_4bit(module):
-        state = _quant_state(module)[1]
-        kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
-        kwargs.update(requires_grad=False, bnb_quantized=False)
-        kwargs.pop("quant_state", None)
-        merged = merged.to(state.dtype)
-        module.weight = bnb.nn.Params4bit(merged.to("cpu"), **kwargs).to(weight.device)
-    else:
-        module.weight = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False, has_fp16_weights=False).to(
-            weight.device
-        )
-        module.state.reset_grads()
-        module.state.CB, module.state.SCB = None, None
-
-
-@torch.no_grad()
-def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Turn a QLoRA model into a dense one in place: every bitsandbytes linear becomes an ``nn.Linear`` in ``dtype``
-    holding its dequantized W0 (plus ``scaling·B·A`` where lorafast LoRA wraps it, added in fp32), the model's
-    other parameters are cast to ``dtype`` and transformers' quantization marks are removed, so ``save_pretrained``
-    writes a plain checkpoint. Other LoRA layers are merged as :func:`lorafast.merge_lora` does. Returns ``model``.
-    """
-    from .model import _replace, merge_lora
-
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    replacements = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLoRALinear, QuantizedMultiLoRALinear)):
-            replacements[name] = _dense_linear(module.base_layer, dtype, module.adapter_to_merge())
-        elif is_quantized_linear(module) and not any(name.startswith(n + ".") for n in replacements):
-            replacements[name] = _dense_linear(module, dtype, None)
-    for name, dense in replacements.items():
-        _replace(model, name, dense)
-    merge_lora(model)
-    _drop_quantization_marks(model)
-    for param in model.parameters():  # not model.to(dtype): fp32 buffers (rotary frequencies) stay as loaded
-        if param.is_floating_point():
-            param.data = param.data.to(dtype)
-    if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
-        model.config.dtype = dtype
-    return model
-
-
-def _dense_linear(module: nn.Module, dtype: torch.dtype, adapter: tuple | None) -> nn.Linear:
-    """An ``nn.Linear`` in ``dtype`` holding ``module``'s dequantized W0 with ``adapter`` (``(lora_A, lora_B,
-    scaling, magnitude or None)``, or None) merged in fp32 (:func:`_merged_weight`)."""
-    weight = _merged_weight(dequantize_weight(module, torch.float32), adapter)
-    with torch.device("meta"):
-        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-    if module.bias is not None:
-        dense.bias = nn.Parameter(module.bias.detach().to(dtype, copy=True), requires_grad=False)
-    return dense.train(module.training)
-
-
-def _merged_weight(weight: torch.Tensor, adapter: tuple | None) -> torch.Tensor:
+def merged_weight(weight: torch.Tensor, adapter: tuple | None) -> torch.Tensor:
     """fp32 ``weight`` ``(out, in)`` with ``adapter`` = ``(lora_A, lora_B, scaling, magnitude or None)`` merged as
     PEFT merges: ``W0 + s·B·A``, DoRA ``g·(W0 + s·B·A)`` (``weight`` itself is updated for plain LoRA)."""
     if adapter is None:
@@ -585,106 +423,6 @@ def _merged_weight(weight: torch.Tensor, adapter: tuple | None) -> torch.Tensor:
     return weight.add_(_scaled_product(lora_A, lora_B, scaling))
 
 
-def _drop_quantization_marks(model: nn.Module) -> None:
-    """Let transformers forget the model was quantized (as its ``dequantize()`` does), so it saves as a dense one."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-
-
-_PEFT_LAYERS = ("Linear4bit", "Linear8bitLt")  # peft.tuners.lora.bnb's LoRA layers over bitsandbytes bases
-_peft_fused: dict[str, type] = {}
-
-
-def _peft_bnb_class(name: str) -> type | None:
-    if not _bnb_classes():
-        return None
-    from peft.tuners.lora import bnb as peft_bnb
-
-    return getattr(peft_bnb, name, None)
-
-
-def _peft_fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's bnb LoRA forward with one active adapter (plain or DoRA) computed by lorafast."""
-    from .peft_patch import _adapter_reason, _base_is_frozen
-
-    peft_class = type(self).__mro__[1]
-    extra = {k: v for k, v in kwargs.items() if v is not None}  # adapter_names (mixed batches) included
-    if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
-        return peft_class.forward(self, x, *args, **kwargs)
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
-        return peft_class.forward(self, x, *args, **kwargs)
-    return peft_quantized_forward(self, x, active[0])
-
-
-def peft_quantized_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """A PEFT LoRA layer over a bitsandbytes base, its adapter ``name`` (plain or DoRA) run by lorafast."""
-    from .peft_patch import _dropout_p, _is_dora
-
-    base, lora_A, lora_B = layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight
-    scaling, dropout_p = layer.scaling[name], _dropout_p(layer, name)
-    if _is_dora(layer, name):
-        magnitude = layer.lora_magnitude_vector[name].weight
-        return quantized_dora_linear(x, base, lora_A, lora_B, magnitude, scaling, dropout_p, True)
-    return quantized_lora_linear(x, base, lora_A, lora_B, scaling, dropout_p, True)
-
-
-def _peft_fused_class(name: str) -> type:
-    if name not in _peft_fused:
-        peft_class = _peft_bnb_class(name)
-        _peft_fused[name] = type(
-            name,  # PEFT's class name, so the repr reads lora.Linear4bit(...) as PEFT's
-            (peft_class,),
-            {
-                "forward": _peft_fused_forward,
-                "__module__": __name__,
-                "__qualname__": f"PeftFused{name}",  # where pickle finds the class (module __getattr__ below)
-                "__doc__": f"PEFT's LoRA {name} whose forward runs lorafast's QLoRA linear (see patch_peft).",
-            },
-        )
-    return _peft_fused[name]
-
-
-def peft_fused_class(layer: nn.Module) -> type | None:
-    """The class ``patch_peft`` gives a PEFT ``lora.bnb.Linear4bit``/``Linear8bitLt`` layer with an adapter
-    lorafast runs (None for any other layer)."""
-    from .peft_patch import _adapter_reason
-
-    for name in _PEFT_LAYERS:
-        peft_class = _peft_bnb_class(name)
-        if peft_class is None:
-            continue
-        if type(layer) is peft_class or type(layer) is _peft_fused.get(name):
-            supported = any(_adapter_reason(layer, a) is None for a in layer.lora_A)
-            return _peft_fused_class(name) if supported else None
-    return None
-
-
-def unpatch_peft_quantized(model: nn.Module) -> int:
-    """Give every patched PEFT bnb layer of ``model`` its PEFT class back; returns how many were patched."""
-    fused = {cls: cls.__mro__[1] for cls in _peft_fused.values()}
-    count = 0
-    for module in model.modules():
-        if type(module) in fused:
-            module.__class__ = fused[type(module)]
-            count += 1
-    return count
-
-
-def patched_quantized_count(model: nn.Module) -> int:
-    """How many PEFT bnb layers of ``model`` run lorafast's QLoRA linear."""
-    fused = set(_peft_fused.values())
-    return sum(type(m) in fused for m in model.modules())
-
-
-def __getattr__(name: str):
-    # Lets pickle find the patched PEFT classes, built on first use.
-    if name.startswith("PeftFused") and name.removeprefix("PeftFused") in _PEFT_LAYERS:
-        return _peft_fused_class(name.removeprefix("PeftFused"))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "QuantizedLoRALinear",
     "QuantizedLoRALinearFunction",
@@ -692,8 +430,7 @@ __all__ = [
     "compute_dtype",
     "dequantize_weight",
     "is_quantized_linear",
-    "merge_lora_dense",
-    "peft_fused_class",
+    "merged_weight",
     "quantized_dora_linear",
     "quantized_lora_linear",
 ]

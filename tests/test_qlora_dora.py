@@ -282,8 +282,8 @@ def test_patch_peft_matches_peft_qlora_dora_fp32(base_dir, bits, caplog, monkeyp
     assert "14 of 14 PEFT LoRA layers run lorafast" in caplog.text
     assert patched_layer_count(ours) == 14
     calls = []
-    real = lorafast.quantized.quantized_dora_linear
-    monkeypatch.setattr(lorafast.quantized, "quantized_dora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lorafast.peft_patch.quantized_dora_linear  # what the PEFT bridge runs over a quantized base
+    monkeypatch.setattr(lorafast.peft_patch, "quantized_dora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     batch = lm_batch("llama")
     (want_logits, want_grads), (logits, grads) = _step(ref, batch), _step(ours, batch)
     assert len(calls) == 14  # every layer ran lorafast's QLoRA-DoRA
