@@ -56,6 +56,18 @@ class LoRALayer(nn.Module):
     def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
 
+    def _factor_options(self, adapter_dtype: torch.dtype | None) -> dict:
+        """``{"device", "dtype"}`` of new factors: the weight's device, :func:`default_adapter_dtype` of its dtype."""
+        return {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
+
+    @torch.no_grad()
+    def _write_weight(self, merged: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> None:
+        """Write the fp32 ``merged`` weight ``(out, in)`` into the frozen weight or add the fp32 ``delta``, in place."""
+        if merged is not None:
+            self.weight.copy_(self._in_weight_layout(merged))
+        else:
+            self.weight.add_(self._in_weight_layout(delta))
+
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
@@ -167,17 +179,14 @@ class FusedLoRALinear(LoRALayer):
         adapter_dtype: torch.dtype | None = None,
         use_rslora: bool = False,
         use_dora: bool = False,
-        base_dtype: torch.dtype | None = None,
     ) -> None:
-        """The factors and settings; ``base_dtype``: what ``adapter_dtype=None`` follows (default the weight's dtype;
-        fp32 for a quantized base, whose weight is packed integers)."""
+        """The factors and settings."""
         check_scaling(alpha)
         check_dropout(dropout)
         self.use_rslora = bool(use_rslora)
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
-        base_dtype = self.weight.dtype if base_dtype is None else base_dtype
-        factory = {"device": self.weight.device, "dtype": default_adapter_dtype(base_dtype, adapter_dtype)}
+        factory = self._factor_options(adapter_dtype)
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -225,9 +234,10 @@ class FusedLoRALinear(LoRALayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``scaling·B·A`` into the weight: forward then costs one plain linear."""
+        """Fold ``scaling·B·A`` into the weight: forward then costs one plain linear (a quantized base is
+        re-quantized, lossy, as PEFT merges)."""
         if self.merged:
-            warnings.warn("FusedLoRALinear is already merged; nothing to do", stacklevel=2)
+            warnings.warn(f"{type(self).__name__} is already merged; nothing to do", stacklevel=2)
             return
         # The factors as merged: unmerge() takes out exactly this update, even if A, B or alpha change meanwhile.
         self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
@@ -235,24 +245,24 @@ class FusedLoRALinear(LoRALayer):
             weight, g = dora.merged_weight(self.base_weight(), *self._merged_factors[:2], self.lora_magnitude,
                                            self.scaling)  # fmt: skip
             self._merged_factors += (g,)
-            self.weight.copy_(self._in_weight_layout(weight))
+            self._write_weight(merged=weight)
         else:
-            self.weight.add_(self._in_weight_layout(_scaled_product(*self._merged_factors)))
+            self._write_weight(delta=_scaled_product(*self._merged_factors))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract what :meth:`merge` added (the factors and alpha as merged; exact in fp32, rounded in fp16/bf16)."""
         if not self.merged:
-            warnings.warn("FusedLoRALinear is not merged; nothing to do", stacklevel=2)
+            warnings.warn(f"{type(self).__name__} is not merged; nothing to do", stacklevel=2)
             return
         merged_factors = getattr(self, "_merged_factors", None) or (self.lora_A, self.lora_B, self.scaling)
         if len(merged_factors) == 4:  # DoRA: W0 = W/g - s·BA
             lora_A, lora_B, scaling, g = merged_factors
-            weight = dora.unmerged_weight(self.base_weight(), lora_A, lora_B, g, scaling)
-            self.weight.copy_(self._in_weight_layout(weight))
+            self._write_weight(merged=dora.unmerged_weight(self.base_weight(), lora_A, lora_B, g, scaling))
         else:
-            self.weight.sub_(self._in_weight_layout(_scaled_product(*merged_factors)))
+            lora_A, lora_B, scaling = merged_factors
+            self._write_weight(delta=_scaled_product(lora_A, lora_B, -scaling))
         self.merged, self._merged_factors = False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

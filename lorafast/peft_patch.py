@@ -35,7 +35,7 @@ from .function import lora_linear
 from .layer import is_conv1d
 from .multi_function import MAX_STACKED_RANK, multi_lora_linear
 from .multi_stack import stack_factors
-from .quantized import quantized_dora_linear, quantized_lora_linear
+from .quantized import quantized_lora_linear
 
 logger = logging.getLogger(__name__)
 
@@ -111,43 +111,20 @@ def _base_is_frozen(layer: nn.Module) -> bool:
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's ``Linear.forward`` with the LoRA layer computed by lorafast where supported."""
+    """PEFT's ``Linear.forward`` (or its ``lora.bnb`` layers') with the LoRA layer computed by lorafast where
+    supported."""
     adapter_names = kwargs.get("adapter_names")
     extra = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
     if args or extra or self.disable_adapters or self.merged or not _has_plain_base(self) or not _base_is_frozen(self):
-        return super(_fused_class, self).forward(x, *args, **kwargs)
+        return super(type(self), self).forward(x, *args, **kwargs)
     if adapter_names is not None:
         if is_quantized_linear(self.get_base_layer()):  # mixed batches over a quantized base: PEFT's forward
-            return super(_fused_class, self).forward(x, *args, **kwargs)
+            return super(type(self), self).forward(x, *args, **kwargs)
         return _mixed_forward(self, x, adapter_names, kwargs)
     active = [a for a in self.active_adapters if a in self.lora_A]
     if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
-        return super(_fused_class, self).forward(x, *args, **kwargs)
-    name = active[0]
-    if is_quantized_linear(self.get_base_layer()):
-        return peft_quantized_forward(self, x, name)
-    if _is_dora(self, name):
-        return dora_linear(
-            x,
-            _base_weight(self),
-            self.get_base_layer().bias,
-            self.lora_A[name].weight.to(x.dtype),
-            self.lora_B[name].weight.to(x.dtype),
-            self.lora_magnitude_vector[name].weight,
-            self.scaling[name],
-            _dropout_p(self, name),
-            True,
-        )
-    return lora_linear(
-        x,
-        _base_weight(self),
-        self.get_base_layer().bias,
-        self.lora_A[name].weight.to(x.dtype),  # fp32 factors on a half-precision base: a differentiable cast
-        self.lora_B[name].weight.to(x.dtype),
-        self.scaling[name],
-        _dropout_p(self, name),
-        True,
-    )
+        return super(type(self), self).forward(x, *args, **kwargs)
+    return peft_adapter_forward(self, x, active[0])
 
 
 def _mixed_forward(self, x: torch.Tensor, adapter_names, kwargs) -> torch.Tensor:
@@ -161,7 +138,7 @@ def _mixed_forward(self, x: torch.Tensor, adapter_names, kwargs) -> torch.Tensor
             f"lorafast.patch_peft: this mixed batch runs PEFT's forward, adapters {unsupported} are not supported",
             stacklevel=3,
         )
-        return super(_fused_class, self).forward(x, **kwargs)
+        return super(type(self), self).forward(x, **kwargs)
     if not names:
         return self.base_layer(x)
     index = {n: i for i, n in enumerate(names)}
@@ -309,26 +286,16 @@ def _peft_bnb_class(name: str) -> type | None:
     return getattr(peft_bnb, name, None)
 
 
-def _peft_fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's bnb LoRA forward with one active adapter (plain or DoRA) computed by lorafast."""
-    peft_class = type(self).__mro__[1]
-    extra = {k: v for k, v in kwargs.items() if v is not None}  # adapter_names (mixed batches) included
-    if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
-        return peft_class.forward(self, x, *args, **kwargs)
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
-        return peft_class.forward(self, x, *args, **kwargs)
-    return peft_quantized_forward(self, x, active[0])
-
-
-def peft_quantized_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """A PEFT LoRA layer over a bitsandbytes base, its adapter ``name`` (plain or DoRA) run by lorafast."""
+def peft_adapter_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A PEFT LoRA layer's adapter ``name`` (plain or DoRA) run by lorafast over its dense, Conv1D or quantized base."""
     base, lora_A, lora_B = layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight
-    scaling, dropout_p = layer.scaling[name], _dropout_p(layer, name)
-    if _is_dora(layer, name):
-        magnitude = layer.lora_magnitude_vector[name].weight
-        return quantized_dora_linear(x, base, lora_A, lora_B, magnitude, scaling, dropout_p, True)
-    return quantized_lora_linear(x, base, lora_A, lora_B, scaling, dropout_p, True)
+    args = (layer.scaling[name], _dropout_p(layer, name), True)
+    magnitude = layer.lora_magnitude_vector[name].weight if _is_dora(layer, name) else None
+    if is_quantized_linear(base):
+        return quantized_lora_linear(x, base, lora_A, lora_B, *args, magnitude)
+    # fp32 factors on a half-precision base: a differentiable cast
+    factors = _base_weight(layer), base.bias, lora_A.to(x.dtype), lora_B.to(x.dtype)
+    return lora_linear(x, *factors, *args) if magnitude is None else dora_linear(x, *factors, magnitude, *args)
 
 
 def _peft_fused_class(name: str) -> type:
@@ -338,7 +305,7 @@ def _peft_fused_class(name: str) -> type:
             name,  # PEFT's class name, so the repr reads lora.Linear4bit(...) as PEFT's
             (peft_class,),
             {
-                "forward": _peft_fused_forward,
+                "forward": _fused_forward,
                 "__module__": __name__,
                 "__qualname__": f"PeftFused{name}",  # where pickle finds the class (module __getattr__ below)
                 "__doc__": f"PEFT's LoRA {name} whose forward runs lorafast's QLoRA linear (see patch_peft).",

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
 from torch import nn
 
 from . import dora
-from .backend import front_door, implementation
+from .backend import front_door
 from .bases import check_quantized, compute_dtype, dequantize_weight, is_quantized_linear, requantize
-from .layer import FusedLoRALinear, _scaled_product
+from .function import LoRALinearFunction
+from .layer import FusedLoRALinear, _scaled_product, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
 from .row_adapters import active_row_adapters
 from .validation import autocast_dtype, check_rank, lora_inputs_check
@@ -45,37 +45,6 @@ def note_trainable_adapters(model: nn.Module) -> None:
         model.is_quantized = False
 
 
-class QuantizedLoRALinearFunction(torch.autograd.Function):
-    """x ``(..., in)`` in the compute dtype, the transient dense weight ``(out, in)`` (not saved), bias or None,
-    lora_A ``(r, in)`` / lora_B ``(out, r)`` in their own dtype, the quantized module (dequantized again in
-    backward) -> ``(..., out)``. Saves x and ``xa`` ``(n, r)``; gradients for x, A and B (in A's and B's dtype)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, module, scaling, dropout_p, seed, backend):
-        dtype = x.dtype
-        y, xa = implementation(backend)[0](
-            x.reshape(-1, x.shape[-1]), weight, bias, lora_A.to(dtype), lora_B.to(dtype), scaling, dropout_p, seed
-        )
-        ctx.save_for_backward(x, xa, lora_A, lora_B)
-        ctx.module, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = module, scaling, dropout_p, seed, backend
-        return y.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, xa, lora_A, lora_B = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        weight = dequantize_weight(ctx.module, x.dtype) if needs[0] else None
-        grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
-            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), xa, weight, lora_A.to(x.dtype),
-            lora_B.to(x.dtype), ctx.scaling, ctx.dropout_p, ctx.seed, (needs[0], needs[3], needs[4]),
-        )  # fmt: skip
-        if grad_x is not None:
-            grad_x = grad_x.view(x.shape)
-        grad_a = None if grad_a is None else grad_a.to(lora_A.dtype)
-        grad_b = None if grad_b is None else grad_b.to(lora_B.dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
-
-
 def quantized_lora_linear(
     x: torch.Tensor,
     module: nn.Module,
@@ -84,80 +53,51 @@ def quantized_lora_linear(
     scaling: float,
     dropout_p: float = 0.0,
     training: bool = False,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`lorafast.lora_linear` over a bitsandbytes ``Linear4bit``/``Linear8bitLt`` ``module``'s frozen W0 and bias.
+    """:func:`lorafast.lora_linear` over a quantized linear ``module``'s (:mod:`lorafast.bases`) frozen W0 and bias;
+    with a DoRA ``magnitude`` m ``(out,)``, :func:`lorafast.dora.dora_linear` over it (:func:`quantized_dora_linear`).
 
     x ``(..., in)`` -> ``(..., out)`` in x's dtype (the autocast dtype under ``torch.autocast``); lora_A ``(r, in)``,
-    lora_B ``(out, r)`` in any floating dtype (cast to the compute dtype, gradients in their own). ValueError as
-    lora_linear's, and for a module that is not quantized by bitsandbytes.
+    lora_B ``(out, r)``, m in any floating dtype (cast to the compute dtype, gradients in their own). W0 is
+    dequantized into a transient buffer per call and again in backward (never kept). ValueError as lora_linear's
+    (and dora_linear's), and for a module that is not a quantized linear.
     """
-
-    def run(tensors, p, backend, seed, dtype):
-        x_, weight_, bias_ = tensors[:3]  # the Function casts the factors itself
-        return QuantizedLoRALinearFunction.apply(x_, weight_, bias_, lora_A, lora_B, module, float(scaling), p, seed,
-                                                 backend)  # fmt: skip
-
-    return _on_dequantized_base("quantized_lora_linear", x, module, lora_A, lora_B, scaling, dropout_p, training, run)
-
-
-def _on_dequantized_base(name, x, module, lora_A, lora_B, scaling, dropout_p, training, run, magnitude=None):
-    """What both quantized linears do around ``run(tensors, p, backend, seed, dtype)``: check the module (and DoRA's
-    ``magnitude``), choose the compute dtype (module docstring), cast x, bias and the factors to it with autocast off,
-    dequantize W0 into a transient buffer, pass all through :func:`lorafast.backend.front_door`, cast the output."""
     if not is_quantized_linear(module):
-        raise ValueError(f"{name} expects a bitsandbytes Linear4bit/Linear8bitLt, got {type(module)}")
+        raise ValueError(f"expects a bitsandbytes Linear4bit/Linear8bitLt or an FP8Linear, got {type(module)}")
     if magnitude is not None:
         dora.check_magnitude(magnitude, module.out_features, x)
     dtype = compute_dtype(module, x)
     under_autocast = autocast_dtype(x) is not None
-    out_dtype = dtype if under_autocast else x.dtype
-    bias = module.bias
-    with torch.autocast(device_type=x.device.type, enabled=False) if under_autocast else contextlib.nullcontext():
-        x_c = x.to(dtype)
-        bias_c = None if bias is None else bias.to(dtype)
-        factors = lora_A.to(dtype), lora_B.to(dtype)  # differentiable casts: the gradients arrive in A's and B's dtype
-        weight = dequantize_weight(module, dtype)
-        check = lora_inputs_check(scaling, dropout_p, training)
-        y = front_door(x_c, weight, bias_c, *factors, check, functools.partial(run, dtype=dtype))
-    return y.to(out_dtype)
+    reload = functools.partial(dequantize_weight, module, dtype)
 
-
-def quantized_row_norms_sq(module: nn.Module) -> torch.Tensor:
-    """``‖W0‖²`` per row ``(out,)`` fp32 of a bitsandbytes module's dequantized W0, cached per quantized weight (its
-    Parameter's storage and version: a merge, which re-quantizes, or a device move invalidates it)."""
-    return dora.base_row_norms_sq(module.weight, lambda: dequantize_weight(module, torch.float32))
-
-
-def quantized_dora_linear(
-    x: torch.Tensor,
-    module: nn.Module,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    magnitude: torch.Tensor,
-    scaling: float,
-    dropout_p: float = 0.0,
-    training: bool = False,
-) -> torch.Tensor:
-    """:func:`lorafast.dora.dora_linear` over a bitsandbytes ``Linear4bit``/``Linear8bitLt`` ``module``'s frozen W0
-    and bias: ``y = g ⊙ (x·W0ᵀ + s·drop(x)·Aᵀ·Bᵀ) + b``, ``g = m / ‖W0 + s·B·A‖_row`` (detached).
-
-    x ``(..., in)`` -> ``(..., out)``; dtypes as :func:`quantized_lora_linear`'s; magnitude m ``(out,)`` in any
-    floating dtype (its gradient in its dtype). W0 is dequantized into a transient buffer per call and again in
-    backward (never kept); ``‖W0‖²_row`` is cached per quantized weight. ValueError as
-    :func:`quantized_lora_linear`'s and :func:`lorafast.dora.dora_linear`'s.
-    """
-
-    def run(tensors, p, backend, seed, dtype):
+    def run(tensors, p, backend, seed):
+        if magnitude is None:  # the factors as given: the Function casts them itself (no cast copy kept)
+            return LoRALinearFunction.apply(*tensors[:3], lora_A, lora_B, float(scaling), p, seed, backend, reload)
         # fp64 (references): the norms of the fp64 weight of this call, not the cached fp32 ones
         base_sq = quantized_row_norms_sq(module) if dtype != torch.float64 else None
-        reload = functools.partial(dequantize_weight, module, dtype)
         return dora.ReloadedWeightDoRALinearFunction.apply(
             *tensors, magnitude, float(scaling), p, seed, backend, base_sq, reload
         )
 
-    return _on_dequantized_base(
-        "quantized_dora_linear", x, module, lora_A, lora_B, scaling, dropout_p, training, run, magnitude
-    )
+    bias = module.bias
+    with torch.autocast(device_type=x.device.type, enabled=False) if under_autocast else contextlib.nullcontext():
+        # differentiable casts: the gradients arrive in A's and B's dtype
+        tensors = x.to(dtype), reload(), None if bias is None else bias.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        y = front_door(*tensors, lora_inputs_check(scaling, dropout_p, training), run)
+    return y.to(dtype if under_autocast else x.dtype)
+
+
+def quantized_row_norms_sq(module: nn.Module) -> torch.Tensor:
+    """``‖W0‖²`` per row ``(out,)`` fp32 of a quantized module's dequantized W0, cached per quantized weight (its
+    Parameter's storage and version: a merge, which re-quantizes, or a device move invalidates it)."""
+    return dora.base_row_norms_sq(module.weight, lambda: dequantize_weight(module, torch.float32))
+
+
+def quantized_dora_linear(x, module, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False) -> torch.Tensor:
+    """DoRA over a quantized ``module``: ``y = g ⊙ (x·W0ᵀ + s·drop(x)·Aᵀ·Bᵀ) + b``, ``g = m / ‖W0 + s·B·A‖_row``
+    (detached; ``‖W0‖²_row`` cached per quantized weight). As :func:`quantized_lora_linear` with ``magnitude``."""
+    return quantized_lora_linear(x, module, lora_A, lora_B, scaling, dropout_p, training, magnitude)
 
 
 class QuantizedLoRALinear(FusedLoRALinear, over_quantized=True):
@@ -198,7 +138,7 @@ class QuantizedLoRALinear(FusedLoRALinear, over_quantized=True):
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.base_layer = linear
-        layer._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, use_dora, base_dtype=torch.float32)
+        layer._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, use_dora)
         linear.requires_grad_(False)  # after the checks above: a refused call leaves the module as it was
         _register_key_hooks(layer)
         layer.reset_lora_parameters()
@@ -206,12 +146,8 @@ class QuantizedLoRALinear(FusedLoRALinear, over_quantized=True):
 
     @property
     def weight(self) -> nn.Parameter:
-        """The quantized weight (bitsandbytes' ``Params4bit``/``Int8Params``). Briefly something else for
-        ``QuantizedMultiLoRALinear``'s inherited code: an empty fp32 tensor while ``add_adapter`` makes factors,
-        the dequantized W0 during a mixed batch's forward."""
-        stand_in = self.__dict__.get("_factor_like")
-        if stand_in is not None:
-            return stand_in
+        """The quantized weight (bitsandbytes' ``Params4bit``/``Int8Params``, FP8's e4m3); for
+        ``QuantizedMultiLoRALinear``'s inherited code the dequantized W0 during a mixed batch's forward."""
         dense = self.__dict__.get("_dense")
         return self.base_layer.weight if dense is None else dense[0]
 
@@ -219,6 +155,10 @@ class QuantizedLoRALinear(FusedLoRALinear, over_quantized=True):
     def bias(self) -> nn.Parameter | None:
         dense = self.__dict__.get("_dense")
         return self.base_layer.bias if dense is None else dense[1]
+
+    def _factor_options(self, adapter_dtype: torch.dtype | None) -> dict:
+        """New factors: on the base's device, ``adapter_dtype`` or fp32 (a quantized weight's dtype is storage)."""
+        return {"device": self.base_layer.weight.device, "dtype": default_adapter_dtype(torch.float32, adapter_dtype)}
 
     def reset_parameters(self) -> None:
         """Re-initialise the LoRA factors (the quantized base is left as it is)."""
@@ -235,61 +175,23 @@ class QuantizedLoRALinear(FusedLoRALinear, over_quantized=True):
         """x ``(..., in_features)`` -> ``(..., out_features)`` in x's dtype (see :func:`quantized_lora_linear`)."""
         if self.merged:
             return self.base_layer(x)
-        if self.use_dora:
-            return quantized_dora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.lora_magnitude,
-                                         self.scaling, self.dropout, self.training)  # fmt: skip
         return quantized_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, self.dropout,
-                                     self.training)  # fmt: skip
+                                     self.training, self.lora_magnitude)  # fmt: skip
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Re-quantize ``W0 + scaling·B·A`` (DoRA: ``g·(W0 + scaling·B·A)``) into the base layer, as PEFT merges into
-        a quantized base (lossy)."""
-        if self.merged:
-            warnings.warn("QuantizedLoRALinear is already merged; nothing to do", stacklevel=2)
-            return
-        self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
-        if self.use_dora:  # PEFT's: W = g·(W0 + s·BA), g kept for unmerge
-            lora_A, lora_B, scaling = self._merged_factors
-            weight, g = dora.merged_weight(self.base_weight(), lora_A, lora_B, self.lora_magnitude, scaling)
-            self._merged_factors += (g,)
-            requantize(self.base_layer, merged=weight)
-        else:
-            requantize(self.base_layer, _scaled_product(*self._merged_factors))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Re-quantize ``W0 − scaling·B·A`` (the merged factors; DoRA: ``W/g − scaling·B·A``): lossy as well, W0 is
-        not restored exactly."""
-        if not self.merged:
-            warnings.warn("QuantizedLoRALinear is not merged; nothing to do", stacklevel=2)
-            return
-        lora_A, lora_B, scaling, *g = self._merged_factors
-        if g:  # DoRA: W0 = W/g - s·BA
-            weight = dora.unmerged_weight(self.base_weight(), lora_A, lora_B, g[0], scaling)
-            requantize(self.base_layer, merged=weight)
-        else:
-            requantize(self.base_layer, _scaled_product(lora_A, lora_B, -scaling))
-        self.merged, self._merged_factors = False, None
+    def _write_weight(self, merged: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> None:
+        """Re-quantize ``merged`` (or ``W0 + delta``) into the base layer, as PEFT merges into a quantized base
+        (lossy, warns): ``merge()``/``unmerge()`` are ``FusedLoRALinear``'s."""
+        requantize(self.base_layer, delta, merged)
 
     def adapter_to_merge(self) -> tuple | None:
         """``(lora_A, lora_B, scaling, magnitude or None)`` of the adapter, None once merged (nothing left to add)."""
         return None if self.merged else (self.lora_A, self.lora_B, self.scaling, self.lora_magnitude)
 
     def to_base_layer(self, merge: bool = False) -> nn.Module:
-        """The bitsandbytes module, the adapter re-quantized into it (``merge``, lossy) or not."""
+        """The quantized module, the adapter (the active one) re-quantized into it (``merge``, lossy) or not."""
         self._set_merged(merge)
         return self.base_layer.train(self.training)
-
-    def extra_repr(self) -> str:
-        merged = ", merged=True" if self.merged else ""
-        merged += ", use_rslora=True" if self.use_rslora else ""
-        merged += ", use_dora=True" if self.use_dora else ""
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
-        )
 
 
 class QuantizedMultiLoRALinear(MultiLoRALinear, over_quantized=True):
@@ -320,15 +222,9 @@ class QuantizedMultiLoRALinear(MultiLoRALinear, over_quantized=True):
     bias = QuantizedLoRALinear.bias
     base_weight = QuantizedLoRALinear.base_weight
     _in_weight_layout = QuantizedLoRALinear._in_weight_layout
-
-    def add_adapter(self, name: str, *args, **kwargs) -> None:
-        """Add adapter ``name`` as ``MultiLoRALinear.add_adapter`` does (same arguments), its factors in fp32 unless
-        ``adapter_dtype`` says otherwise."""
-        self._factor_like = torch.empty(0, device=self.base_layer.weight.device)  # what `weight` shows meanwhile
-        try:
-            super().add_adapter(name, *args, **kwargs)
-        finally:
-            del self._factor_like
+    _write_weight = QuantizedLoRALinear._write_weight
+    _factor_options = QuantizedLoRALinear._factor_options
+    to_base_layer = QuantizedLoRALinear.to_base_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)`` in x's dtype."""
@@ -337,11 +233,8 @@ class QuantizedMultiLoRALinear(MultiLoRALinear, over_quantized=True):
                 return self.base_layer(x)
             name = self.active_adapter
             lora_A, lora_B, _, _, dropout = self.factors(name)
-            scaling = self.scaling(name)  # alpha / r, or alpha / sqrt(r) for rsLoRA
-            if self.uses_dora(name):
-                return quantized_dora_linear(x, self.base_layer, lora_A, lora_B, self.lora_magnitude[name], scaling,
-                                             dropout, self.training)  # fmt: skip
-            return quantized_lora_linear(x, self.base_layer, lora_A, lora_B, scaling, dropout, self.training)
+            return quantized_lora_linear(x, self.base_layer, lora_A, lora_B, self.scaling(name), dropout,
+                                         self.training, self.magnitude(name))  # fmt: skip
         dtype = compute_dtype(self.base_layer, x)
         factors_dtype = next(iter(self.lora_A.values())).dtype if self.lora_A else dtype
         # fp32 factors on a half-precision compute dtype: autocast stacks them in that dtype once, as it does for
@@ -351,13 +244,6 @@ class QuantizedMultiLoRALinear(MultiLoRALinear, over_quantized=True):
         with _dense_base(self, dtype), cast:
             return super().forward(x.to(dtype)).to(out_dtype)
 
-    @torch.no_grad()
-    def _set_merged(self, merged: bool) -> None:
-        """Re-quantize the active adapter into the base layer as PEFT merges (lossy): ``W0 + s·B·A``, for DoRA
-        ``g·(W0 + s·B·A)``. One way: used by ``to_base_layer(merge=True)`` only."""
-        if merged and self.active_adapter is not None:
-            requantize(self.base_layer, merged=merged_weight(self.base_weight(), self.adapter_to_merge()))
-
     def adapter_to_merge(self) -> tuple | None:
         """``(lora_A, lora_B, scaling, magnitude or None)`` of the active adapter, None with no active adapter."""
         name = self.active_adapter
@@ -365,11 +251,6 @@ class QuantizedMultiLoRALinear(MultiLoRALinear, over_quantized=True):
             return None
         lora_A, lora_B, *_ = self.factors(name)
         return lora_A, lora_B, self.scaling(name), self.magnitude(name)
-
-    def to_base_layer(self, merge: bool = False) -> nn.Module:
-        """The bitsandbytes module, the active adapter re-quantized into it (``merge``, lossy) or not."""
-        self._set_merged(merge)
-        return self.base_layer.train(self.training)
 
 
 @contextlib.contextmanager
@@ -425,7 +306,6 @@ def merged_weight(weight: torch.Tensor, adapter: tuple | None) -> torch.Tensor:
 
 __all__ = [
     "QuantizedLoRALinear",
-    "QuantizedLoRALinearFunction",
     "QuantizedMultiLoRALinear",
     "compute_dtype",
     "dequantize_weight",

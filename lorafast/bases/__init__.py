@@ -3,9 +3,9 @@
 
 A kind is a module with ``recognises(module)``, ``check_ready(module)`` (ValueError while there is nothing to
 dequantize yet), ``dequantize(module, dtype)`` (W0 ``(out, in)`` as a new dense tensor, never kept),
-``compute_dtype(module)`` (the module's own preference, or None), ``requantize(module, merged)`` (replace the stored
-weight by the quantization of the fp32 ``(out, in)`` ``merged``) and ``keys`` (the state_dict keys of the stored
-weight besides ``weight``/``bias``, as documentation). Adding a kind is one file plus its entry in :data:`KINDS`.
+``requantize(module, merged)`` (replace the stored weight by the quantization of the fp32 ``(out, in)`` ``merged``)
+and optionally ``compute_dtype(module)`` (the module's own preference, or None). The module keeps its own state_dict
+keys (the layer over it shows them as its own). Adding a kind is one file plus its entry in :data:`KINDS`.
 Dense and Conv1D bases are read in place (views) by :mod:`lorafast.layer`.
 """
 
@@ -58,7 +58,8 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 def compute_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
     """The dtype a LoRA linear over ``module`` computes in for input x: the autocast dtype under ``torch.autocast``,
     else the module's own (a ``Linear4bit``'s ``compute_dtype``), else x's dtype."""
-    return autocast_dtype(x) or _kind(module).compute_dtype(module) or x.dtype
+    own = getattr(_kind(module), "compute_dtype", None)
+    return autocast_dtype(x) or (own and own(module)) or x.dtype
 
 
 @torch.no_grad()

@@ -11,8 +11,6 @@ import sys
 import torch
 from torch import nn
 
-keys = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.quant_state.bitsandbytes__nf4", "...")
-
 
 def bnb_class(name: str) -> type | None:
     """bitsandbytes' ``nn`` class ``name`` if bitsandbytes has been imported (a model can hold its layers only then)."""

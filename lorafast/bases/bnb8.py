@@ -8,16 +8,10 @@ from torch import nn
 
 from .bnb4 import bnb_class
 
-keys = ("weight", "SCB", "weight_format")
-
 
 def recognises(module: nn.Module) -> bool:
     cls = bnb_class("Linear8bitLt")
     return cls is not None and isinstance(module, cls)
-
-
-def compute_dtype(module: nn.Module) -> torch.dtype | None:
-    return None
 
 
 def check_ready(module: nn.Module) -> None:

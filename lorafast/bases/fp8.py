@@ -12,7 +12,6 @@ import sys
 import torch
 from torch import nn
 
-keys = ("weight", "weight_scale_inv", "activation_scale")
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
@@ -21,10 +20,6 @@ def recognises(module: nn.Module) -> bool:
     cls = getattr(sys.modules.get("transformers.integrations.finegrained_fp8"), "FP8Linear", None)
     # an int8 weight is FP4-packed, which lorafast does not dequantize; a floating one is no FP8 base at all
     return cls is not None and isinstance(module, cls) and module.weight.dtype in _FP8_DTYPES
-
-
-def compute_dtype(module: nn.Module) -> torch.dtype | None:
-    return None
 
 
 def check_ready(module: nn.Module) -> None:
