@@ -146,10 +146,8 @@ class QuantizedLoRALinear(FusedLoRALinear, over_quantized=True):
 
     @property
     def weight(self) -> nn.Parameter:
-        """The quantized weight (bitsandbytes' ``Params4bit``/``Int8Params``, FP8's e4m3); for
-        ``QuantizedMultiLoRALinear``'s inherited code the dequantized W0 during a mixed batch's forward."""
-        dense = self.__dict__.get("_dense")
-        return self.base_layer.weight if dense is None else dense[0]
+        """The quantized weight (bitsandbytes' ``Params4bit``/``Int8Params``, FP8's e4m3)."""
+        return self.base_layer.weight
 
     @property
     def bias(self) -> nn.Parameter | None:
@@ -165,8 +163,10 @@ class QuantizedLoRALinear(FusedLoRALinear, over_quantized=True):
         self.reset_lora_parameters()
 
     def base_weight(self) -> torch.Tensor:
-        """W0 ``(out, in)`` dequantized to fp32 (a new tensor)."""
-        return dequantize_weight(self.base_layer, torch.float32)
+        """W0 ``(out, in)`` dequantized to fp32 (a new tensor); during a mixed batch's forward the W0 dequantized
+        for it, in its compute dtype."""
+        dense = self.__dict__.get("_dense")
+        return dequantize_weight(self.base_layer, torch.float32) if dense is None else dense[0]
 
     def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
@@ -255,7 +255,8 @@ class QuantizedMultiLoRALinear(MultiLoRALinear, over_quantized=True):
 
 @contextlib.contextmanager
 def _dense_base(layer: QuantizedMultiLoRALinear, dtype: torch.dtype):
-    """While the block runs, ``layer.weight``/``layer.bias`` are W0 dequantized to ``dtype`` and the bias in it."""
+    """While the block runs, ``layer.base_weight()``/``layer.bias`` are W0 dequantized to ``dtype`` and the bias in
+    it (dequantized once per call)."""
     bias = layer.base_layer.bias
     layer._dense = (dequantize_weight(layer.base_layer, dtype), None if bias is None else bias.to(dtype))
     try:

@@ -10,6 +10,7 @@ from torch import nn
 
 import lorafast
 from conftest import relative_error
+from lorafast.layer import LoRALayer
 from lorafast.profiling import saved_activation_bytes
 
 fp8_module = pytest.importorskip("transformers.integrations.finegrained_fp8")
@@ -86,14 +87,15 @@ class Float64LoRA(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def reference_model(model: nn.Module) -> nn.Module:
-    """``model`` (lorafast LoRA on FP8 bases) as float64 math: every LoRA layer a :class:`Float64LoRA`."""
+def reference_model(model: nn.Module, adapter: str | None = None) -> nn.Module:
+    """``model`` (lorafast LoRA on FP8 bases; named ``adapter`` of its MultiLoRALinear layers) as float64 math: every
+    LoRA layer a :class:`Float64LoRA`."""
     ref = copy.deepcopy(model)
-    for name, layer in list(lorafast.lora_layers(ref)):
+    for name, layer in list(lorafast.lora_layers(ref, LoRALayer)):
         parent, _, child = name.rpartition(".")
-        setattr(
-            ref.get_submodule(parent), child, Float64LoRA(layer.base_layer, layer.lora_A, layer.lora_B, layer.scaling)
-        )
+        lora_A, lora_B, *_ = layer.factors(adapter)
+        lora = Float64LoRA(layer.base_layer, lora_A, lora_B, layer.adapter_scaling(adapter))
+        setattr(ref.get_submodule(parent), child, lora)
     return ref.double()
 
 
@@ -188,3 +190,23 @@ def test_adapter_trained_on_fp8_loads_in_peft_over_the_same_base(tmp_path):
     assert lorafast.peft_patch.patched_layer_count(peft_model) == 7
     with torch.no_grad():
         assert relative_error(peft_model(**batch(3)).logits, model(**batch(3)).logits) < 1e-6
+
+
+def test_named_adapters_on_fp8_alone_and_in_one_mixed_batch():
+    model = fp8_llama((128, 128))
+    lorafast.add_adapter(model, "a", "all-linear", r=R, alpha=8)
+    lorafast.add_adapter(model, "b", "all-linear", r=2, alpha=6)
+    g = torch.Generator().manual_seed(2)
+    for _, layer in lorafast.multi_lora_layers(model):
+        assert isinstance(layer.base_layer, FP8Linear)
+        for name in ("a", "b"):
+            layer.lora_B[name].data.normal_(0, 0.05, generator=g)
+    inputs = batch(4)["input_ids"]
+    want = {name: reference_model(model, name)(input_ids=inputs).logits for name in ("a", "b")}
+    with torch.no_grad():
+        for name in ("a", "b"):
+            lorafast.set_adapter(model, name)
+            assert relative_error(model(input_ids=inputs).logits, want[name]) < 1e-5, name
+        with lorafast.adapter_ids(model, ["b", "a"]):
+            mixed = model(input_ids=inputs).logits
+    assert relative_error(mixed[0], want["b"][0]) < 1e-5 and relative_error(mixed[1], want["a"][1]) < 1e-5
