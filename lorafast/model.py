@@ -306,10 +306,11 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
 
 @torch.no_grad()
 def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Turn a QLoRA model into a dense one in place: every bitsandbytes linear becomes an ``nn.Linear`` in ``dtype``
-    holding its dequantized W0 (plus ``scaling·B·A`` where lorafast LoRA wraps it, added in fp32), the model's
-    other parameters are cast to ``dtype`` and transformers' quantization marks are removed, so ``save_pretrained``
-    writes a plain checkpoint. Other LoRA layers are merged as :func:`lorafast.merge_lora` does. Returns ``model``.
+    """Turn a QLoRA (or FP8) model dense in place: every quantized linear (:mod:`lorafast.bases`) becomes an
+    ``nn.Linear`` in ``dtype`` holding its dequantized W0 (plus ``scaling·B·A`` where lorafast LoRA wraps it, added
+    in fp32), the model's other parameters are cast to ``dtype`` and transformers' quantization marks are removed,
+    so ``save_pretrained`` writes a plain checkpoint. Other LoRA layers are merged as :func:`lorafast.merge_lora` does.
+    Returns ``model``.
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
