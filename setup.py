@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.10",
     # The kernels live in lorafast/kernels: a top-level ``kernels`` folder would shadow the unrelated PyPI
     # package of that name for anything run from the checkout (transformers imports it to probe for it).
-    packages=["lorafast", "lorafast.kernels"],
+    packages=["lorafast", "lorafast.bases", "lorafast.kernels"],
     install_requires=[
         "torch>=2.13",
         "numpy>=2.4",

@@ -8,7 +8,7 @@
   several named adapters in one model, mixed in one batch (one adapter per sequence).
 - :func:`patch_peft`, :func:`unpatch_peft`: lorafast's fused LoRA inside a ``peft.PeftModel``.
 - :func:`expert_lora_linear`, ``apply_lora(target_parameters=...)``: LoRA on transformers' MoE expert stacks.
-- :class:`QuantizedLoRALinear`, :func:`merge_lora_dense`: QLoRA over bitsandbytes 4-/8-bit bases.
+- :class:`QuantizedLoRALinear`, :func:`merge_lora_dense`: LoRA over bitsandbytes 4-/8-bit and FP8 bases.
 - :func:`adapter_checkpoints`: a ``transformers.Trainer`` saves and resumes only the adapter.
 """
 
@@ -16,12 +16,20 @@ from .adapter import load_adapter, read_adapter, save_adapter
 from .expert_function import expert_lora_linear
 from .function import LoRALinearFunction, lora_linear
 from .layer import FusedLoRALinear
-from .model import apply_lora, lora_layers, lora_state_dict, merge_lora, parameter_counts, remove_lora
+from .model import (
+    apply_lora,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    merge_lora_dense,
+    parameter_counts,
+    remove_lora,
+)
 from .multi_adapter import adapter_ids, add_adapter, list_adapters, multi_lora_layers, remove_adapter, set_adapter
 from .multi_function import MultiLoRALinearFunction, multi_lora_linear
 from .multi_layer import MultiLoRALinear
 from .peft_patch import patch_peft, unpatch_peft
-from .quantized import QuantizedLoRALinear, merge_lora_dense
+from .quantized import QuantizedLoRALinear
 from .trainer import adapter_checkpoints
 
 __all__ = [

@@ -14,30 +14,37 @@ from .validation import lora_inputs_check
 
 class LoRALinearFunction(torch.autograd.Function):
     """x ``(..., in)``, weight ``(out, in)``, bias ``(out,)``/None, lora_A ``(r, in)``, lora_B ``(out, r)``, scaling,
-    dropout_p, seed (unused at p = 0), backend ``"triton"``/``"torch"`` -> ``(..., out)``; unchecked (see lora_linear).
+    dropout_p, seed (unused at p = 0), backend ``"triton"``/``"torch"``, reload -> ``(..., out)``; unchecked (see
+    lora_linear). ``reload``: None, or for a transient weight (a W0 dequantized for this call) a callable giving it
+    again: the weight is then not saved, and backward calls ``reload()`` where dX needs it. Factors in another dtype
+    than x are cast here (their gradients arrive in their own dtype, and no cast copy is saved).
     A 2-D x gives an output that is no view, so it may be changed in place (lora_linear passes x flattened).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, reload=None):
         y, xa = implementation(backend)[0](
-            x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed
+            x.reshape(-1, x.shape[-1]), weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, dropout_p, seed
         )
-        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        ctx.save_for_backward(x, xa, None if reload else weight, lora_A, lora_B)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend, ctx.reload = scaling, dropout_p, seed, backend, reload
         return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
         x, xa, weight, lora_A, lora_B = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        if ctx.reload is not None and needs[0]:
+            weight = ctx.reload()
         grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
-            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), xa, weight, lora_A, lora_B, ctx.scaling,
-            ctx.dropout_p, ctx.seed, (needs[0], needs[3], needs[4]),
+            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), xa, weight, lora_A.to(x.dtype),
+            lora_B.to(x.dtype), ctx.scaling, ctx.dropout_p, ctx.seed, (needs[0], needs[3], needs[4]),
         )  # fmt: skip
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+        grad_a = None if grad_a is None else grad_a.to(lora_A.dtype)
+        grad_b = None if grad_b is None else grad_b.to(lora_B.dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
 
 
 def lora_linear(

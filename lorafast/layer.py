@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora
+from .bases import check_quantized, is_quantized_linear
 from .function import lora_linear
 from .validation import check_dropout, check_rank, check_scaling, lora_scaling
 
@@ -21,6 +22,12 @@ class LoRALayer(nn.Module):
     is the subclass's)."""
 
     fan_in_fan_out = False  # True: the weight is stored (in_features, out_features), as a Conv1D's
+    quantized_class: type | None = None  # what from_linear gives over a quantized base (lorafast.quantized)
+
+    def __init_subclass__(cls, over_quantized: bool = False, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if over_quantized:  # the layer class over quantized bases of its parent class
+            cls.__mro__[1].quantized_class = cls
 
     def factors(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
         """``(lora_A (r, in), lora_B (out, r), r, alpha, dropout)`` of adapter ``name`` (None: the layer's one)."""
@@ -48,6 +55,18 @@ class LoRALayer(nn.Module):
 
     def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
+
+    def _factor_options(self, adapter_dtype: torch.dtype | None) -> dict:
+        """``{"device", "dtype"}`` of new factors: the weight's device, :func:`default_adapter_dtype` of its dtype."""
+        return {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
+
+    @torch.no_grad()
+    def _write_weight(self, merged: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> None:
+        """Write the fp32 ``merged`` weight ``(out, in)`` into the frozen weight or add the fp32 ``delta``, in place."""
+        if merged is not None:
+            self.weight.copy_(self._in_weight_layout(merged))
+        else:
+            self.weight.add_(self._in_weight_layout(delta))
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D)."""
@@ -130,13 +149,11 @@ class FusedLoRALinear(LoRALayer):
         use_rslora: bool = False,
         use_dora: bool = False,
     ):
-        """Wrap an ``nn.Linear`` or ``Conv1D``, reusing (not copying) and freezing its weight and bias; a
-        bitsandbytes ``Linear4bit``/``Linear8bitLt`` gives a :class:`lorafast.quantized.QuantizedLoRALinear`."""
-        from .quantized import QuantizedLoRALinear, is_quantized_linear  # QLoRA bases
-
+        """Wrap an ``nn.Linear`` or ``Conv1D``, reusing (not copying) and freezing its weight and bias; a quantized
+        linear (:mod:`lorafast.bases`) gives a :class:`lorafast.quantized.QuantizedLoRALinear`."""
         if is_quantized_linear(linear) and cls is FusedLoRALinear:
             options = {"adapter_dtype": adapter_dtype, "use_rslora": use_rslora, "use_dora": use_dora}
-            return QuantizedLoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, **options)
+            return cls.quantized_class.from_linear(linear, r=r, alpha=alpha, dropout=dropout, **options)
         conv1d = is_conv1d(linear)
         if not (conv1d or isinstance(linear, nn.Linear)):
             raise ValueError(
@@ -162,17 +179,14 @@ class FusedLoRALinear(LoRALayer):
         adapter_dtype: torch.dtype | None = None,
         use_rslora: bool = False,
         use_dora: bool = False,
-        base_dtype: torch.dtype | None = None,
     ) -> None:
-        """The factors and settings; ``base_dtype``: what ``adapter_dtype=None`` follows (default the weight's dtype;
-        fp32 for a quantized base, whose weight is packed integers)."""
+        """The factors and settings."""
         check_scaling(alpha)
         check_dropout(dropout)
         self.use_rslora = bool(use_rslora)
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
-        base_dtype = self.weight.dtype if base_dtype is None else base_dtype
-        factory = {"device": self.weight.device, "dtype": default_adapter_dtype(base_dtype, adapter_dtype)}
+        factory = self._factor_options(adapter_dtype)
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -220,9 +234,10 @@ class FusedLoRALinear(LoRALayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``scaling·B·A`` into the weight: forward then costs one plain linear."""
+        """Fold ``scaling·B·A`` into the weight: forward then costs one plain linear (a quantized base is
+        re-quantized, lossy, as PEFT merges)."""
         if self.merged:
-            warnings.warn("FusedLoRALinear is already merged; nothing to do", stacklevel=2)
+            warnings.warn(f"{type(self).__name__} is already merged; nothing to do", stacklevel=2)
             return
         # The factors as merged: unmerge() takes out exactly this update, even if A, B or alpha change meanwhile.
         self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
@@ -230,24 +245,24 @@ class FusedLoRALinear(LoRALayer):
             weight, g = dora.merged_weight(self.base_weight(), *self._merged_factors[:2], self.lora_magnitude,
                                            self.scaling)  # fmt: skip
             self._merged_factors += (g,)
-            self.weight.copy_(self._in_weight_layout(weight))
+            self._write_weight(merged=weight)
         else:
-            self.weight.add_(self._in_weight_layout(_scaled_product(*self._merged_factors)))
+            self._write_weight(delta=_scaled_product(*self._merged_factors))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract what :meth:`merge` added (the factors and alpha as merged; exact in fp32, rounded in fp16/bf16)."""
         if not self.merged:
-            warnings.warn("FusedLoRALinear is not merged; nothing to do", stacklevel=2)
+            warnings.warn(f"{type(self).__name__} is not merged; nothing to do", stacklevel=2)
             return
         merged_factors = getattr(self, "_merged_factors", None) or (self.lora_A, self.lora_B, self.scaling)
         if len(merged_factors) == 4:  # DoRA: W0 = W/g - s·BA
             lora_A, lora_B, scaling, g = merged_factors
-            weight = dora.unmerged_weight(self.base_weight(), lora_A, lora_B, g, scaling)
-            self.weight.copy_(self._in_weight_layout(weight))
+            self._write_weight(merged=dora.unmerged_weight(self.base_weight(), lora_A, lora_B, g, scaling))
         else:
-            self.weight.sub_(self._in_weight_layout(_scaled_product(*merged_factors)))
+            lora_A, lora_B, scaling = merged_factors
+            self._write_weight(delta=_scaled_product(lora_A, lora_B, -scaling))
         self.merged, self._merged_factors = False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,8 +296,6 @@ class FusedLoRALinear(LoRALayer):
 def check_dora_bases(use_dora: bool, modules) -> None:
     """ValueError if ``use_dora`` is not a bool, or is True over a bitsandbytes base in ``modules`` that is not
     quantized yet (DoRA's magnitude is initialised from W0)."""
-    from .quantized import check_quantized, is_quantized_linear
-
     if not isinstance(use_dora, bool):
         raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
     for module in modules if use_dora else ():

@@ -14,10 +14,17 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .bases import dequantize_weight, is_quantized_linear
 from .experts import add_expert_lora, is_experts_module, lora_experts, remove_expert_lora
 from .layer import FusedLoRALinear, LoRALayer, check_dora_bases, conv1d_class, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
-from .quantized import held_quantized_bases, note_trainable_adapters
+from .quantized import (
+    QuantizedLoRALinear,
+    QuantizedMultiLoRALinear,
+    held_quantized_bases,
+    merged_weight,
+    note_trainable_adapters,
+)
 from .validation import check_dropout, check_rank, check_scaling
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
@@ -295,3 +302,50 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
     """Trainable and total parameters of ``model`` (each shared tensor counted once)."""
     seen = {id(p): p for p in model.parameters()}.values()
     return ParameterCounts(sum(p.numel() for p in seen if p.requires_grad), sum(p.numel() for p in seen))
+
+
+@torch.no_grad()
+def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Turn a QLoRA (or FP8) model dense in place: every quantized linear (:mod:`lorafast.bases`) becomes an
+    ``nn.Linear`` in ``dtype`` holding its dequantized W0 (plus ``scaling·B·A`` where lorafast LoRA wraps it, added
+    in fp32), the model's other parameters are cast to ``dtype`` and transformers' quantization marks are removed,
+    so ``save_pretrained`` writes a plain checkpoint. Other LoRA layers are merged as :func:`lorafast.merge_lora` does.
+    Returns ``model``.
+    """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    replacements = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantizedLoRALinear, QuantizedMultiLoRALinear)):
+            replacements[name] = _dense_linear(module.base_layer, dtype, module.adapter_to_merge())
+        elif is_quantized_linear(module) and not any(name.startswith(n + ".") for n in replacements):
+            replacements[name] = _dense_linear(module, dtype, None)
+    for name, dense in replacements.items():
+        _replace(model, name, dense)
+    merge_lora(model)
+    _drop_quantization_marks(model)
+    for param in model.parameters():  # not model.to(dtype): fp32 buffers (rotary frequencies) stay as loaded
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
+        model.config.dtype = dtype
+    return model
+
+
+def _dense_linear(module: nn.Module, dtype: torch.dtype, adapter: tuple | None) -> nn.Linear:
+    """An ``nn.Linear`` in ``dtype`` holding ``module``'s dequantized W0 with ``adapter`` (``(lora_A, lora_B,
+    scaling, magnitude or None)``, or None) merged in fp32 (:func:`_merged_weight`)."""
+    weight = merged_weight(dequantize_weight(module, torch.float32), adapter)
+    with torch.device("meta"):
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if module.bias is not None:
+        dense.bias = nn.Parameter(module.bias.detach().to(dtype, copy=True), requires_grad=False)
+    return dense.train(module.training)
+
+
+def _drop_quantization_marks(model: nn.Module) -> None:
+    """Let transformers forget the model was quantized (as its ``dequantize()`` does), so it saves as a dense one."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)

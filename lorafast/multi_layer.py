@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora
+from .bases import is_quantized_linear
 from .layer import (
     LoRALayer,
     _adopt_conv1d,
+    _scaled_product,
     adopt_frozen_base,
     check_dora_bases,
-    default_adapter_dtype,
     is_conv1d,
 )
 from .multi_dora import dora_norms, row_slots, scale_dora_rows
@@ -50,12 +51,10 @@ class MultiLoRALinear(LoRALayer):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> MultiLoRALinear:
         """Wrap ``linear`` (an ``nn.Linear`` or GPT-2's ``Conv1D``, kept in its ``(in, out)`` layout and read
-        transposed) with no adapter yet: its weight and bias Parameters are reused and frozen; a bitsandbytes
-        ``Linear4bit``/``Linear8bitLt`` gives a :class:`lorafast.quantized.QuantizedMultiLoRALinear`."""
-        from .quantized import QuantizedMultiLoRALinear, is_quantized_linear  # QLoRA bases
-
+        transposed) with no adapter yet: its weight and bias Parameters are reused and frozen; a quantized
+        linear (:mod:`lorafast.bases`) gives a :class:`lorafast.quantized.QuantizedMultiLoRALinear`."""
         if is_quantized_linear(linear) and cls is MultiLoRALinear:
-            return QuantizedMultiLoRALinear.from_linear(linear)
+            return cls.quantized_class.from_linear(linear)
         if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
             raise ValueError(
                 f"from_linear expects an nn.Linear, got {type(linear).__name__} (transformers' Conv1D works too)"
@@ -131,7 +130,7 @@ class MultiLoRALinear(LoRALayer):
         check_scaling(alpha)
         check_dropout(dropout)
         check_dora_bases(use_dora, [getattr(self, "base_layer", self)])
-        factory = {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
+        factory = self._factor_options(adapter_dtype)
         lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         self.lora_A[name] = lora_A
@@ -187,13 +186,13 @@ class MultiLoRALinear(LoRALayer):
         if not merged or self.active_adapter is None:
             return
         name = self.active_adapter
+        lora_A, lora_B, *_ = self.factors(name)
         if self.uses_dora(name):
-            lora_A, lora_B, *_ = self.factors(name)
             weight, _ = dora.merged_weight(self.base_weight(), lora_A, lora_B, self.lora_magnitude[name],
                                            self.scaling(name))  # fmt: skip
-            self.weight.copy_(self._in_weight_layout(weight))
+            self._write_weight(merged=weight)
         else:
-            self.weight.add_(self.get_delta_weight(name))
+            self._write_weight(delta=_scaled_product(lora_A, lora_B, self.scaling(name)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)``."""

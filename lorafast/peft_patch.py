@@ -21,6 +21,8 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .bases import is_quantized_linear
+from .bases.bnb4 import bnb_class
 from .dora import dora_linear
 from .expert_peft import (
     fused_wrapper_class,
@@ -33,13 +35,7 @@ from .function import lora_linear
 from .layer import is_conv1d
 from .multi_function import MAX_STACKED_RANK, multi_lora_linear
 from .multi_stack import stack_factors
-from .quantized import (
-    is_quantized_linear,
-    patched_quantized_count,
-    peft_fused_class,
-    peft_quantized_forward,
-    unpatch_peft_quantized,
-)
+from .quantized import quantized_lora_linear
 
 logger = logging.getLogger(__name__)
 
@@ -115,43 +111,20 @@ def _base_is_frozen(layer: nn.Module) -> bool:
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's ``Linear.forward`` with the LoRA layer computed by lorafast where supported."""
+    """PEFT's ``Linear.forward`` (or its ``lora.bnb`` layers') with the LoRA layer computed by lorafast where
+    supported."""
     adapter_names = kwargs.get("adapter_names")
     extra = {k: v for k, v in kwargs.items() if k != "adapter_names" and v is not None}
     if args or extra or self.disable_adapters or self.merged or not _has_plain_base(self) or not _base_is_frozen(self):
-        return super(_fused_class, self).forward(x, *args, **kwargs)
+        return super(type(self), self).forward(x, *args, **kwargs)
     if adapter_names is not None:
         if is_quantized_linear(self.get_base_layer()):  # mixed batches over a quantized base: PEFT's forward
-            return super(_fused_class, self).forward(x, *args, **kwargs)
+            return super(type(self), self).forward(x, *args, **kwargs)
         return _mixed_forward(self, x, adapter_names, kwargs)
     active = [a for a in self.active_adapters if a in self.lora_A]
     if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
-        return super(_fused_class, self).forward(x, *args, **kwargs)
-    name = active[0]
-    if is_quantized_linear(self.get_base_layer()):
-        return peft_quantized_forward(self, x, name)
-    if _is_dora(self, name):
-        return dora_linear(
-            x,
-            _base_weight(self),
-            self.get_base_layer().bias,
-            self.lora_A[name].weight.to(x.dtype),
-            self.lora_B[name].weight.to(x.dtype),
-            self.lora_magnitude_vector[name].weight,
-            self.scaling[name],
-            _dropout_p(self, name),
-            True,
-        )
-    return lora_linear(
-        x,
-        _base_weight(self),
-        self.get_base_layer().bias,
-        self.lora_A[name].weight.to(x.dtype),  # fp32 factors on a half-precision base: a differentiable cast
-        self.lora_B[name].weight.to(x.dtype),
-        self.scaling[name],
-        _dropout_p(self, name),
-        True,
-    )
+        return super(type(self), self).forward(x, *args, **kwargs)
+    return peft_adapter_forward(self, x, active[0])
 
 
 def _mixed_forward(self, x: torch.Tensor, adapter_names, kwargs) -> torch.Tensor:
@@ -165,7 +138,7 @@ def _mixed_forward(self, x: torch.Tensor, adapter_names, kwargs) -> torch.Tensor
             f"lorafast.patch_peft: this mixed batch runs PEFT's forward, adapters {unsupported} are not supported",
             stacklevel=3,
         )
-        return super(_fused_class, self).forward(x, **kwargs)
+        return super(type(self), self).forward(x, **kwargs)
     if not names:
         return self.base_layer(x)
     index = {n: i for i, n in enumerate(names)}
@@ -198,6 +171,8 @@ def __getattr__(name: str):
     # Lets pickle (torch.save of a whole patched model) find the class, built on first use.
     if name == "PeftFusedLinear":
         return _make_fused_class()
+    if name.startswith("PeftFused") and name.removeprefix("PeftFused") in _PEFT_LAYERS:
+        return _peft_fused_class(name.removeprefix("PeftFused"))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -296,3 +271,74 @@ def patched_layer_count(model: nn.Module) -> int:
     """How many layers of ``model`` run lorafast's fused LoRA through :func:`patch_peft`."""
     quantized = patched_quantized_count(model) + patched_wrapper_count(model)
     return quantized + (0 if _fused_class is None else sum(type(m) is _fused_class for m in model.modules()))
+
+
+# PEFT's LoRA layers over bitsandbytes bases (lora.bnb.Linear4bit/Linear8bitLt)
+_PEFT_LAYERS = ("Linear4bit", "Linear8bitLt")  # peft.tuners.lora.bnb's LoRA layers over bitsandbytes bases
+_peft_fused: dict[str, type] = {}
+
+
+def _peft_bnb_class(name: str) -> type | None:
+    if bnb_class(name) is None:  # bitsandbytes not loaded
+        return None
+    from peft.tuners.lora import bnb as peft_bnb
+
+    return getattr(peft_bnb, name, None)
+
+
+def peft_adapter_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A PEFT LoRA layer's adapter ``name`` (plain or DoRA) run by lorafast over its dense, Conv1D or quantized base."""
+    base, lora_A, lora_B = layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight
+    args = (layer.scaling[name], _dropout_p(layer, name), True)
+    magnitude = layer.lora_magnitude_vector[name].weight if _is_dora(layer, name) else None
+    if is_quantized_linear(base):
+        return quantized_lora_linear(x, base, lora_A, lora_B, *args, magnitude)
+    # fp32 factors on a half-precision base: a differentiable cast
+    factors = _base_weight(layer), base.bias, lora_A.to(x.dtype), lora_B.to(x.dtype)
+    return lora_linear(x, *factors, *args) if magnitude is None else dora_linear(x, *factors, magnitude, *args)
+
+
+def _peft_fused_class(name: str) -> type:
+    if name not in _peft_fused:
+        peft_class = _peft_bnb_class(name)
+        _peft_fused[name] = type(
+            name,  # PEFT's class name, so the repr reads lora.Linear4bit(...) as PEFT's
+            (peft_class,),
+            {
+                "forward": _fused_forward,
+                "__module__": __name__,
+                "__qualname__": f"PeftFused{name}",  # where pickle finds the class (module __getattr__ below)
+                "__doc__": f"PEFT's LoRA {name} whose forward runs lorafast's QLoRA linear (see patch_peft).",
+            },
+        )
+    return _peft_fused[name]
+
+
+def peft_fused_class(layer: nn.Module) -> type | None:
+    """The class ``patch_peft`` gives a PEFT ``lora.bnb.Linear4bit``/``Linear8bitLt`` layer with an adapter
+    lorafast runs (None for any other layer)."""
+    for name in _PEFT_LAYERS:
+        peft_class = _peft_bnb_class(name)
+        if peft_class is None:
+            continue
+        if type(layer) is peft_class or type(layer) is _peft_fused.get(name):
+            supported = any(_adapter_reason(layer, a) is None for a in layer.lora_A)
+            return _peft_fused_class(name) if supported else None
+    return None
+
+
+def unpatch_peft_quantized(model: nn.Module) -> int:
+    """Give every patched PEFT bnb layer of ``model`` its PEFT class back; returns how many were patched."""
+    fused = {cls: cls.__mro__[1] for cls in _peft_fused.values()}
+    count = 0
+    for module in model.modules():
+        if type(module) in fused:
+            module.__class__ = fused[type(module)]
+            count += 1
+    return count
+
+
+def patched_quantized_count(model: nn.Module) -> int:
+    """How many PEFT bnb layers of ``model`` run lorafast's QLoRA linear."""
+    fused = set(_peft_fused.values())
+    return sum(type(m) in fused for m in model.modules())

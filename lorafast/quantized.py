@@ -1,123 +1,33 @@
-"""LoRA over bitsandbytes' quantized linears (QLoRA): ``Linear4bit`` (NF4/FP4, double quant or not) and
-``Linear8bitLt``.
+"""LoRA over quantized linears (the kinds of :mod:`lorafast.bases`): bitsandbytes' ``Linear4bit`` (NF4/FP4, double
+quant or not) and ``Linear8bitLt`` (QLoRA), transformers' ``FP8Linear``.
 
-Each forward dequantizes W0 with bitsandbytes' own functions into a transient dense buffer in the compute dtype
-and runs lorafast's LoRA linear on it; backward dequantizes again. Nothing dense of W0 is kept for backward (it
+Each forward dequantizes W0 (the kind's own function) into a transient dense buffer in the compute dtype and runs
+lorafast's LoRA linear on it; backward dequantizes again. Nothing dense of W0 is kept for backward (it
 saves x and ``xa`` ``(n, r)`` only), and the quantized weight and its ``quant_state`` are only read.
 
 Compute dtype: the autocast dtype under ``torch.autocast``, else a ``Linear4bit``'s ``compute_dtype`` (x's dtype if
-unset), else x's dtype; the output has x's dtype, as bitsandbytes' layers return. 8-bit: W0 = CB·SCB/127 as
-bitsandbytes' CPU/XPU training path computes it, so on CUDA results differ from its int8 matmul (which also
-quantizes the activations, and splits out outlier columns above ``threshold``) by that activation quantization.
-
-bitsandbytes is optional: nothing here imports it unless a model already holds its layers.
+unset), else x's dtype; the output has x's dtype, as bitsandbytes' layers return. 8-bit: see
+:mod:`lorafast.bases.bnb8` for how its W0 differs from bitsandbytes' CUDA int8 matmul.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import sys
-import warnings
 
 import torch
 from torch import nn
 
 from . import dora
-from .backend import front_door, implementation
-from .layer import FusedLoRALinear, _scaled_product
+from .backend import front_door
+from .bases import check_quantized, compute_dtype, dequantize_weight, is_quantized_linear, requantize
+from .function import LoRALinearFunction
+from .layer import FusedLoRALinear, _scaled_product, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
 from .row_adapters import active_row_adapters
 from .validation import autocast_dtype, check_rank, lora_inputs_check
 
 _BASE = "base_layer"  # the quantized module's name inside QuantizedLoRALinear (hidden from state_dict keys)
-
-
-def _bnb_classes() -> tuple[type, ...]:
-    """bitsandbytes' ``(Linear4bit, Linear8bitLt)`` if it has been imported (a model can hold them only then)."""
-    modules = sys.modules.get("bitsandbytes.nn.modules")
-    return () if modules is None else (modules.Linear4bit, modules.Linear8bitLt)
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes ``Linear4bit`` (or subclass: ``LinearNF4``, ``LinearFP4``) or
-    ``Linear8bitLt``."""
-    classes = _bnb_classes()
-    return bool(classes) and isinstance(module, classes)
-
-
-def _is_4bit(module: nn.Module) -> bool:
-    return isinstance(module, _bnb_classes()[0])
-
-
-def compute_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """The dtype ``module``'s LoRA linear computes in for input x (see the module docstring)."""
-    dtype = autocast_dtype(x)
-    if dtype is not None:
-        return dtype
-    if _is_4bit(module) and module.compute_dtype is not None:
-        return module.compute_dtype
-    return x.dtype
-
-
-def _quant_state(module: nn.Module):
-    """A ``Linear4bit``'s QuantState in bitsandbytes' canonical layout (a copy where bitsandbytes' CPU inference
-    has repacked the weight; the module keeps its own)."""
-    weight = module.weight
-    state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
-    if state is None:
-        raise ValueError(
-            f"{type(module).__name__} is not quantized yet (no quant_state): move it to a device (.to(...)) or load "
-            "the model with a BitsAndBytesConfig first"
-        )
-    if not getattr(state, "packing_format_for_cpu", False):
-        return weight.data, state
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    # Undo the code layout only: the repacked absmax (bf16, blocks transposed, no longer nested) is what bitsandbytes
-    # itself now multiplies by, so it is used as it is rather than re-quantized.
-    unpacked = copy.copy(state)
-    unpacked.original_nested = False
-    packed, unpacked = _convert_weight_packed_for_cpu_inverse(weight.data, unpacked)
-    unpacked.absmax = state.absmax.T.reshape(-1).float()
-    return packed, unpacked
-
-
-def check_quantized(module: nn.Module) -> None:
-    """ValueError unless ``module`` is a bitsandbytes ``Linear4bit``/``Linear8bitLt`` whose weight is quantized
-    already (bitsandbytes quantizes when the module is moved to a device, or transformers when it loads)."""
-    if not is_quantized_linear(module):
-        raise ValueError(f"expected a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}")
-    if _is_4bit(module):
-        _quant_state(module)  # raises when there is none
-    elif module.weight.dtype != torch.int8 and not getattr(module.weight, "has_fp16_weights", False):
-        raise ValueError(
-            f"{type(module).__name__} is not quantized yet (its weight is {module.weight.dtype}, not int8): move it "
-            "to a device (.to(...)) or load the model with a BitsAndBytesConfig first"
-        )
-
-
-@torch.no_grad()
-def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """W0 ``(out, in)`` of a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` as a new dense tensor in ``dtype``.
-
-    4-bit: ``bitsandbytes.functional.dequantize_4bit`` (NF4/FP4, nested absmax or not). 8-bit: ``CB·SCB/127``.
-    """
-    if _is_4bit(module):
-        from bitsandbytes.functional import dequantize_4bit
-
-        packed, state = _quant_state(module)
-        return dequantize_4bit(packed, state).to(dtype)
-    weight, state = module.weight, module.state
-    if weight.dtype != torch.int8:  # has_fp16_weights: the weight was never quantized
-        return weight.detach().to(dtype, copy=True)
-    scb = getattr(weight, "SCB", None)
-    scb = state.SCB if scb is None else scb
-    if scb is None:
-        raise ValueError("Linear8bitLt has an int8 weight but no SCB row scales: it was not quantized by bitsandbytes")
-    # bitsandbytes' CPU/XPU training path (MatMul8bitFp) dequantizes exactly so.
-    return weight.data.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
 
 
 def held_quantized_bases(model: nn.Module) -> set[int]:
@@ -135,37 +45,6 @@ def note_trainable_adapters(model: nn.Module) -> None:
         model.is_quantized = False
 
 
-class QuantizedLoRALinearFunction(torch.autograd.Function):
-    """x ``(..., in)`` in the compute dtype, the transient dense weight ``(out, in)`` (not saved), bias or None,
-    lora_A ``(r, in)`` / lora_B ``(out, r)`` in their own dtype, the quantized module (dequantized again in
-    backward) -> ``(..., out)``. Saves x and ``xa`` ``(n, r)``; gradients for x, A and B (in A's and B's dtype)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, module, scaling, dropout_p, seed, backend):
-        dtype = x.dtype
-        y, xa = implementation(backend)[0](
-            x.reshape(-1, x.shape[-1]), weight, bias, lora_A.to(dtype), lora_B.to(dtype), scaling, dropout_p, seed
-        )
-        ctx.save_for_backward(x, xa, lora_A, lora_B)
-        ctx.module, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = module, scaling, dropout_p, seed, backend
-        return y.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, xa, lora_A, lora_B = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        weight = dequantize_weight(ctx.module, x.dtype) if needs[0] else None
-        grad_x, grad_a, grad_b = implementation(ctx.backend)[1](
-            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), xa, weight, lora_A.to(x.dtype),
-            lora_B.to(x.dtype), ctx.scaling, ctx.dropout_p, ctx.seed, (needs[0], needs[3], needs[4]),
-        )  # fmt: skip
-        if grad_x is not None:
-            grad_x = grad_x.view(x.shape)
-        grad_a = None if grad_a is None else grad_a.to(lora_A.dtype)
-        grad_b = None if grad_b is None else grad_b.to(lora_B.dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
-
-
 def quantized_lora_linear(
     x: torch.Tensor,
     module: nn.Module,
@@ -174,83 +53,54 @@ def quantized_lora_linear(
     scaling: float,
     dropout_p: float = 0.0,
     training: bool = False,
+    magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`lorafast.lora_linear` over a bitsandbytes ``Linear4bit``/``Linear8bitLt`` ``module``'s frozen W0 and bias.
+    """:func:`lorafast.lora_linear` over a quantized linear ``module``'s (:mod:`lorafast.bases`) frozen W0 and bias;
+    with a DoRA ``magnitude`` m ``(out,)``, :func:`lorafast.dora.dora_linear` over it (:func:`quantized_dora_linear`).
 
     x ``(..., in)`` -> ``(..., out)`` in x's dtype (the autocast dtype under ``torch.autocast``); lora_A ``(r, in)``,
-    lora_B ``(out, r)`` in any floating dtype (cast to the compute dtype, gradients in their own). ValueError as
-    lora_linear's, and for a module that is not quantized by bitsandbytes.
+    lora_B ``(out, r)``, m in any floating dtype (cast to the compute dtype, gradients in their own). W0 is
+    dequantized into a transient buffer per call and again in backward (never kept). ValueError as lora_linear's
+    (and dora_linear's), and for a module that is not a quantized linear.
     """
-
-    def run(tensors, p, backend, seed, dtype):
-        x_, weight_, bias_ = tensors[:3]  # the Function casts the factors itself
-        return QuantizedLoRALinearFunction.apply(x_, weight_, bias_, lora_A, lora_B, module, float(scaling), p, seed,
-                                                 backend)  # fmt: skip
-
-    return _on_dequantized_base("quantized_lora_linear", x, module, lora_A, lora_B, scaling, dropout_p, training, run)
-
-
-def _on_dequantized_base(name, x, module, lora_A, lora_B, scaling, dropout_p, training, run, magnitude=None):
-    """What both quantized linears do around ``run(tensors, p, backend, seed, dtype)``: check the module (and DoRA's
-    ``magnitude``), choose the compute dtype (module docstring), cast x, bias and the factors to it with autocast off,
-    dequantize W0 into a transient buffer, pass all through :func:`lorafast.backend.front_door`, cast the output."""
     if not is_quantized_linear(module):
-        raise ValueError(f"{name} expects a bitsandbytes Linear4bit/Linear8bitLt, got {type(module)}")
+        raise ValueError(f"expects a bitsandbytes Linear4bit/Linear8bitLt or an FP8Linear, got {type(module)}")
     if magnitude is not None:
         dora.check_magnitude(magnitude, module.out_features, x)
     dtype = compute_dtype(module, x)
     under_autocast = autocast_dtype(x) is not None
-    out_dtype = dtype if under_autocast else x.dtype
-    bias = module.bias
-    with torch.autocast(device_type=x.device.type, enabled=False) if under_autocast else contextlib.nullcontext():
-        x_c = x.to(dtype)
-        bias_c = None if bias is None else bias.to(dtype)
-        factors = lora_A.to(dtype), lora_B.to(dtype)  # differentiable casts: the gradients arrive in A's and B's dtype
-        weight = dequantize_weight(module, dtype)
-        check = lora_inputs_check(scaling, dropout_p, training)
-        y = front_door(x_c, weight, bias_c, *factors, check, functools.partial(run, dtype=dtype))
-    return y.to(out_dtype)
+    reload = functools.partial(dequantize_weight, module, dtype)
 
-
-def quantized_row_norms_sq(module: nn.Module) -> torch.Tensor:
-    """``‖W0‖²`` per row ``(out,)`` fp32 of a bitsandbytes module's dequantized W0, cached per quantized weight (its
-    Parameter's storage and version: a merge, which re-quantizes, or a device move invalidates it)."""
-    return dora.base_row_norms_sq(module.weight, lambda: dequantize_weight(module, torch.float32))
-
-
-def quantized_dora_linear(
-    x: torch.Tensor,
-    module: nn.Module,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    magnitude: torch.Tensor,
-    scaling: float,
-    dropout_p: float = 0.0,
-    training: bool = False,
-) -> torch.Tensor:
-    """:func:`lorafast.dora.dora_linear` over a bitsandbytes ``Linear4bit``/``Linear8bitLt`` ``module``'s frozen W0
-    and bias: ``y = g ⊙ (x·W0ᵀ + s·drop(x)·Aᵀ·Bᵀ) + b``, ``g = m / ‖W0 + s·B·A‖_row`` (detached).
-
-    x ``(..., in)`` -> ``(..., out)``; dtypes as :func:`quantized_lora_linear`'s; magnitude m ``(out,)`` in any
-    floating dtype (its gradient in its dtype). W0 is dequantized into a transient buffer per call and again in
-    backward (never kept); ``‖W0‖²_row`` is cached per quantized weight. ValueError as
-    :func:`quantized_lora_linear`'s and :func:`lorafast.dora.dora_linear`'s.
-    """
-
-    def run(tensors, p, backend, seed, dtype):
+    def run(tensors, p, backend, seed):
+        if magnitude is None:  # the factors as given: the Function casts them itself (no cast copy kept)
+            return LoRALinearFunction.apply(*tensors[:3], lora_A, lora_B, float(scaling), p, seed, backend, reload)
         # fp64 (references): the norms of the fp64 weight of this call, not the cached fp32 ones
         base_sq = quantized_row_norms_sq(module) if dtype != torch.float64 else None
-        reload = functools.partial(dequantize_weight, module, dtype)
         return dora.ReloadedWeightDoRALinearFunction.apply(
             *tensors, magnitude, float(scaling), p, seed, backend, base_sq, reload
         )
 
-    return _on_dequantized_base(
-        "quantized_dora_linear", x, module, lora_A, lora_B, scaling, dropout_p, training, run, magnitude
-    )
+    bias = module.bias
+    with torch.autocast(device_type=x.device.type, enabled=False) if under_autocast else contextlib.nullcontext():
+        # differentiable casts: the gradients arrive in A's and B's dtype
+        tensors = x.to(dtype), reload(), None if bias is None else bias.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        y = front_door(*tensors, lora_inputs_check(scaling, dropout_p, training), run)
+    return y.to(dtype if under_autocast else x.dtype)
 
 
-class QuantizedLoRALinear(FusedLoRALinear):
+def quantized_row_norms_sq(module: nn.Module) -> torch.Tensor:
+    """``‖W0‖²`` per row ``(out,)`` fp32 of a quantized module's dequantized W0, cached per quantized weight (its
+    Parameter's storage and version: a merge, which re-quantizes, or a device move invalidates it)."""
+    return dora.base_row_norms_sq(module.weight, lambda: dequantize_weight(module, torch.float32))
+
+
+def quantized_dora_linear(x, module, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False) -> torch.Tensor:
+    """DoRA over a quantized ``module``: ``y = g ⊙ (x·W0ᵀ + s·drop(x)·Aᵀ·Bᵀ) + b``, ``g = m / ‖W0 + s·B·A‖_row``
+    (detached; ``‖W0‖²_row`` cached per quantized weight). As :func:`quantized_lora_linear` with ``magnitude``."""
+    return quantized_lora_linear(x, module, lora_A, lora_B, scaling, dropout_p, training, magnitude)
+
+
+class QuantizedLoRALinear(FusedLoRALinear, over_quantized=True):
     """``FusedLoRALinear`` over a bitsandbytes ``Linear4bit`` or ``Linear8bitLt`` (QLoRA).
 
     The quantized module is kept as ``base_layer`` (its ``.to()``/device moves stay bitsandbytes'), yet the
@@ -288,7 +138,7 @@ class QuantizedLoRALinear(FusedLoRALinear):
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.base_layer = linear
-        layer._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, use_dora, base_dtype=torch.float32)
+        layer._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, use_dora)
         linear.requires_grad_(False)  # after the checks above: a refused call leaves the module as it was
         _register_key_hooks(layer)
         layer.reset_lora_parameters()
@@ -296,27 +146,27 @@ class QuantizedLoRALinear(FusedLoRALinear):
 
     @property
     def weight(self) -> nn.Parameter:
-        """The quantized weight (bitsandbytes' ``Params4bit``/``Int8Params``). Briefly something else for
-        ``QuantizedMultiLoRALinear``'s inherited code: an empty fp32 tensor while ``add_adapter`` makes factors,
-        the dequantized W0 during a mixed batch's forward."""
-        stand_in = self.__dict__.get("_factor_like")
-        if stand_in is not None:
-            return stand_in
-        dense = self.__dict__.get("_dense")
-        return self.base_layer.weight if dense is None else dense[0]
+        """The quantized weight (bitsandbytes' ``Params4bit``/``Int8Params``, FP8's e4m3)."""
+        return self.base_layer.weight
 
     @property
     def bias(self) -> nn.Parameter | None:
         dense = self.__dict__.get("_dense")
         return self.base_layer.bias if dense is None else dense[1]
 
+    def _factor_options(self, adapter_dtype: torch.dtype | None) -> dict:
+        """New factors: on the base's device, ``adapter_dtype`` or fp32 (a quantized weight's dtype is storage)."""
+        return {"device": self.base_layer.weight.device, "dtype": default_adapter_dtype(torch.float32, adapter_dtype)}
+
     def reset_parameters(self) -> None:
         """Re-initialise the LoRA factors (the quantized base is left as it is)."""
         self.reset_lora_parameters()
 
     def base_weight(self) -> torch.Tensor:
-        """W0 ``(out, in)`` dequantized to fp32 (a new tensor)."""
-        return dequantize_weight(self.base_layer, torch.float32)
+        """W0 ``(out, in)`` dequantized to fp32 (a new tensor); during a mixed batch's forward the W0 dequantized
+        for it, in its compute dtype."""
+        dense = self.__dict__.get("_dense")
+        return dequantize_weight(self.base_layer, torch.float32) if dense is None else dense[0]
 
     def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
@@ -325,64 +175,26 @@ class QuantizedLoRALinear(FusedLoRALinear):
         """x ``(..., in_features)`` -> ``(..., out_features)`` in x's dtype (see :func:`quantized_lora_linear`)."""
         if self.merged:
             return self.base_layer(x)
-        if self.use_dora:
-            return quantized_dora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.lora_magnitude,
-                                         self.scaling, self.dropout, self.training)  # fmt: skip
         return quantized_lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, self.dropout,
-                                     self.training)  # fmt: skip
+                                     self.training, self.lora_magnitude)  # fmt: skip
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Re-quantize ``W0 + scaling·B·A`` (DoRA: ``g·(W0 + scaling·B·A)``) into the base layer, as PEFT merges into
-        a quantized base (lossy)."""
-        if self.merged:
-            warnings.warn("QuantizedLoRALinear is already merged; nothing to do", stacklevel=2)
-            return
-        self._merged_factors = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
-        if self.use_dora:  # PEFT's: W = g·(W0 + s·BA), g kept for unmerge
-            lora_A, lora_B, scaling = self._merged_factors
-            weight, g = dora.merged_weight(self.base_weight(), lora_A, lora_B, self.lora_magnitude, scaling)
-            self._merged_factors += (g,)
-            _requantize(self.base_layer, merged=weight)
-        else:
-            _requantize(self.base_layer, _scaled_product(*self._merged_factors))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Re-quantize ``W0 − scaling·B·A`` (the merged factors; DoRA: ``W/g − scaling·B·A``): lossy as well, W0 is
-        not restored exactly."""
-        if not self.merged:
-            warnings.warn("QuantizedLoRALinear is not merged; nothing to do", stacklevel=2)
-            return
-        lora_A, lora_B, scaling, *g = self._merged_factors
-        if g:  # DoRA: W0 = W/g - s·BA
-            weight = dora.unmerged_weight(self.base_weight(), lora_A, lora_B, g[0], scaling)
-            _requantize(self.base_layer, merged=weight)
-        else:
-            _requantize(self.base_layer, _scaled_product(lora_A, lora_B, -scaling))
-        self.merged, self._merged_factors = False, None
+    def _write_weight(self, merged: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> None:
+        """Re-quantize ``merged`` (or ``W0 + delta``) into the base layer, as PEFT merges into a quantized base
+        (lossy, warns): ``merge()``/``unmerge()`` are ``FusedLoRALinear``'s."""
+        requantize(self.base_layer, delta, merged)
 
     def adapter_to_merge(self) -> tuple | None:
         """``(lora_A, lora_B, scaling, magnitude or None)`` of the adapter, None once merged (nothing left to add)."""
         return None if self.merged else (self.lora_A, self.lora_B, self.scaling, self.lora_magnitude)
 
     def to_base_layer(self, merge: bool = False) -> nn.Module:
-        """The bitsandbytes module, the adapter re-quantized into it (``merge``, lossy) or not."""
+        """The quantized module, the adapter (the active one) re-quantized into it (``merge``, lossy) or not."""
         self._set_merged(merge)
         return self.base_layer.train(self.training)
 
-    def extra_repr(self) -> str:
-        merged = ", merged=True" if self.merged else ""
-        merged += ", use_rslora=True" if self.use_rslora else ""
-        merged += ", use_dora=True" if self.use_dora else ""
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}{merged}"
-        )
 
-
-class QuantizedMultiLoRALinear(MultiLoRALinear):
+class QuantizedMultiLoRALinear(MultiLoRALinear, over_quantized=True):
     """``MultiLoRALinear`` (named adapters, mixed batches) over a bitsandbytes ``Linear4bit``/``Linear8bitLt``.
 
     As :class:`QuantizedLoRALinear`: the quantized module is ``base_layer`` under the quantized linear's own
@@ -410,15 +222,9 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
     bias = QuantizedLoRALinear.bias
     base_weight = QuantizedLoRALinear.base_weight
     _in_weight_layout = QuantizedLoRALinear._in_weight_layout
-
-    def add_adapter(self, name: str, *args, **kwargs) -> None:
-        """Add adapter ``name`` as ``MultiLoRALinear.add_adapter`` does (same arguments), its factors in fp32 unless
-        ``adapter_dtype`` says otherwise."""
-        self._factor_like = torch.empty(0, device=self.base_layer.weight.device)  # what `weight` shows meanwhile
-        try:
-            super().add_adapter(name, *args, **kwargs)
-        finally:
-            del self._factor_like
+    _write_weight = QuantizedLoRALinear._write_weight
+    _factor_options = QuantizedLoRALinear._factor_options
+    to_base_layer = QuantizedLoRALinear.to_base_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``(..., in_features)`` -> ``(..., out_features)`` in x's dtype."""
@@ -427,11 +233,8 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
                 return self.base_layer(x)
             name = self.active_adapter
             lora_A, lora_B, _, _, dropout = self.factors(name)
-            scaling = self.scaling(name)  # alpha / r, or alpha / sqrt(r) for rsLoRA
-            if self.uses_dora(name):
-                return quantized_dora_linear(x, self.base_layer, lora_A, lora_B, self.lora_magnitude[name], scaling,
-                                             dropout, self.training)  # fmt: skip
-            return quantized_lora_linear(x, self.base_layer, lora_A, lora_B, scaling, dropout, self.training)
+            return quantized_lora_linear(x, self.base_layer, lora_A, lora_B, self.scaling(name), dropout,
+                                         self.training, self.magnitude(name))  # fmt: skip
         dtype = compute_dtype(self.base_layer, x)
         factors_dtype = next(iter(self.lora_A.values())).dtype if self.lora_A else dtype
         # fp32 factors on a half-precision compute dtype: autocast stacks them in that dtype once, as it does for
@@ -441,13 +244,6 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
         with _dense_base(self, dtype), cast:
             return super().forward(x.to(dtype)).to(out_dtype)
 
-    @torch.no_grad()
-    def _set_merged(self, merged: bool) -> None:
-        """Re-quantize the active adapter into the base layer as PEFT merges (lossy): ``W0 + s·B·A``, for DoRA
-        ``g·(W0 + s·B·A)``. One way: used by ``to_base_layer(merge=True)`` only."""
-        if merged and self.active_adapter is not None:
-            _requantize(self.base_layer, merged=_merged_weight(self.base_weight(), self.adapter_to_merge()))
-
     def adapter_to_merge(self) -> tuple | None:
         """``(lora_A, lora_B, scaling, magnitude or None)`` of the active adapter, None with no active adapter."""
         name = self.active_adapter
@@ -456,15 +252,11 @@ class QuantizedMultiLoRALinear(MultiLoRALinear):
         lora_A, lora_B, *_ = self.factors(name)
         return lora_A, lora_B, self.scaling(name), self.magnitude(name)
 
-    def to_base_layer(self, merge: bool = False) -> nn.Module:
-        """The bitsandbytes module, the active adapter re-quantized into it (``merge``, lossy) or not."""
-        self._set_merged(merge)
-        return self.base_layer.train(self.training)
-
 
 @contextlib.contextmanager
 def _dense_base(layer: QuantizedMultiLoRALinear, dtype: torch.dtype):
-    """While the block runs, ``layer.weight``/``layer.bias`` are W0 dequantized to ``dtype`` and the bias in it."""
+    """While the block runs, ``layer.base_weight()``/``layer.bias`` are W0 dequantized to ``dtype`` and the bias in
+    it (dequantized once per call)."""
     bias = layer.base_layer.bias
     layer._dense = (dequantize_weight(layer.base_layer, dtype), None if bias is None else bias.to(dtype))
     try:
@@ -502,79 +294,7 @@ def _reported_keys_as_own(module: nn.Module, incompatible_keys) -> None:
         keys[:] = [k.replace(inner, inner[: -len(_BASE) - 1], 1) if k.startswith(inner) else k for k in keys]
 
 
-def _requantize(module: nn.Module, delta: torch.Tensor | None = None, merged: torch.Tensor | None = None) -> None:
-    """Replace ``module``'s quantized weight by the quantization of ``dequant(W0) + delta`` (fp32 math), or of the
-    ``merged`` weight ``(out, in)`` (DoRA), with bitsandbytes' own parameter classes and settings (PEFT's merge).
-    Warns: lossy."""
-    import bitsandbytes as bnb
-
-    warnings.warn(
-        f"merging LoRA into a quantized {type(module).__name__} re-quantizes the weight: the result differs from "
-        "the merged weight by rounding; lorafast.merge_lora_dense() merges into a dense copy instead",
-        stacklevel=4,
-    )
-    weight = module.weight
-    if merged is None:
-        merged = dequantize_weight(module, torch.float32).add_(delta.to(torch.float32))
-    else:
-        merged = merged.to(torch.float32)
-    if _is_4bit(module):
-        state = _quant_state(module)[1]
-        kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
-        kwargs.update(requires_grad=False, bnb_quantized=False)
-        kwargs.pop("quant_state", None)
-        merged = merged.to(state.dtype)
-        module.weight = bnb.nn.Params4bit(merged.to("cpu"), **kwargs).to(weight.device)
-    else:
-        module.weight = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False, has_fp16_weights=False).to(
-            weight.device
-        )
-        module.state.reset_grads()
-        module.state.CB, module.state.SCB = None, None
-
-
-@torch.no_grad()
-def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Turn a QLoRA model into a dense one in place: every bitsandbytes linear becomes an ``nn.Linear`` in ``dtype``
-    holding its dequantized W0 (plus ``scaling·B·A`` where lorafast LoRA wraps it, added in fp32), the model's
-    other parameters are cast to ``dtype`` and transformers' quantization marks are removed, so ``save_pretrained``
-    writes a plain checkpoint. Other LoRA layers are merged as :func:`lorafast.merge_lora` does. Returns ``model``.
-    """
-    from .model import _replace, merge_lora
-
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    replacements = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLoRALinear, QuantizedMultiLoRALinear)):
-            replacements[name] = _dense_linear(module.base_layer, dtype, module.adapter_to_merge())
-        elif is_quantized_linear(module) and not any(name.startswith(n + ".") for n in replacements):
-            replacements[name] = _dense_linear(module, dtype, None)
-    for name, dense in replacements.items():
-        _replace(model, name, dense)
-    merge_lora(model)
-    _drop_quantization_marks(model)
-    for param in model.parameters():  # not model.to(dtype): fp32 buffers (rotary frequencies) stay as loaded
-        if param.is_floating_point():
-            param.data = param.data.to(dtype)
-    if getattr(model, "config", None) is not None and hasattr(model.config, "dtype"):
-        model.config.dtype = dtype
-    return model
-
-
-def _dense_linear(module: nn.Module, dtype: torch.dtype, adapter: tuple | None) -> nn.Linear:
-    """An ``nn.Linear`` in ``dtype`` holding ``module``'s dequantized W0 with ``adapter`` (``(lora_A, lora_B,
-    scaling, magnitude or None)``, or None) merged in fp32 (:func:`_merged_weight`)."""
-    weight = _merged_weight(dequantize_weight(module, torch.float32), adapter)
-    with torch.device("meta"):
-        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-    if module.bias is not None:
-        dense.bias = nn.Parameter(module.bias.detach().to(dtype, copy=True), requires_grad=False)
-    return dense.train(module.training)
-
-
-def _merged_weight(weight: torch.Tensor, adapter: tuple | None) -> torch.Tensor:
+def merged_weight(weight: torch.Tensor, adapter: tuple | None) -> torch.Tensor:
     """fp32 ``weight`` ``(out, in)`` with ``adapter`` = ``(lora_A, lora_B, scaling, magnitude or None)`` merged as
     PEFT merges: ``W0 + s·B·A``, DoRA ``g·(W0 + s·B·A)`` (``weight`` itself is updated for plain LoRA)."""
     if adapter is None:
@@ -585,115 +305,13 @@ def _merged_weight(weight: torch.Tensor, adapter: tuple | None) -> torch.Tensor:
     return weight.add_(_scaled_product(lora_A, lora_B, scaling))
 
 
-def _drop_quantization_marks(model: nn.Module) -> None:
-    """Let transformers forget the model was quantized (as its ``dequantize()`` does), so it saves as a dense one."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-
-
-_PEFT_LAYERS = ("Linear4bit", "Linear8bitLt")  # peft.tuners.lora.bnb's LoRA layers over bitsandbytes bases
-_peft_fused: dict[str, type] = {}
-
-
-def _peft_bnb_class(name: str) -> type | None:
-    if not _bnb_classes():
-        return None
-    from peft.tuners.lora import bnb as peft_bnb
-
-    return getattr(peft_bnb, name, None)
-
-
-def _peft_fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's bnb LoRA forward with one active adapter (plain or DoRA) computed by lorafast."""
-    from .peft_patch import _adapter_reason, _base_is_frozen
-
-    peft_class = type(self).__mro__[1]
-    extra = {k: v for k, v in kwargs.items() if v is not None}  # adapter_names (mixed batches) included
-    if args or extra or self.disable_adapters or self.merged or not _base_is_frozen(self):
-        return peft_class.forward(self, x, *args, **kwargs)
-    active = [a for a in self.active_adapters if a in self.lora_A]
-    if len(active) != 1 or _adapter_reason(self, active[0]) is not None:
-        return peft_class.forward(self, x, *args, **kwargs)
-    return peft_quantized_forward(self, x, active[0])
-
-
-def peft_quantized_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """A PEFT LoRA layer over a bitsandbytes base, its adapter ``name`` (plain or DoRA) run by lorafast."""
-    from .peft_patch import _dropout_p, _is_dora
-
-    base, lora_A, lora_B = layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight
-    scaling, dropout_p = layer.scaling[name], _dropout_p(layer, name)
-    if _is_dora(layer, name):
-        magnitude = layer.lora_magnitude_vector[name].weight
-        return quantized_dora_linear(x, base, lora_A, lora_B, magnitude, scaling, dropout_p, True)
-    return quantized_lora_linear(x, base, lora_A, lora_B, scaling, dropout_p, True)
-
-
-def _peft_fused_class(name: str) -> type:
-    if name not in _peft_fused:
-        peft_class = _peft_bnb_class(name)
-        _peft_fused[name] = type(
-            name,  # PEFT's class name, so the repr reads lora.Linear4bit(...) as PEFT's
-            (peft_class,),
-            {
-                "forward": _peft_fused_forward,
-                "__module__": __name__,
-                "__qualname__": f"PeftFused{name}",  # where pickle finds the class (module __getattr__ below)
-                "__doc__": f"PEFT's LoRA {name} whose forward runs lorafast's QLoRA linear (see patch_peft).",
-            },
-        )
-    return _peft_fused[name]
-
-
-def peft_fused_class(layer: nn.Module) -> type | None:
-    """The class ``patch_peft`` gives a PEFT ``lora.bnb.Linear4bit``/``Linear8bitLt`` layer with an adapter
-    lorafast runs (None for any other layer)."""
-    from .peft_patch import _adapter_reason
-
-    for name in _PEFT_LAYERS:
-        peft_class = _peft_bnb_class(name)
-        if peft_class is None:
-            continue
-        if type(layer) is peft_class or type(layer) is _peft_fused.get(name):
-            supported = any(_adapter_reason(layer, a) is None for a in layer.lora_A)
-            return _peft_fused_class(name) if supported else None
-    return None
-
-
-def unpatch_peft_quantized(model: nn.Module) -> int:
-    """Give every patched PEFT bnb layer of ``model`` its PEFT class back; returns how many were patched."""
-    fused = {cls: cls.__mro__[1] for cls in _peft_fused.values()}
-    count = 0
-    for module in model.modules():
-        if type(module) in fused:
-            module.__class__ = fused[type(module)]
-            count += 1
-    return count
-
-
-def patched_quantized_count(model: nn.Module) -> int:
-    """How many PEFT bnb layers of ``model`` run lorafast's QLoRA linear."""
-    fused = set(_peft_fused.values())
-    return sum(type(m) in fused for m in model.modules())
-
-
-def __getattr__(name: str):
-    # Lets pickle find the patched PEFT classes, built on first use.
-    if name.startswith("PeftFused") and name.removeprefix("PeftFused") in _PEFT_LAYERS:
-        return _peft_fused_class(name.removeprefix("PeftFused"))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "QuantizedLoRALinear",
-    "QuantizedLoRALinearFunction",
     "QuantizedMultiLoRALinear",
     "compute_dtype",
     "dequantize_weight",
     "is_quantized_linear",
-    "merge_lora_dense",
-    "peft_fused_class",
+    "merged_weight",
     "quantized_dora_linear",
     "quantized_lora_linear",
 ]

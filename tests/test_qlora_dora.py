@@ -282,11 +282,12 @@ def test_patch_peft_matches_peft_qlora_dora_fp32(base_dir, bits, caplog, monkeyp
     assert "14 of 14 PEFT LoRA layers run lorafast" in caplog.text
     assert patched_layer_count(ours) == 14
     calls = []
-    real = lorafast.quantized.quantized_dora_linear
-    monkeypatch.setattr(lorafast.quantized, "quantized_dora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lorafast.peft_patch.quantized_lora_linear  # what the PEFT bridge runs over a quantized base
+    spy = lambda *a, **k: calls.append(a[-1] is not None) or real(*a, **k)  # a[-1]: DoRA's magnitude
+    monkeypatch.setattr(lorafast.peft_patch, "quantized_lora_linear", spy)
     batch = lm_batch("llama")
     (want_logits, want_grads), (logits, grads) = _step(ref, batch), _step(ours, batch)
-    assert len(calls) == 14  # every layer ran lorafast's QLoRA-DoRA
+    assert len(calls) == 14 and all(calls)  # every layer ran lorafast's QLoRA-DoRA
     assert _rel(logits, want_logits) < 1e-5
     assert grads.keys() == want_grads.keys() and len(grads) == 3 * 14  # A, B and m of every layer
     for name in grads:
