@@ -65,6 +65,7 @@ def main(out: str) -> None:
     frozen = sum(p.to_local().numel() for p in model.parameters() if not p.requires_grad)
     if rank == 0:
         torch.save({"losses": losses, "factors": factors, "local_frozen": frozen}, out)
+    dist.barrier()  # no rank tears down gloo while another still works (one rank aborted at exit under load)
     dist.destroy_process_group()
 
 
