@@ -25,7 +25,7 @@ import torch
 from .backend import front_door
 from .expert_grouped import grouped_backward, grouped_forward, grouped_usable
 from .torch_backend import lora_backward, lora_forward
-from .validation import check_dropout, check_rank, check_same_dtype_and_device, check_scaling
+from .validation import check_dropout, check_rank, check_same_dtype_and_device, check_scaling, check_tensors
 
 
 def segment_bounds(counts: Sequence[int] | torch.Tensor, rows: int, experts: int) -> tuple[tuple[int, int], ...]:
@@ -163,11 +163,7 @@ def check_expert_inputs(
 ) -> tuple[int, int, int]:
     """Raise ValueError unless the shapes, dtypes and devices fit :func:`expert_lora_linear`; ``(E, in, out)``."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors(named, bias)
     layout = "(E, in, out)" if transposed else "(E, out, in)"
     if weight.dim() != 3:
         raise ValueError(f"weight must be a 3-D stack of expert weights {layout}, got shape {tuple(weight.shape)}")

@@ -74,6 +74,15 @@ def lora_inputs_check(scaling: float, dropout_p: float, training: bool):
     return check
 
 
+def check_tensors(named: dict[str, torch.Tensor], bias: torch.Tensor | None) -> None:
+    """Raise ValueError unless every value of ``named`` is a tensor; adds ``bias`` to ``named`` when given."""
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def check_base_inputs(
     named: dict[str, torch.Tensor], x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[int, int]:
@@ -81,11 +90,7 @@ def check_base_inputs(
 
     Adds ``bias`` to ``named`` when given; returns ``(out_features, in_features)``.
     """
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors(named, bias)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     out_features, in_features = weight.shape
