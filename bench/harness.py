@@ -220,6 +220,24 @@ def interleaved(runs: dict[str, Callable[[], None]], rounds: int, timer: Timer, 
     return times
 
 
+def timed_rounds(benchmark, runs: dict[str, Callable[[], None]], timer: Timer, rounds: int, warmup_rounds: int) -> dict:
+    """Seconds per run: each pytest-benchmark round (warm-up rounds too) times every run once, the order rotating
+    from round to round as :func:`interleaved`'s does, so a noisy machine slows the runs alike."""
+    names = list(runs)
+    times = {name: [] for name in names}
+    done = 0
+
+    def one_round():
+        nonlocal done
+        shift = done % len(names)
+        done += 1
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timer(runs[name]))
+
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    return times
+
+
 def summarize(times: dict[str, list[float]], baselines: tuple[str, ...]) -> dict[str, dict]:
     """Median seconds per run and the median per-round ratio of each run to each baseline."""
     out = {}

@@ -18,10 +18,10 @@ from harness import (
     base_reference,
     forward,
     forward_backward,
-    interleaved,
     lora_reference,
     saved_bytes,
     summarize,
+    timed_rounds,
 )
 from peft import LoraConfig, get_peft_model
 from report import Target
@@ -85,13 +85,7 @@ def test_dora_layer(benchmark, report, case):
     timer = Timer(DEVICE)
     for run in runs.values():  # first calls (autotuning on CUDA) outside the timing
         run()
-    times = {name: [] for name in runs}
-
-    def one_round():
-        for name, ts in interleaved(runs, 1, timer, warmup=0).items():
-            times[name] += ts
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0 if DRY_RUN else 1, iterations=1)
+    times = timed_rounds(benchmark, runs, timer, ROUNDS, 0 if DRY_RUN else 1)
     baselines = (f"{FROZEN}|fwd", f"{FROZEN}|fwd+bwd", f"{PEFT_DORA}|fwd+bwd", f"{LORAFAST}|fwd+bwd")
     timing = summarize(times, baselines=baselines)
     rows = {}

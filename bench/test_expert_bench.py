@@ -17,7 +17,7 @@ import copy
 import os
 
 import torch
-from harness import FROZEN, LORAFAST, Timer, interleaved, summarize
+from harness import FROZEN, LORAFAST, Timer, summarize, timed_rounds
 from peft import LoraConfig, get_peft_model
 from report import Target
 from torch import nn
@@ -76,13 +76,7 @@ def _timed(runs, benchmark):
     timer = Timer(DEVICE)
     for run in runs.values():
         run()
-    times = {name: [] for name in runs}
-
-    def one_round():
-        for name, ts in interleaved(runs, 1, timer, warmup=0).items():
-            times[name] += ts
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0 if DRY_RUN else 1, iterations=1)
+    times = timed_rounds(benchmark, runs, timer, ROUNDS, 0 if DRY_RUN else 1)
     return summarize(times, baselines=(FROZEN, PEFT_EXPERTS))
 
 

@@ -25,12 +25,12 @@ from harness import (
     forced_gemm,
     forward,
     forward_backward,
-    interleaved,
     kernel_launches,
     make_candidates,
     peak_cuda_bytes,
     saved_bytes,
     summarize,
+    timed_rounds,
 )
 from report import Target
 
@@ -88,13 +88,7 @@ def test_layer(benchmark, report, case):
     # choice cached on disk by an earlier process is reused).
     first_call = {name: timer(runs[f"{name}|fwd+bwd"]) for name in candidates}
     rounds = 3 * ROUNDS if case in TARGET_CASES and not DRY_RUN else ROUNDS
-    times = {name: [] for name in runs}
-
-    def one_round():
-        for name, ts in interleaved(runs, 1, timer, warmup=0).items():
-            times[name] += ts
-
-    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0 if DRY_RUN else 2, iterations=1)
+    times = timed_rounds(benchmark, runs, timer, rounds, 0 if DRY_RUN else 2)
     timing = summarize(times, baselines=(f"{FROZEN}|fwd", f"{FROZEN}|fwd+bwd", f"{PEFT}|fwd+bwd"))
     for name, module in candidates.items():
         row = {

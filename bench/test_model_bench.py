@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import Timer, assert_same_loss, interleaved, isolated_peak_cuda_bytes, summarize
+from harness import Timer, assert_same_loss, isolated_peak_cuda_bytes, summarize, timed_rounds
 from model_step import CONFIGS, batch_tokens, build, make_batch, make_tokenizer, peak_resident_bytes, train_step
 from report import Target
 
@@ -64,14 +64,8 @@ def test_training_step(benchmark, report, tokenizer_dir):
     models = {config: (*build(config, tokenizer_dir, DEVICE), batch) for config in CONFIGS}
     assert_same_loss({c: m for c, (m, _, _) in models.items()}, batch, 1e-4 if DEVICE.type == "cpu" else 1e-2)
     runs = {config: (lambda m=m, o=o: train_step(m, o, batch)) for config, (m, o, _) in models.items()}
-    times = {config: [] for config in CONFIGS}
     rounds = 1 if DRY_RUN else 10 if GPU_PLAN else 2
-
-    def one_round():
-        for config, ts in interleaved(runs, 1, Timer(DEVICE), warmup=0).items():
-            times[config] += ts
-
-    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0 if DRY_RUN else 1, iterations=1)
+    times = timed_rounds(benchmark, runs, Timer(DEVICE), rounds, 0 if DRY_RUN else 1)
     timing = summarize(times, baselines=(CONFIGS[0],))
     trainable = {c: sum(p.numel() for p in m.parameters() if p.requires_grad) for c, (m, _, _) in models.items()}
     models.clear(), runs.clear()  # one model resident at a time while peaks are measured
@@ -130,14 +124,8 @@ def test_adapter_size_and_merged_latency(benchmark, report, tokenizer_dir):
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
     with torch.no_grad():
         runs = {"merged": lambda: merged(**inputs), "base": lambda: plain(**inputs)}
-        times = {name: [] for name in runs}
-
-        def one_round():
-            for name, ts in interleaved(runs, 1, Timer(DEVICE), warmup=0).items():
-                times[name] += ts
-
         rounds = 1 if DRY_RUN else 20 if GPU_PLAN else 5
-        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0 if DRY_RUN else 1, iterations=1)
+        times = timed_rounds(benchmark, runs, Timer(DEVICE), rounds, 0 if DRY_RUN else 1)
     ratio = summarize(times, baselines=("base",))["merged"]["vs base"]
     report.targets.append(Target("inference latency merged / base model", ratio, 1.05))
     assert adapter_bytes < full_bytes / (10 if DRY_RUN else 100)  # the dry run's tiny model: 1/77

@@ -17,7 +17,7 @@ synchronisation in it is reported as a missed target.
 
 import pytest
 import torch
-from harness import FROZEN, Timer, interleaved, summarize
+from harness import FROZEN, Timer, summarize, timed_rounds
 from report import Target
 
 from conftest import DEVICE, DRY_RUN, DTYPE, GPU_PLAN
@@ -179,13 +179,7 @@ def test_mixed_adapter_batch(benchmark, report, case, layout):
         torch.testing.assert_close(mixed, loop, **tolerance)
         torch.testing.assert_close(mixed, peft, **tolerance)
     timer = Timer(DEVICE)
-    times = {name: [] for name in runs}
-
-    def one_round():
-        for name, ts in interleaved(runs, 1, timer, warmup=0).items():
-            times[name] += ts
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0 if DRY_RUN else 1, iterations=1)
+    times = timed_rounds(benchmark, runs, timer, ROUNDS, 0 if DRY_RUN else 1)
     layer.set_row_adapters(None)
     device = "GPU" if GPU_PLAN else "CPU"
     case_name = f"{d_in}→{d_out}, n={tokens}, r={r}, K={NUM_ADAPTERS}, {layout}"

@@ -24,12 +24,12 @@ from harness import (
     assert_matches_reference,
     assert_same_loss,
     forward_backward,
-    interleaved,
     isolated_peak_cuda_bytes,
     lora_reference,
     peak_cuda_bytes,
     saved_bytes,
     summarize,
+    timed_rounds,
 )
 from report import Target
 from torch import nn
@@ -110,13 +110,7 @@ def test_qlora_layer(benchmark, report, case, use_dora):
     reference = lora_reference(dense.weight, None, dense.lora_A, dense.lora_B, dense.scaling, magnitude)
     assert_matches_reference(candidates, dict.fromkeys(candidates, reference), x, grad_y)
     runs = {name: forward_backward(module, x, grad_y) for name, module in candidates.items()}
-    times = {name: [] for name in runs}
-
-    def one_round():
-        for name, ts in interleaved(runs, 1, Timer(DEVICE), warmup=0).items():
-            times[name] += ts
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0 if DRY_RUN else 2, iterations=1)
+    times = timed_rounds(benchmark, runs, Timer(DEVICE), ROUNDS, 0 if DRY_RUN else 2)
     timing = summarize(times, baselines=(PEFT_Q, DENSE))
     where = f"{d_in}→{d_out}, n={tokens}, r={r}, {str(DTYPE).removeprefix('torch.')}"
     rows = {}
@@ -189,14 +183,8 @@ def _training_step(benchmark, report, methods, label):
         # PEFT's QLoRA-DoRA starts 1.3e-4 (relative) off the base model's loss on CPU, lorafast's on it
         assert_same_loss({m: built[m][0] for m in methods}, batch, 1e-3 if DTYPE == torch.float32 else 1e-2)
         runs = {m: (lambda m=m: train_step(*built[m])) for m in methods}
-        times = {m: [] for m in methods}
-
-        def one_round():
-            for name, ts in interleaved(runs, 1, Timer(DEVICE), warmup=0).items():
-                times[name] += ts
-
         rounds = 10 if DEVICE.type == "cuda" else 1 if DRY_RUN else 6
-        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0 if DRY_RUN else 1, iterations=1)
+        times = timed_rounds(benchmark, runs, Timer(DEVICE), rounds, 0 if DRY_RUN else 1)
         timing = summarize(times, baselines=(peft_m,))
         built.clear(), runs.clear()  # one model resident at a time while peaks are measured
         peaks = {m: _peak_bytes(m, directory, batch) for m in methods}
