@@ -214,17 +214,17 @@ def front_door(x, weight, bias, lora_A, lora_B, check: Callable, run: Callable):
     mixed = isinstance(lora_A, (list, tuple)) or lora_A.dim() == 3
     rank = max(a.shape[-2] for a in lora_A) if isinstance(lora_A, (list, tuple)) else lora_A.shape[-2]
     backend = resolve_backend(x.device, x.dtype, rank)
+    seed = dropout_seed() if dropout else 0  # the same for either backend: a redo on the PyTorch path keeps it
     tensors = (x, weight, bias, lora_A, lora_B)
     if backend != "triton" or requested_backend() != "auto":
-        return run(tensors, checked, backend, dropout_seed(backend) if dropout else 0)
+        return run(tensors, checked, backend, seed)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     out_features = lora_B[0].shape[0] if isinstance(lora_B, (list, tuple)) else lora_B.shape[-2]  # W0 may be packed
     key = fallback_key(rows, x.shape[-1], out_features, rank, x.dtype, dropout, mixed, x.device)
     if failed(key):
         backend = "torch"
     if backend == "torch" or torch.compiler.is_compiling():  # a compiled graph cannot switch paths at run time
-        return run(tensors, checked, backend, dropout_seed(backend) if dropout else 0)
-    seed = dropout_seed("torch") if dropout else 0  # eager: the same int either backend would draw
+        return run(tensors, checked, backend, seed)
     from .kernels.entry import KernelLaunchError  # resolve_backend imported the kernels
 
     try:

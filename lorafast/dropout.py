@@ -75,14 +75,13 @@ def _():
 _draw_seed_op.register_effect(EffectType.ORDERED)
 
 
-def dropout_seed(backend: str) -> int | torch.Tensor:
-    """A dropout seed for a call on ``backend`` (either), drawn as :func:`draw_seed` draws it (same value).
+def dropout_seed() -> int | torch.Tensor:
+    """A dropout seed for a call on either backend, drawn as :func:`draw_seed` draws it (same value).
 
     Under torch.compile it is a 0-d int64 CPU tensor from the operator ``lorafast::draw_seed`` (no graph
     break): the Triton kernel operators read it on the host (no device sync), the PyTorch path hands it
     to ``lorafast::keep_mask`` (:func:`keep_blocks`). Elsewhere a Python int.
     """
-    del backend  # both paths draw alike; kept so that callers say which path the seed is for
     if torch.compiler.is_compiling():
         return _draw_seed_op()
     return draw_seed()

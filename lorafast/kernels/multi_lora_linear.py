@@ -169,7 +169,7 @@ def multi_lora_forward(
 
     ``lora_A`` ``(K, R, in)``, ``lora_B`` ``(K, out, R)``: K adapters stacked (each read in place, as a view);
     ``dropout``: None or ``(K,)`` float32 on x's device (p_k = 0: exactly no dropout for adapter k); ``seed``:
-    ``lorafast.dropout.dropout_seed("triton")``; ``segments``: :func:`batch_segments` of row_adapter if built.
+    ``lorafast.dropout.dropout_seed()``; ``segments``: :func:`batch_segments` of row_adapter if built.
     """
     seed = host_seed(seed)
     num_adapters = check_operands(x, weight, lora_A, lora_B, scalings, row_adapter, bias, dropout, seed)
