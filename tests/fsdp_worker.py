@@ -6,6 +6,7 @@ A and B train). Each rank trains on its half of every batch; rank 0 saves the lo
 final LoRA factors to OUT for tests/test_fsdp.py to compare with one process on the whole batches.
 """
 
+import os
 import sys
 from datetime import timedelta
 
@@ -65,9 +66,13 @@ def main(out: str) -> None:
     frozen = sum(p.to_local().numel() for p in model.parameters() if not p.requires_grad)
     if rank == 0:
         torch.save({"losses": losses, "factors": factors, "local_frozen": frozen}, out)
-    dist.barrier()  # no rank tears down gloo while another still works (one rank aborted at exit under load)
+    dist.barrier()  # no rank tears down gloo while another still works
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # In CI runs of the whole suite a rank has now and then aborted in C++ teardown ("terminate called without an
+    # active exception") after its work was done; the results are written, so skip the interpreter's teardown.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
