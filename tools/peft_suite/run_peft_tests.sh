@@ -26,7 +26,7 @@ for mode in unpatched patched; do
   patch=$([ "$mode" = patched ] && echo 1 || echo 0)
   rm -f "$out/$mode.xml"  # a run that cannot start must not be compared through an earlier report
   LORAFAST_PEFT_PATCH=$patch PYTHONPATH="$repo:$here${PYTHONPATH:+:$PYTHONPATH}" \
-    python -m pytest -p lorafast_peft_plugin -p no:cacheprovider -q -rs "${args[@]}" \
+    python -m pytest -o addopts="" -p lorafast_peft_plugin -p no:cacheprovider -q -rs "${args[@]}" \
     --junitxml="$out/$mode.xml" >"$out/$mode.log" 2>&1 || true
   tail -n 2 "$out/$mode.log"
 done
