@@ -23,7 +23,7 @@ from torch import nn
 
 from . import dora
 from .backend import front_door
-from .bases import QUANTIZED, base_weight, compute_dtype, dequantize_weight, kind_of
+from .bases import QUANTIZED, compute_dtype, dequantize_weight, kind_of
 from .function import LoRALinearFunction, lora_linear
 from .validation import autocast_dtype, lora_inputs_check
 
@@ -47,8 +47,9 @@ def base_lora_linear(
     compute dtype, gradients in their own). ValueError as lora_linear's (and dora_linear's), and for a module of no
     kind (or not quantized yet).
     """
-    if kind_of(module, kind) not in QUANTIZED:
-        weight, lora_A, lora_B = base_weight(module, kind), lora_A.to(x.dtype), lora_B.to(x.dtype)
+    kind = kind_of(module, kind)
+    if kind not in QUANTIZED:
+        weight, lora_A, lora_B = kind.weight_view(module), lora_A.to(x.dtype), lora_B.to(x.dtype)
         if magnitude is None:
             return lora_linear(x, weight, module.bias, lora_A, lora_B, scaling, dropout_p, training)
         return dora.dora_linear(x, weight, module.bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
@@ -92,8 +93,9 @@ def on_dense_base(
     itself, or a quantized W0 dequantized once in the compute dtype, with x and the bias in it (fp32
     ``factors_dtype`` then computes under autocast in that dtype; the output comes back in x's dtype). ``run``
     may keep what it is given for backward (a mixed batch keeps the dequantized W0)."""
-    if kind_of(module, kind) not in QUANTIZED:
-        return run(x, base_weight(module, kind), module.bias)
+    kind = kind_of(module, kind)
+    if kind not in QUANTIZED:
+        return run(x, kind.weight_view(module), module.bias)
     dtype = compute_dtype(module, x)
     cast = contextlib.nullcontext() if factors_dtype in (None, dtype) else torch.autocast(x.device.type, dtype=dtype)
     out_dtype = x.dtype if autocast_dtype(x) is None else dtype

@@ -20,6 +20,7 @@ from .bases import (
     in_weight_layout,
     is_quantized_linear,
     kind_name,
+    reset,
     write_weight,
 )
 from .validation import check_dropout, check_rank, check_scaling, lora_scaling
@@ -30,7 +31,7 @@ class LoRALayer(nn.Module):
     (:mod:`lorafast.bases`), as ``base_layer`` under the base's own state_dict keys; :meth:`factors`,
     :meth:`get_delta_weight`, :meth:`to_base_layer`."""
 
-    base_kind = "dense"  # the base's kind, a name in lorafast.bases.KINDS
+    base_kind: str  # the base's kind, a name in lorafast.bases.KINDS
 
     def _hold_base(self, module: nn.Module) -> None:
         """Hold ``module`` (kept, not copied) as the frozen base; its state_dict keys read as the layer's own
@@ -102,9 +103,10 @@ class LoRALayer(nn.Module):
         return base_weight(self.base_layer, self.base_kind)
 
     def _adapter_forward(self, x: torch.Tensor, name: str | None = None) -> torch.Tensor:
-        lora_A, lora_B, _, _, dropout = self.factors(name)
-        return base_lora_linear(x, self.base_layer, lora_A, lora_B, self.adapter_scaling(name), dropout,
-                                self.training, self.magnitude(name), self.base_kind)  # fmt: skip
+        lora_A, lora_B, r, alpha, dropout = self.factors(name)
+        scaling = lora_scaling(alpha, r, self.uses_rslora(name))
+        return base_lora_linear(x, self.base_layer, lora_A, lora_B, scaling, dropout, self.training,
+                                self.magnitude(name), self.base_kind)  # fmt: skip
 
     def adapter_to_merge(self) -> tuple | None:
         """``(lora_A, lora_B, scaling, magnitude or None)`` of the adapter in use, None when there is none to add."""
@@ -231,13 +233,9 @@ class FusedLoRALinear(LoRALayer):
         return self.use_rslora
 
     def reset_parameters(self) -> None:
-        """Initialise W and b as ``nn.Linear`` does (a quantized base is left as it is), then the LoRA factors."""
-        if is_quantized_linear(self.base_layer):
-            return self.reset_lora_parameters()
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
+        """Initialise the base as its own ``reset_parameters`` does (``nn.Linear``'s; :func:`lorafast.bases.reset`:
+        a quantized base or a Conv1D is left as it is), then the LoRA factors."""
+        reset(self.base_layer)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:

@@ -120,3 +120,16 @@ def test_a_module_of_no_kind_is_refused_by_name():
     for build in (lambda m: FusedLoRALinear.from_linear(m), MultiLoRALinear.from_linear):
         with pytest.raises(ValueError, match=r"from_linear expects an nn\.Linear, got Conv1d \(transformers' Conv1D"):
             build(nn.Conv1d(D_IN, D_OUT, 1))
+
+
+def test_a_new_layer_draws_its_base_as_nn_linear_does():
+    """``FusedLoRALinear(in, out)`` holds an ``nn.Linear`` drawn as ``nn.Linear(in, out)`` draws it, seed for seed."""
+    torch.manual_seed(0)
+    want = nn.Linear(D_IN, D_OUT)
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(D_IN, D_OUT, r=R)
+    assert type(layer.base_layer) is nn.Linear
+    assert torch.equal(layer.weight, want.weight) and torch.equal(layer.bias, want.bias)
+    torch.manual_seed(1)
+    layer.reset_parameters()
+    assert not torch.equal(layer.weight, want.weight) and torch.count_nonzero(layer.lora_B) == 0

@@ -103,6 +103,13 @@ def compute_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
     return autocast_dtype(x) or (own and own(module)) or x.dtype
 
 
+def reset(module: nn.Module) -> None:
+    """Re-initialise a base read in place by its own ``reset_parameters`` (``nn.Linear``'s: Kaiming-uniform W,
+    uniform b), if it has one; a quantized base is left as it is (there is nothing to draw it from)."""
+    if not is_quantized_linear(module) and hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+
+
 @torch.no_grad()
 def write_weight(module: nn.Module, merged: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> None:
     """Make W0 the fp32 ``merged`` weight ``(out, in)``, or W0 + the fp32 ``delta``: in place for a dense base, by
@@ -134,5 +141,6 @@ __all__ = [
     "is_quantized_linear",
     "kind_name",
     "kind_of",
+    "reset",
     "write_weight",
 ]
