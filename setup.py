@@ -42,7 +42,7 @@ setup(
     extras_require={
         "train": TRAIN,
         "bench": ["pytest>=9", "pytest-benchmark>=5", *TRAIN],
-        # QLoRA: LoRA over bitsandbytes 4-/8-bit bases (lorafast.quantized); 0.50 runs on the CPU too.
+        # QLoRA: LoRA over bitsandbytes 4-/8-bit bases (lorafast.bases); 0.50 runs on the CPU too.
         "qlora": [BITSANDBYTES],
         "test": ["pytest>=9", "pytest-benchmark>=5", "ruff>=0.17", BITSANDBYTES, *TRAIN],
     },

@@ -2,8 +2,9 @@
 (lorafast QLoRA-DoRA against PEFT QLoRA-DoRA).
 
 - one layer's forward+backward: PEFT QLoRA (``lora.bnb.Linear4bit``), the same after ``patch_peft``, lorafast's
-  ``QuantizedLoRALinear`` and, for scale, lorafast over the dense weight; time, activation bytes kept for backward
-  and, on CUDA, peak memory. CPU: fp32 compute; CUDA: bf16 compute, 4096→4096 and 4096→11008, n=8192, r=16.
+  ``FusedLoRALinear`` over the quantized base and, for scale, lorafast over the dense weight; time, activation
+  bytes kept for backward and, on CUDA, peak memory. CPU: fp32 compute; CUDA: bf16 compute, 4096→4096 and
+  4096→11008, n=8192, r=16.
 - a small Llama's training step (``qlora_step.py``): time, and peak memory (CUDA max allocated, or on CPU each
   method's peak resident memory in a process of its own).
 

@@ -8,7 +8,8 @@
   several named adapters in one model, mixed in one batch (one adapter per sequence).
 - :func:`patch_peft`, :func:`unpatch_peft`: lorafast's fused LoRA inside a ``peft.PeftModel``.
 - :func:`expert_lora_linear`, ``apply_lora(target_parameters=...)``: LoRA on transformers' MoE expert stacks.
-- :class:`QuantizedLoRALinear`, :func:`merge_lora_dense`: LoRA over bitsandbytes 4-/8-bit and FP8 bases.
+- :func:`merge_lora_dense`: a model over bitsandbytes 4-/8-bit or FP8 bases (which every layer takes, see
+  :mod:`lorafast.bases`) merged into a dense one.
 - :func:`adapter_checkpoints`: a ``transformers.Trainer`` saves and resumes only the adapter.
 """
 
@@ -29,7 +30,6 @@ from .multi_adapter import adapter_ids, add_adapter, list_adapters, multi_lora_l
 from .multi_function import MultiLoRALinearFunction, multi_lora_linear
 from .multi_layer import MultiLoRALinear
 from .peft_patch import patch_peft, unpatch_peft
-from .quantized import QuantizedLoRALinear
 from .trainer import adapter_checkpoints
 
 __all__ = [
@@ -62,3 +62,5 @@ __all__ = [
     "unpatch_peft",
 ]
 __version__ = "0.1.0"
+
+QuantizedLoRALinear = FusedLoRALinear  # the name of the QLoRA layer before every layer took every base kind

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .atomic import write_atomically
+from .bases import features, kind_name
 from .experts import expert_sizes, lora_experts, peft_expert_factors, peft_nesting, to_peft_factors
-from .layer import is_conv1d
 from .model import apply_lora, check_patterns, layer_settings, lora_layers, select_target_parameters
 from .multi_adapter import add_adapter, list_adapters, multi_lora_layers
 from .multi_layer import MultiLoRALinear
@@ -422,11 +422,9 @@ def _place_experts(model: nn.Module, config: dict, factors: dict, adapter_name: 
 
 def _linear_sizes(module: nn.Module) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of a layer an adapter can target, else None."""
-    if isinstance(module, (nn.Linear, MultiLoRALinear)):
+    if isinstance(module, MultiLoRALinear):
         return module.in_features, module.out_features
-    if is_conv1d(module):  # GPT-2's Conv1D keeps its weight as (in, out)
-        return tuple(module.weight.shape)
-    return None
+    return features(module) if kind_name(module) else None  # a base of any kind (a Conv1D's weight is (in, out))
 
 
 def _check_shapes(factors: dict[str, dict[str, torch.Tensor]], shapes: dict[str, tuple[int, int, int]]) -> None:

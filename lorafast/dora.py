@@ -13,7 +13,7 @@ output ``z = (y - b) / g`` recovered from y (columns where m = 0 are recomputed 
 is kept beyond y and nothing is recomputed by a base GEMM. dA, dB, dX are the LoRA gradients of ``dY ⊙ g``.
 
 :class:`ReloadedWeightDoRALinearFunction` is the same over a transient W0 that backward rebuilds instead of keeping
-(a dequantized bitsandbytes weight, :func:`lorafast.quantized.quantized_dora_linear`).
+(a dequantized quantized weight, :func:`lorafast.base_linear.base_lora_linear`).
 
 Under ``torch.compile(fullgraph=True)`` nothing breaks the graph: ``‖W0‖²_row`` is computed in the graph (a cache
 keyed on storage cannot be guarded; one more read of W0), the Triton forward runs as ``lorafast::dora_forward`` and

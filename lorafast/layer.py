@@ -1,37 +1,69 @@
-"""``FusedLoRALinear``: a drop-in ``nn.Linear`` replacement with a trainable low-rank update; ``LoRALayer``: what it
-shares with ``MultiLoRALinear`` and what model-level functions use of either."""
+"""``FusedLoRALinear``: a drop-in ``nn.Linear`` replacement with a trainable low-rank update over a frozen base of
+any kind; ``LoRALayer``: what it shares with ``MultiLoRALinear`` and what model-level functions use of either."""
 
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import dora
-from .bases import check_quantized, is_quantized_linear
-from .function import lora_linear
+from .base_linear import base_lora_linear
+from .bases import (
+    KINDS,
+    adapter_dtype_basis,
+    base_weight,
+    check_quantized,
+    features,
+    in_weight_layout,
+    is_quantized_linear,
+    kind_name,
+    reset,
+    write_weight,
+)
 from .validation import check_dropout, check_rank, check_scaling, lora_scaling
 
 
 class LoRALayer(nn.Module):
-    """:meth:`factors`, :meth:`get_delta_weight`, :meth:`to_base_layer`; adds no parameter (the state_dict contract
-    is the subclass's)."""
+    """What FusedLoRALinear and MultiLoRALinear share: the frozen base they hold, of any kind
+    (:mod:`lorafast.bases`), as ``base_layer`` under the base's own state_dict keys; :meth:`factors`,
+    :meth:`get_delta_weight`, :meth:`to_base_layer`."""
 
-    fan_in_fan_out = False  # True: the weight is stored (in_features, out_features), as a Conv1D's
-    quantized_class: type | None = None  # what from_linear gives over a quantized base (lorafast.quantized)
+    base_kind: str  # the base's kind, a name in lorafast.bases.KINDS
 
-    def __init_subclass__(cls, over_quantized: bool = False, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if over_quantized:  # the layer class over quantized bases of its parent class
-            cls.__mro__[1].quantized_class = cls
+    def _hold_base(self, module: nn.Module) -> None:
+        """Hold ``module`` (kept, not copied) as the frozen base; its state_dict keys read as the layer's own
+        (``weight``, ``bias``, a quantized weight's ``weight.absmax``, ...), so a base checkpoint loads unchanged."""
+        self.base_kind = _checked_kind(module)
+        self.in_features, self.out_features = features(module)
+        self.base_layer = module.requires_grad_(False)
+        self.register_state_dict_post_hook(_base_keys_as_own)
+        self.register_load_state_dict_pre_hook(_own_keys_to_base)
+        self.register_load_state_dict_post_hook(_reported_keys_as_own)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The base's stored weight (``(out, in)``; ``(in, out)`` for a Conv1D; packed for a quantized base)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base_layer.bias
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the weight is stored ``(in_features, out_features)``, as a Conv1D's (PEFT's option of that name)."""
+        return getattr(KINDS[self.base_kind], "FAN_IN_FAN_OUT", False)
 
     def factors(self, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
         """``(lora_A (r, in), lora_B (out, r), r, alpha, dropout)`` of adapter ``name`` (None: the layer's one)."""
         raise NotImplementedError
+
+    def magnitude(self, name: str | None = None) -> torch.Tensor | None:
+        """DoRA adapter ``name``'s magnitude m ``(out,)`` (the Parameter), None for a plain LoRA adapter."""
+        return None
 
     def uses_rslora(self, name: str | None = None) -> bool:
         """Whether adapter ``name`` scales by ``alpha / sqrt(r)`` (rank-stabilised LoRA) rather than ``alpha / r``."""
@@ -49,61 +81,61 @@ class LoRALayer(nn.Module):
     @torch.no_grad()
     def get_delta_weight(self, name: str | None = None) -> torch.Tensor:
         """``scaling·B·A`` of adapter ``name`` (fp32 math) in the weight's dtype and layout, ``(out, in)`` or
-        ``(in, out)`` for a Conv1D, as PEFT's."""
+        ``(in, out)`` for a Conv1D, as PEFT's (fp32 ``(out, in)`` over a quantized base)."""
         lora_A, lora_B, *_ = self.factors(name)
-        return self._in_weight_layout(_scaled_product(lora_A, lora_B, self.adapter_scaling(name)))
-
-    def _in_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
-        return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
+        return in_weight_layout(self.base_layer, _scaled_product(lora_A, lora_B, self.adapter_scaling(name)))
 
     def _factor_options(self, adapter_dtype: torch.dtype | None) -> dict:
-        """``{"device", "dtype"}`` of new factors: the weight's device, :func:`default_adapter_dtype` of its dtype."""
-        return {"device": self.weight.device, "dtype": default_adapter_dtype(self.weight.dtype, adapter_dtype)}
+        """``{"device", "dtype"}`` of new factors: the weight's device, :func:`default_adapter_dtype` of its dtype
+        (fp32 over a quantized base)."""
+        dtype = default_adapter_dtype(adapter_dtype_basis(self.base_layer), adapter_dtype)
+        return {"device": self.weight.device, "dtype": dtype}
 
     @torch.no_grad()
     def _write_weight(self, merged: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> None:
-        """Write the fp32 ``merged`` weight ``(out, in)`` into the frozen weight or add the fp32 ``delta``, in place."""
-        if merged is not None:
-            self.weight.copy_(self._in_weight_layout(merged))
-        else:
-            self.weight.add_(self._in_weight_layout(delta))
+        """Make W0 the fp32 ``merged`` weight ``(out, in)`` or add the fp32 ``delta`` (re-quantized over a quantized
+        base, lossy, as PEFT merges)."""
+        write_weight(self.base_layer, merged, delta)
 
     def base_weight(self) -> torch.Tensor:
-        """The frozen weight as ``(out_features, in_features)`` (a transposed view for a Conv1D)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        """W0 as ``(out_features, in_features)``: the weight (a transposed view for a Conv1D), or a quantized base's
+        dequantized to a new fp32 tensor."""
+        return base_weight(self.base_layer, self.base_kind)
 
     def _adapter_forward(self, x: torch.Tensor, name: str | None = None) -> torch.Tensor:
-        lora_A, lora_B, _, _, dropout = self.factors(name)
-        # fp32 factors on a half-precision base are cast here (differentiable: their gradients stay fp32)
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        scaling = self.adapter_scaling(name)
-        return lora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, scaling, dropout, self.training)
+        lora_A, lora_B, r, alpha, dropout = self.factors(name)
+        scaling = lora_scaling(alpha, r, self.uses_rslora(name))
+        return base_lora_linear(x, self.base_layer, lora_A, lora_B, scaling, dropout, self.training,
+                                self.magnitude(name), self.base_kind)  # fmt: skip
+
+    def adapter_to_merge(self) -> tuple | None:
+        """``(lora_A, lora_B, scaling, magnitude or None)`` of the adapter in use, None when there is none to add."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        """One line, as ``nn.Linear``'s; the base's class is named where it is no ``nn.Linear`` or ``Conv1D``."""
+        name = type(self.base_layer).__name__
+        return f"{self._get_name()}({self.extra_repr()}{'' if name in ('Linear', 'Conv1D') else f', base={name}'})"
 
     def to_base_layer(self, merge: bool = False) -> nn.Module:
-        """The plain ``nn.Linear`` (a Conv1D for ``fan_in_fan_out``) holding this layer's weight and bias, the
-        adapter in use merged into the weight (``merge``) or not."""
+        """The base module this layer holds, the adapter in use merged into its weight (``merge``) or not."""
         self._set_merged(merge)
-        with torch.device("meta"):  # no memory: the Parameters are this layer's
-            if self.fan_in_fan_out:
-                base = conv1d_class()(self.out_features, self.in_features)
-            else:
-                base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        base.weight, base.bias = self.weight, self.bias
-        return base.train(self.training)
+        return self.base_layer.train(self.training)
 
 
 class FusedLoRALinear(LoRALayer):
     """``y = x·Wᵀ + b + (alpha/r)·(drop(x)·Aᵀ)·Bᵀ``, x ``(..., in_features)`` -> ``(..., out_features)``; W, b frozen.
 
     ``use_rslora``: scale by ``alpha/sqrt(r)`` (rank-stabilised LoRA, PEFT's ``use_rslora``) instead of ``alpha/r``.
-    Keeps ``nn.Linear``'s state_dict keys (``weight``, ``bias``), so a base checkpoint loads unchanged (the
-    missing factors keep their init), and adds ``lora_A`` ``(r, in)`` (Kaiming-uniform, as PEFT) and ``lora_B``
-    ``(out, r)`` (zeros: the layer starts equal to the base layer). ``r`` >= 1 (above min(in, out) too, as
-    PEFT), ``dropout`` (on the LoRA input in training) in [0, 1). ``adapter_dtype`` of the factors, None: fp32
-    on an fp16/bf16 weight (as PEFT, so optimizer updates keep their precision), else the weight's; they are
-    cast to the compute dtype in forward and their gradients arrive in adapter_dtype. ``from_linear`` also
-    wraps GPT-2's ``Conv1D`` (weight ``(in, out)``), kept in that layout and key, read transposed without a
-    copy (``fan_in_fan_out``).
+    Keeps the base's state_dict keys (``nn.Linear``'s ``weight``, ``bias``), so a base checkpoint loads unchanged
+    (the missing factors keep their init), and adds ``lora_A`` ``(r, in)`` (Kaiming-uniform, as PEFT) and
+    ``lora_B`` ``(out, r)`` (zeros: the layer starts equal to the base layer). ``r`` >= 1 (above min(in, out) too,
+    as PEFT), ``dropout`` (on the LoRA input in training) in [0, 1). ``adapter_dtype`` of the factors, None: fp32
+    on an fp16/bf16 weight or a quantized base (as PEFT, so optimizer updates keep their precision), else the
+    weight's; they are cast to the compute dtype in forward and their gradients arrive in adapter_dtype.
+    ``from_linear`` wraps a base of any kind (:mod:`lorafast.bases`): GPT-2's ``Conv1D`` (weight ``(in, out)``,
+    read transposed without a copy: ``fan_in_fan_out``), bitsandbytes' ``Linear4bit``/``Linear8bitLt`` (QLoRA)
+    and transformers' ``FP8Linear`` (dequantized per call, see :mod:`lorafast.base_linear`).
     ``use_dora``: DoRA (:mod:`lorafast.dora`), with a trainable magnitude ``lora_magnitude`` ``(out,)``
     initialised as PEFT's to the row norms of W0.
     """
@@ -127,13 +159,9 @@ class FusedLoRALinear(LoRALayer):
     ):
         super().__init__()
         check_rank(r, in_features, out_features)
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        # uninitialised: reset_parameters() draws W and b as nn.Linear would
+        device = torch.get_default_device() if device is None else device
+        self._hold_base(nn.utils.skip_init(nn.Linear, in_features, out_features, bias, device=device, dtype=dtype))
         self._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, use_dora)
         self.reset_parameters()
 
@@ -149,25 +177,15 @@ class FusedLoRALinear(LoRALayer):
         use_rslora: bool = False,
         use_dora: bool = False,
     ):
-        """Wrap an ``nn.Linear`` or ``Conv1D``, reusing (not copying) and freezing its weight and bias; a quantized
-        linear (:mod:`lorafast.bases`) gives a :class:`lorafast.quantized.QuantizedLoRALinear`."""
-        if is_quantized_linear(linear) and cls is FusedLoRALinear:
-            options = {"adapter_dtype": adapter_dtype, "use_rslora": use_rslora, "use_dora": use_dora}
-            return cls.quantized_class.from_linear(linear, r=r, alpha=alpha, dropout=dropout, **options)
-        conv1d = is_conv1d(linear)
-        if not (conv1d or isinstance(linear, nn.Linear)):
-            raise ValueError(
-                f"from_linear expects an nn.Linear, got {type(linear).__name__} (transformers' Conv1D works too)"
-            )
-        in_features, out_features = linear.weight.shape if conv1d else linear.weight.shape[::-1]
-        check_rank(r, in_features, out_features)
+        """Wrap a base of any kind (:mod:`lorafast.bases`: ``nn.Linear``, ``Conv1D``, a quantized linear), kept (not
+        copied) and frozen. ``use_dora`` over a quantized base: m from its dequantized W0 (it must be quantized
+        already)."""
+        _checked_kind(linear)
+        check_rank(r, *features(linear))
+        check_dora_bases(use_dora, [linear])
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        if conv1d:
-            _adopt_conv1d(layer, linear)
-        else:
-            adopt_frozen_base(layer, linear)
-        layer._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, use_dora)
+        layer._init_lora(r, alpha, dropout, adapter_dtype, use_rslora, use_dora, base=linear)
         layer.reset_lora_parameters()
         return layer
 
@@ -179,13 +197,18 @@ class FusedLoRALinear(LoRALayer):
         adapter_dtype: torch.dtype | None = None,
         use_rslora: bool = False,
         use_dora: bool = False,
+        base: nn.Module | None = None,
     ) -> None:
-        """The factors and settings."""
+        """The factors and settings; ``base``: the module to hold, after the checks (a refused call leaves it as
+        it was)."""
         check_scaling(alpha)
         check_dropout(dropout)
-        self.use_rslora = bool(use_rslora)
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
+        default_adapter_dtype(torch.float32, adapter_dtype)  # a bad adapter_dtype fails before the base is held
+        if base is not None:
+            self._hold_base(base)
+        self.use_rslora = bool(use_rslora)
         factory = self._factor_options(adapter_dtype)
         self.r, self.alpha, self.dropout = r, alpha, float(dropout)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
@@ -194,6 +217,12 @@ class FusedLoRALinear(LoRALayer):
         self.lora_magnitude = nn.Parameter(torch.empty(self.out_features, **factory)) if use_dora else None
         self.merged = False
         self.register_load_state_dict_post_hook(_allow_missing_lora_keys)
+
+    def magnitude(self, name: str | None = None) -> torch.Tensor | None:
+        return self.lora_magnitude
+
+    def adapter_to_merge(self) -> tuple | None:
+        return None if self.merged else (self.lora_A, self.lora_B, self.scaling, self.lora_magnitude)
 
     @property
     def scaling(self) -> float:
@@ -204,11 +233,9 @@ class FusedLoRALinear(LoRALayer):
         return self.use_rslora
 
     def reset_parameters(self) -> None:
-        """Initialise W and b as ``nn.Linear`` does, then the LoRA factors."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
+        """Initialise the base as its own ``reset_parameters`` does (``nn.Linear``'s; :func:`lorafast.bases.reset`:
+        a quantized base or a Conv1D is left as it is), then the LoRA factors."""
+        reset(self.base_layer)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -234,8 +261,8 @@ class FusedLoRALinear(LoRALayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``scaling·B·A`` into the weight: forward then costs one plain linear (a quantized base is
-        re-quantized, lossy, as PEFT merges)."""
+        """Fold ``scaling·B·A`` into the weight: forward then costs the base layer's own (a quantized base is
+        re-quantized, lossy, as PEFT merges; :func:`lorafast.merge_lora_dense` merges into a dense copy instead)."""
         if self.merged:
             warnings.warn(f"{type(self).__name__} is already merged; nothing to do", stacklevel=2)
             return
@@ -266,7 +293,8 @@ class FusedLoRALinear(LoRALayer):
         self.merged, self._merged_factors = False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``(..., in_features)`` -> ``(..., out_features)``."""
+        """x ``(..., in_features)`` -> ``(..., out_features)`` (over a quantized base in x's dtype, see
+        :mod:`lorafast.base_linear`)."""
         if self.merged:
             trainable = [p for p in (self.lora_A, self.lora_B, getattr(self, "lora_magnitude", None)) if p is not None]
             if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in trainable):
@@ -275,11 +303,7 @@ class FusedLoRALinear(LoRALayer):
                     "cannot be trained; call unmerge() before training (or eval() / torch.no_grad() "
                     "for inference)"
                 )
-            return F.linear(x, self.base_weight(), self.bias)
-        if self.use_dora:
-            lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-            return dora.dora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, self.lora_magnitude,
-                                    self.scaling, self.dropout, self.training)  # fmt: skip
+            return self.base_layer(x)
         return self._adapter_forward(x)
 
     def extra_repr(self) -> str:
@@ -294,7 +318,7 @@ class FusedLoRALinear(LoRALayer):
 
 
 def check_dora_bases(use_dora: bool, modules) -> None:
-    """ValueError if ``use_dora`` is not a bool, or is True over a bitsandbytes base in ``modules`` that is not
+    """ValueError if ``use_dora`` is not a bool, or is True over a quantized base in ``modules`` that is not
     quantized yet (DoRA's magnitude is initialised from W0)."""
     if not isinstance(use_dora, bool):
         raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
@@ -312,33 +336,15 @@ def default_adapter_dtype(weight_dtype: torch.dtype, adapter_dtype: torch.dtype 
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
-def conv1d_class() -> type | None:
-    """transformers' ``Conv1D`` (GPT-2's projections, weight ``(in, out)``) if transformers is loaded, else None."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is a transformers ``Conv1D``."""
-    conv1d = conv1d_class()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def _adopt_conv1d(layer: FusedLoRALinear, conv: nn.Module) -> None:
-    """Give ``layer`` the Conv1D's ``(in, out)`` weight and bias Parameters (shared, not copied), frozen."""
-    layer.in_features, layer.out_features = conv.weight.shape
-    layer.fan_in_fan_out = True
-    layer.weight = conv.weight.requires_grad_(False)
-    layer.bias = conv.bias.requires_grad_(False)
-
-
-def adopt_frozen_base(module: nn.Module, linear: nn.Linear) -> None:
-    """Give ``module`` the linear's sizes and its weight and bias Parameters (shared, not copied), frozen."""
-    module.in_features, module.out_features = linear.in_features, linear.out_features
-    module.weight = linear.weight.requires_grad_(False)
-    if linear.bias is not None:
-        module.bias = linear.bias.requires_grad_(False)
-    else:
-        module.register_parameter("bias", None)
+def _checked_kind(module: nn.Module) -> str:
+    """The kind name of a base (:func:`lorafast.bases.kind_name`); ValueError for a module of no kind."""
+    name = kind_name(module)
+    if name is None:
+        raise ValueError(
+            f"from_linear expects an nn.Linear, got {type(module).__name__} (transformers' Conv1D and FP8Linear and "
+            "bitsandbytes' Linear4bit and Linear8bitLt work too)"
+        )
+    return name
 
 
 def _scaled_product(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -355,3 +361,30 @@ def _allow_missing_lora_keys(module: FusedLoRALinear, incompatible_keys) -> None
             missing.remove(key[: -len("lora_A")] + "lora_B")
             if key[: -len("lora_A")] + "lora_magnitude" in missing:
                 missing.remove(key[: -len("lora_A")] + "lora_magnitude")
+
+
+_BASE = "base_layer"  # the base module's name inside a layer, hidden from its state_dict keys
+
+
+def _base_keys_as_own(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: ``<prefix>base_layer.<key>`` -> ``<prefix><key>``."""
+    inner = prefix + _BASE + "."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _own_keys_to_base(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the base's keys go to ``base_layer``; the layer's own (the factors) stay."""
+    module._load_prefix = prefix
+    own = (set(module._parameters) | set(module._modules)) - {_BASE}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if rest.split(".", 1)[0] not in own:
+            state_dict[prefix + _BASE + "." + rest] = state_dict.pop(key)
+
+
+def _reported_keys_as_own(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook: missing/unexpected keys of ``base_layer`` reported under the layer's own names."""
+    inner = getattr(module, "_load_prefix", "") + _BASE + "."
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [k.replace(inner, inner[: -len(_BASE) - 1], 1) if k.startswith(inner) else k for k in keys]

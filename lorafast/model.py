@@ -14,17 +14,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import dora
 from .bases import dequantize_weight, is_quantized_linear
+from .bases.conv1d import conv1d_class
 from .experts import add_expert_lora, is_experts_module, lora_experts, remove_expert_lora
-from .layer import FusedLoRALinear, LoRALayer, check_dora_bases, conv1d_class, default_adapter_dtype
+from .layer import FusedLoRALinear, LoRALayer, _scaled_product, check_dora_bases, default_adapter_dtype
 from .multi_layer import MultiLoRALinear
-from .quantized import (
-    QuantizedLoRALinear,
-    QuantizedMultiLoRALinear,
-    held_quantized_bases,
-    merged_weight,
-    note_trainable_adapters,
-)
 from .validation import check_dropout, check_rank, check_scaling
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # BART's attention query and value projections, as in the paper
@@ -38,7 +33,24 @@ def _matches(name: str, targets: str | Sequence[str]) -> bool:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    held = held_bases(model)
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in held]
+
+
+def held_bases(model: nn.Module) -> set[int]:
+    """``id()`` of the base modules lorafast's LoRA layers of ``model`` hold as ``base_layer`` (no target of their
+    own)."""
+    return {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALayer)}
+
+
+def note_trainable_adapters(model: nn.Module) -> None:
+    """After LoRA layers were put over ``model``'s quantized linears: transformers' ``Trainer`` refuses a model whose
+    ``is_quantized`` is set unless it is a ``PeftModel`` (a "purely quantized" base has nothing to train). That flag
+    is read for that check alone, and lorafast's adapters are trainable, so it is cleared; the model's quantizer
+    and its ``quantization_config`` stay."""
+    layers = (m for m in model.modules() if isinstance(m, LoRALayer))
+    if getattr(model, "is_quantized", False) and any(is_quantized_linear(m.base_layer) for m in layers):
+        model.is_quantized = False
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -55,7 +67,7 @@ def select_targets(
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
             raise ValueError(f"target_modules must be a regular expression or non-empty names, got {target_modules!r}")
-    held = held_quantized_bases(model)  # lorafast.quantized: a QLoRA layer's base_layer is no target of its own
+    held = held_bases(model)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         return {name: m for name, m in _all_linear(model, allowed).items() if id(m) not in held}
     matched = {
@@ -245,7 +257,7 @@ def apply_lora(
         layer_r, layer_alpha = settings[name]
         options = {"dropout": dropout, "adapter_dtype": adapter_dtype, "use_rslora": use_rslora, "use_dora": use_dora}
         _replace(model, name, FusedLoRALinear.from_linear(module, r=layer_r, alpha=layer_alpha, **options))
-    note_trainable_adapters(model)  # lorafast.quantized: QLoRA under transformers' Trainer
+    note_trainable_adapters(model)  # QLoRA under transformers' Trainer
     return model
 
 
@@ -316,7 +328,7 @@ def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     replacements = {}
     for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLoRALinear, QuantizedMultiLoRALinear)):
+        if isinstance(module, LoRALayer) and is_quantized_linear(module.base_layer):
             replacements[name] = _dense_linear(module.base_layer, dtype, module.adapter_to_merge())
         elif is_quantized_linear(module) and not any(name.startswith(n + ".") for n in replacements):
             replacements[name] = _dense_linear(module, dtype, None)
@@ -334,7 +346,7 @@ def merge_lora_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
 
 def _dense_linear(module: nn.Module, dtype: torch.dtype, adapter: tuple | None) -> nn.Linear:
     """An ``nn.Linear`` in ``dtype`` holding ``module``'s dequantized W0 with ``adapter`` (``(lora_A, lora_B,
-    scaling, magnitude or None)``, or None) merged in fp32 (:func:`_merged_weight`)."""
+    scaling, magnitude or None)``, or None) merged in fp32 (:func:`merged_weight`)."""
     weight = merged_weight(dequantize_weight(module, torch.float32), adapter)
     with torch.device("meta"):
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
@@ -342,6 +354,17 @@ def _dense_linear(module: nn.Module, dtype: torch.dtype, adapter: tuple | None) 
     if module.bias is not None:
         dense.bias = nn.Parameter(module.bias.detach().to(dtype, copy=True), requires_grad=False)
     return dense.train(module.training)
+
+
+def merged_weight(weight: torch.Tensor, adapter: tuple | None) -> torch.Tensor:
+    """fp32 ``weight`` ``(out, in)`` with ``adapter`` = ``(lora_A, lora_B, scaling, magnitude or None)`` merged as
+    PEFT merges: ``W0 + s·B·A``, DoRA ``g·(W0 + s·B·A)`` (``weight`` itself is updated for plain LoRA)."""
+    if adapter is None:
+        return weight
+    lora_A, lora_B, scaling, magnitude = adapter
+    if magnitude is not None:
+        return dora.merged_weight(weight, lora_A, lora_B, magnitude, scaling)[0]
+    return weight.add_(_scaled_product(lora_A, lora_B, scaling))
 
 
 def _drop_quantization_marks(model: nn.Module) -> None:

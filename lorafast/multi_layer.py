@@ -8,6 +8,9 @@ adapters' own Parameters, read in place by every call: any write to a factor is 
 An adapter may be DoRA (``add_adapter(..., use_dora=True)``, :mod:`lorafast.dora`): alone it runs
 ``dora.dora_linear``; in a mixed batch its rows get their column scale after the mixed LoRA product
 (:mod:`lorafast.multi_dora`), beside plain adapters' rows and base rows.
+
+The base may be of any kind (:mod:`lorafast.bases`); over a quantized one a mixed batch runs on W0 dequantized
+once in the compute dtype (:func:`lorafast.base_linear.on_dense_base`), which it keeps until backward.
 """
 
 from __future__ import annotations
@@ -15,19 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import dora
-from .bases import is_quantized_linear
-from .layer import (
-    LoRALayer,
-    _adopt_conv1d,
-    _scaled_product,
-    adopt_frozen_base,
-    check_dora_bases,
-    is_conv1d,
-)
+from .base_linear import on_dense_base
+from .layer import LoRALayer, _scaled_product, check_dora_bases
 from .multi_dora import dora_norms, row_slots, scale_dora_rows
 from .multi_function import apply_multi_lora, dropout_tensor, host_values_on, scalings_dtype
 from .row_adapters import RowAdapters, active_row_adapters
@@ -45,30 +40,19 @@ class MultiLoRALinear(LoRALayer):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None):
         super().__init__()
-        linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_from(linear)
+        self._init_from(nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> MultiLoRALinear:
-        """Wrap ``linear`` (an ``nn.Linear`` or GPT-2's ``Conv1D``, kept in its ``(in, out)`` layout and read
-        transposed) with no adapter yet: its weight and bias Parameters are reused and frozen; a quantized
-        linear (:mod:`lorafast.bases`) gives a :class:`lorafast.quantized.QuantizedMultiLoRALinear`."""
-        if is_quantized_linear(linear) and cls is MultiLoRALinear:
-            return cls.quantized_class.from_linear(linear)
-        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
-            raise ValueError(
-                f"from_linear expects an nn.Linear, got {type(linear).__name__} (transformers' Conv1D works too)"
-            )
+    def from_linear(cls, linear: nn.Module) -> MultiLoRALinear:
+        """Wrap a base of any kind (:mod:`lorafast.bases`: ``nn.Linear``, GPT-2's ``Conv1D`` read transposed, a
+        quantized linear), kept (not copied) and frozen, with no adapter yet."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_from(linear)
         return layer
 
-    def _init_from(self, linear: nn.Linear) -> None:
-        if is_conv1d(linear):
-            _adopt_conv1d(self, linear)
-        else:
-            adopt_frozen_base(self, linear)
+    def _init_from(self, linear: nn.Module) -> None:
+        self._hold_base(linear)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude = nn.ParameterDict()  # DoRA adapters' m (out,)
@@ -103,7 +87,7 @@ class MultiLoRALinear(LoRALayer):
         self._check_name(name)
         return name in self.lora_magnitude
 
-    def magnitude(self, name: str) -> torch.Tensor | None:
+    def magnitude(self, name: str | None = None) -> torch.Tensor | None:
         """DoRA adapter ``name``'s magnitude m ``(out,)`` (the Parameter), None for a plain LoRA adapter."""
         return self.lora_magnitude[name] if self.uses_dora(name) else None
 
@@ -121,7 +105,7 @@ class MultiLoRALinear(LoRALayer):
         ``FusedLoRALinear`` (None: fp32 on an fp16/bf16 weight, else the weight's); a layer's adapters share one
         dtype in a mixed batch. ``use_rslora``: scaled by ``alpha / sqrt(r)``. ``use_dora``: DoRA, with a magnitude
         ``lora_magnitude[name]`` ``(out,)`` initialised as PEFT's to ``‖W0 + s·BA‖_row`` (= ``‖W0‖_row``);
-        ValueError over a bitsandbytes module not quantized yet."""
+        ValueError over a quantized module not quantized yet."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"an adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.lora_A:
@@ -129,7 +113,7 @@ class MultiLoRALinear(LoRALayer):
         check_rank(r, self.in_features, self.out_features)
         check_scaling(alpha)
         check_dropout(dropout)
-        check_dora_bases(use_dora, [getattr(self, "base_layer", self)])
+        check_dora_bases(use_dora, [self.base_layer])
         factory = self._factor_options(adapter_dtype)
         lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
@@ -200,41 +184,42 @@ class MultiLoRALinear(LoRALayer):
         if row_adapters is None:
             row_adapters = self._layer_row_adapters
         if row_adapters is not None:
-            return self._mixed_forward(x, row_adapters)
+            factors_dtype = next(iter(self.lora_A.values())).dtype if self.lora_A else None
+            mixed = lambda x, w, b: self._mixed_forward(x, w, b, row_adapters)  # noqa: E731
+            return on_dense_base(self.base_layer, x, factors_dtype, mixed, self.base_kind)
         if self.active_adapter is None:
-            return F.linear(x, self.base_weight(), self.bias)
-        if self.active_adapter in self.lora_magnitude:
-            return self._dora_forward(x, self.active_adapter)
+            return self.base_layer(x)
         return self._adapter_forward(x, self.active_adapter)
 
-    def _dora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        lora_A, lora_B, _, _, dropout = self.factors(name)
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # as FusedLoRALinear(use_dora=True)
-        return dora.dora_linear(x, self.base_weight(), self.bias, lora_A, lora_B, self.lora_magnitude[name],
-                                self.scaling(name), dropout, self.training)  # fmt: skip
+    def adapter_to_merge(self) -> tuple | None:
+        name = self.active_adapter
+        if name is None:
+            return None
+        lora_A, lora_B, *_ = self.factors(name)
+        return lora_A, lora_B, self.scaling(name), self.magnitude(name)
 
-    def _mixed_forward(self, x: torch.Tensor, row_adapters: RowAdapters) -> torch.Tensor:
+    def _mixed_forward(self, x, weight, bias, row_adapters: RowAdapters) -> torch.Tensor:
+        """The mixed batch on W0 ``weight`` ``(out, in)`` and ``bias`` as dense tensors in x's dtype."""
         row_adapters.check_adapters(self.adapter_names)
         rows = row_adapters.rows(x.shape, x.device)
         if not self.lora_A:
-            return F.linear(x, self.base_weight(), self.bias)
+            return torch.nn.functional.linear(x, weight, bias)
         cast = autocast_dtype(x)
         names = self.adapter_names
         lora_A, lora_B = [self.lora_A[n] for n in names], [self.lora_B[n] for n in names]
         scalings, dropout = self._adapter_values(x.device, scalings_dtype(x.dtype if cast is None else cast))
         dropout = dropout if self.training else None
         # the Parameters themselves: every call reads their current storage, nothing is kept that could go stale
-        weight = self.base_weight()
         dora_names = [n for n in names if n in self.lora_magnitude]
         if not dora_names:
-            return apply_multi_lora(x, weight, self.bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
+            return apply_multi_lora(x, weight, bias, lora_A, lora_B, scalings, rows, dropout, row_adapters)
         # DoRA rows: the mixed LoRA output without bias, then each row's column scale g and the bias
         z = apply_multi_lora(x, weight, None, lora_A, lora_B, scalings, rows, dropout, row_adapters)
         with torch.autocast(x.device.type, enabled=False):  # the norms from W0 and the factors as they are
             norms = dora_norms(weight, [self.lora_A[n] for n in dora_names], [self.lora_B[n] for n in dora_names],
                                [self.scaling(n) for n in dora_names])  # fmt: skip
             slot = row_slots(rows, self._dora_slots(x.device))
-            return scale_dora_rows(z, self.bias, slot, norms, [self.lora_magnitude[n] for n in dora_names])
+            return scale_dora_rows(z, bias, slot, norms, [self.lora_magnitude[n] for n in dora_names])
 
     def _dora_slots(self, device: torch.device) -> torch.Tensor:
         """``(K,)`` int64 on ``device``: 0 for a plain adapter, j+1 for the j-th DoRA adapter (in adapter order);

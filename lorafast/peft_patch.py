@@ -5,9 +5,9 @@ active adapter) or :func:`lorafast.multi_lora_linear` (``adapter_names=``) on th
 ``lora_A[name].weight`` / ``lora_B[name].weight``. Nothing is copied or renamed: state_dict, ``save_pretrained``,
 ``set_adapter``, ``disable_adapter()``, merging and the Trainer stay PEFT's. A call that needs what lorafast lacks
 (merged or disabled layer, several active adapters, a variant other than DoRA, ``lora_bias``, trainable base)
-runs PEFT's forward unchanged. DoRA adapters run :func:`lorafast.dora.dora_linear` (over a bitsandbytes base
-:func:`lorafast.quantized.quantized_dora_linear`; dropout on the LoRA branch only: PEFT's second base GEMM on
-the dropped input is not run, see :mod:`lorafast.dora`). PEFT's expert LoRA (``target_parameters``,
+runs PEFT's forward unchanged. DoRA adapters run :func:`lorafast.dora.dora_linear` (over a quantized base too, see
+:mod:`lorafast.base_linear`; dropout on the LoRA branch only: PEFT's second base GEMM on the dropped input is not
+run, see :mod:`lorafast.dora`). PEFT's expert LoRA (``target_parameters``,
 ``lora.ParamWrapper``) on transformers' MoE experts runs :mod:`lorafast.expert_peft`.
 """
 
@@ -21,9 +21,10 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .bases import is_quantized_linear
+from .base_linear import base_lora_linear
+from .bases import base_weight, is_quantized_linear
 from .bases.bnb4 import bnb_class
-from .dora import dora_linear
+from .bases.conv1d import recognises as is_conv1d
 from .expert_peft import (
     fused_wrapper_class,
     is_param_wrapper,
@@ -31,11 +32,8 @@ from .expert_peft import (
     unpatch_peft_experts,
     wrapper_reason,
 )
-from .function import lora_linear
-from .layer import is_conv1d
 from .multi_function import MAX_STACKED_RANK, multi_lora_linear
 from .multi_stack import stack_factors
-from .quantized import quantized_lora_linear
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +47,6 @@ def _peft_linear_class() -> type:
     except ImportError as err:  # pragma: no cover - peft is a test dependency
         raise ImportError("patch_peft needs the peft package (pip install peft)") from err
     return Linear
-
-
-def _base_weight(layer: nn.Module) -> torch.Tensor:
-    """The base weight as ``(out, in)``: a Conv1D's ``(in, out)`` weight is read transposed (a view)."""
-    weight = layer.get_base_layer().weight
-    return weight if isinstance(layer.get_base_layer(), nn.Linear) else weight.t()
 
 
 def _adapter_reason(layer: nn.Module, name: str) -> str | None:
@@ -83,7 +75,7 @@ def _layer_reason(layer: nn.Module) -> str | None:
     if not _has_plain_base(layer):
         return f"base {type(layer.base_layer).__name__}"
     base = layer.get_base_layer()
-    quantized = is_quantized_linear(base)  # a bitsandbytes base: lorafast.quantized
+    quantized = is_quantized_linear(base)  # dequantized per call: lorafast.base_linear
     if not quantized and (not base.weight.is_floating_point() or base.weight.dim() != 2):
         return f"quantized base ({base.weight.dtype})"
     reasons = [_adapter_reason(layer, name) for name in layer.lora_A]
@@ -147,7 +139,7 @@ def _mixed_forward(self, x: torch.Tensor, adapter_names, kwargs) -> torch.Tensor
     scalings = [float(self.scaling[n]) for n in names]
     dropout = [_dropout_p(self, n) for n in names]
     bias = self.get_base_layer().bias
-    return multi_lora_linear(x, _base_weight(self), bias, a, b, scalings, ids, dropout, True)
+    return multi_lora_linear(x, base_weight(self.get_base_layer()), bias, a, b, scalings, ids, dropout, True)
 
 
 def _make_fused_class() -> type:
@@ -196,8 +188,8 @@ def patch_peft(model: nn.Module) -> nn.Module:
 
     ``model``: a ``PeftModel``, a tuner model (``LoraModel``), a PEFT layer, or a module holding PEFT LoRA
     layers. Supported: a frozen floating ``nn.Linear`` or GPT-2 ``Conv1D`` base, PEFT's
-    ``lora.bnb.Linear4bit``/``Linear8bitLt`` (QLoRA, see :mod:`lorafast.quantized`; mixed batches there keep PEFT's
-    forward), adapters plain or DoRA (over a quantized base too), without other variants or ``lora_bias``; and
+    ``lora.bnb.Linear4bit``/``Linear8bitLt`` (QLoRA, see :mod:`lorafast.base_linear`; mixed batches there keep
+    PEFT's forward), adapters plain or DoRA (over a quantized base too), without other variants or ``lora_bias``; and
     PEFT's ``ParamWrapper`` (``target_parameters``) on transformers' experts stacks (:mod:`lorafast.expert_peft`).
     Everything else (Embedding, Conv, other tuners, ...) keeps PEFT's forward, and one ``lorafast.peft_patch`` log
     line counts the patched layers and names why others are not (a warning when some, or all, are not patched).
@@ -231,7 +223,7 @@ def patch_peft(model: nn.Module) -> nn.Module:
             else:
                 reasons[reason] += 1
             continue
-        quantized = peft_fused_class(layer)  # PEFT's bitsandbytes layers: lorafast.quantized
+        quantized = peft_fused_class(layer)  # PEFT's bitsandbytes layers
         if quantized is not None:
             layer.__class__ = quantized
             patched += 1
@@ -287,15 +279,10 @@ def _peft_bnb_class(name: str) -> type | None:
 
 
 def peft_adapter_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """A PEFT LoRA layer's adapter ``name`` (plain or DoRA) run by lorafast over its dense, Conv1D or quantized base."""
-    base, lora_A, lora_B = layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight
-    args = (layer.scaling[name], _dropout_p(layer, name), True)
+    """A PEFT LoRA layer's adapter ``name`` (plain or DoRA) run by lorafast over its base of any kind."""
     magnitude = layer.lora_magnitude_vector[name].weight if _is_dora(layer, name) else None
-    if is_quantized_linear(base):
-        return quantized_lora_linear(x, base, lora_A, lora_B, *args, magnitude)
-    # fp32 factors on a half-precision base: a differentiable cast
-    factors = _base_weight(layer), base.bias, lora_A.to(x.dtype), lora_B.to(x.dtype)
-    return lora_linear(x, *factors, *args) if magnitude is None else dora_linear(x, *factors, magnitude, *args)
+    return base_lora_linear(x, layer.get_base_layer(), layer.lora_A[name].weight, layer.lora_B[name].weight,
+                            layer.scaling[name], _dropout_p(layer, name), True, magnitude)  # fmt: skip
 
 
 def _peft_fused_class(name: str) -> type:

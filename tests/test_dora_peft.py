@@ -44,13 +44,13 @@ def _adapter_grads(model):
 @pytest.fixture
 def dora_calls(monkeypatch):
     calls = {"n": 0}
-    real = lorafast.peft_patch.dora_linear
+    real = lorafast.dora.dora_linear  # what lorafast.base_linear runs for a DoRA adapter over a dense base
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lorafast.peft_patch, "dora_linear", counted)
+    monkeypatch.setattr(lorafast.dora, "dora_linear", counted)
     return calls
 
 

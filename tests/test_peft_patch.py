@@ -47,14 +47,15 @@ def _lora_grads(model):
 def fused_calls(monkeypatch):
     """Counts the calls of lorafast's fused functions made by patched layers."""
     calls = {"lora_linear": 0, "multi_lora_linear": 0}
-    for name in calls:
-        real = getattr(lorafast.peft_patch, name)
+    owners = {"lora_linear": lorafast.base_linear, "multi_lora_linear": lorafast.peft_patch}  # where each is called
+    for name, owner in owners.items():
+        real = getattr(owner, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(lorafast.peft_patch, name, counted)
+        monkeypatch.setattr(owner, name, counted)
     return calls
 
 

@@ -29,13 +29,10 @@ if HAS_BNB:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     from conftest import assert_close_scaled, keep_mask
+    from lorafast import FusedLoRALinear, MultiLoRALinear
+    from lorafast.base_linear import base_lora_linear
+    from lorafast.bases import dequantize_weight
     from lorafast.peft_patch import patched_layer_count
-    from lorafast.quantized import (
-        QuantizedLoRALinear,
-        QuantizedMultiLoRALinear,
-        dequantize_weight,
-        quantized_lora_linear,
-    )
 
 N, D_IN, D_OUT, R = 24, 128, 64, 4
 QUANT = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
@@ -101,7 +98,7 @@ def test_dequantized_weight_is_what_bitsandbytes_multiplies_by(kind, double_quan
 def test_layer_matches_float64_reference(backend, kind, double_quant, dtype):
     layer, _ = _quantized_linear(kind, double_quant, compute_dtype=dtype)
     lora = lorafast.apply_lora(nn.Sequential(layer), target_modules=["0"], r=R, alpha=8)[0]
-    assert isinstance(lora, QuantizedLoRALinear) and lora.lora_A.dtype == torch.float32
+    assert isinstance(lora, FusedLoRALinear) and lora.lora_A.dtype == torch.float32
     nn.init.normal_(lora.lora_B, std=0.1)
     x = torch.randn(2, N // 2, D_IN, dtype=dtype, requires_grad=True)
     y = lora(x)
@@ -126,7 +123,7 @@ def test_dropout_uses_the_seeded_mask(backend, kind):
     """y, dX, dA, dB under dropout against float64 math on the dequantized W0 and the forward's mask: backward
     regenerates that mask from the seed (none is saved)."""
     layer, _ = _quantized_linear(kind)
-    lora = QuantizedLoRALinear.from_linear(layer, r=R, alpha=8, dropout=0.25).train()
+    lora = FusedLoRALinear.from_linear(layer, r=R, alpha=8, dropout=0.25).train()
     nn.init.normal_(lora.lora_B, std=0.1)
     x = torch.randn(N, D_IN, requires_grad=True)
     torch.manual_seed(7)
@@ -145,7 +142,7 @@ def test_dropout_uses_the_seeded_mask(backend, kind):
 def test_saved_bytes_are_x_and_xa_only(backend, kind, dropout):
     """Nothing dense of W0 is kept for backward: |x| + n·r elements (PEFT QLoRA keeps more, printed for the note)."""
     layer, _ = _quantized_linear(kind)
-    lora = QuantizedLoRALinear.from_linear(layer, r=R, dropout=dropout).train()
+    lora = FusedLoRALinear.from_linear(layer, r=R, dropout=dropout).train()
     x = torch.randn(N, D_IN, requires_grad=True)
     saved = saved_activation_bytes(lambda: lora(x), exclude=list(lora.parameters()))
     assert saved <= (x.numel() + N * R) * x.element_size()
@@ -164,7 +161,7 @@ def test_saved_bytes_are_x_and_xa_only(backend, kind, dropout):
 def test_training_never_modifies_the_quantized_weight(kind):
     layer, _ = _quantized_linear(kind)
     before = _quant_snapshot(layer)
-    lora = QuantizedLoRALinear.from_linear(layer, r=R, dropout=0.1).train()
+    lora = FusedLoRALinear.from_linear(layer, r=R, dropout=0.1).train()
     opt = torch.optim.AdamW(lora.parameters(), lr=1e-2)
     for _ in range(3):
         lora(torch.randn(N, D_IN)).square().mean().backward()
@@ -181,13 +178,13 @@ def test_training_never_modifies_the_quantized_weight(kind):
 def test_state_dict_keeps_the_quantized_linears_keys():
     layer, _ = _quantized_linear("nf4")
     keys = set(layer.state_dict())
-    lora = QuantizedLoRALinear.from_linear(layer, r=R)
+    lora = FusedLoRALinear.from_linear(layer, r=R)
     nn.init.normal_(lora.lora_B)
     state = lora.state_dict()
     assert set(state) == keys | {"lora_A", "lora_B"}
     # Loading routes the quantized keys to the bitsandbytes layer, which takes what it takes of its own
     # state_dict (its quant_state keys are for transformers' loader); the factors load.
-    fresh = QuantizedLoRALinear.from_linear(_quantized_linear("nf4", seed=1)[0], r=R)
+    fresh = FusedLoRALinear.from_linear(_quantized_linear("nf4", seed=1)[0], r=R)
     plain = _quantized_linear("nf4", seed=1)[0].load_state_dict(layer.state_dict(), strict=False)
     loaded = fresh.load_state_dict(state, strict=False)
     assert loaded.missing_keys == plain.missing_keys == []
@@ -198,7 +195,7 @@ def test_state_dict_keeps_the_quantized_linears_keys():
 @needs_bnb
 def test_autocast_computes_in_the_autocast_dtype():
     layer, _ = _quantized_linear("nf4")
-    lora = QuantizedLoRALinear.from_linear(layer, r=R)
+    lora = FusedLoRALinear.from_linear(layer, r=R)
     nn.init.normal_(lora.lora_B, std=0.1)
     x = torch.randn(N, D_IN, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -230,18 +227,18 @@ def test_cpu_repacked_weight_still_dequantizes():
 
 @needs_bnb
 def test_bad_bases_fail_clearly():
-    with pytest.raises(TypeError, match="from_linear"):
-        QuantizedLoRALinear(D_IN, D_OUT)
-    with pytest.raises(ValueError, match="Linear4bit"):
-        quantized_lora_linear(
-            torch.randn(2, D_IN), nn.Linear(D_IN, D_OUT), torch.zeros(R, D_IN), torch.zeros(D_OUT, R), 1.0
+    with pytest.raises(ValueError, match="Linear4bit"):  # a module of no base kind
+        base_lora_linear(
+            torch.randn(2, D_IN), nn.Conv1d(D_IN, D_OUT, 1), torch.zeros(R, D_IN), torch.zeros(D_OUT, R), 1.0
         )
+    with pytest.raises(ValueError, match="Linear4bit"):
+        FusedLoRALinear.from_linear(nn.Conv1d(D_IN, D_OUT, 1), r=R)
     unquantized = bnb.nn.Linear4bit(D_IN, D_OUT)  # never moved to a device: no quant_state
     with pytest.raises(ValueError, match="not quantized"):
-        QuantizedLoRALinear.from_linear(unquantized, r=R)(torch.randn(2, D_IN))
+        FusedLoRALinear.from_linear(unquantized, r=R)(torch.randn(2, D_IN))
     layer, _ = _quantized_linear("nf4")
     with pytest.raises(ValueError, match="rank"):
-        QuantizedLoRALinear.from_linear(layer, r=0)  # any r >= 1 is a rank, as in PEFT
+        FusedLoRALinear.from_linear(layer, r=0)  # any r >= 1 is a rank, as in PEFT
 
 
 @needs_bnb
@@ -285,7 +282,7 @@ def test_named_adapters_single_and_mixed_match_float64(backend, kind):
     lorafast.add_adapter(model, "a", target_modules=["0"], r=R, alpha=8)
     lorafast.add_adapter(model, "b", target_modules=["0"], r=2, alpha=4)
     lora = model[0]
-    assert isinstance(lora, QuantizedMultiLoRALinear) and lora.lora_A["b"].dtype == torch.float32
+    assert isinstance(lora, MultiLoRALinear) and lora.lora_A["b"].dtype == torch.float32
     for name in "ab":
         nn.init.normal_(lora.lora_B[name], std=0.1)
     w, b = dequantize_weight(layer, torch.float64), layer.bias.double()
@@ -420,7 +417,7 @@ def test_rslora_and_rank_pattern_on_a_4bit_model_load_into_peft_and_back(base_di
     patterns = {"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"down_proj": 4.0}}
     model = lorafast.apply_lora(_load(base_dir), "all-linear", r=8, alpha=16, use_rslora=True, **patterns)
     layers = dict(lorafast.lora_layers(model))
-    assert all(isinstance(m, QuantizedLoRALinear) and m.use_rslora for m in layers.values())
+    assert all(isinstance(m, FusedLoRALinear) and m.use_rslora for m in layers.values())
     assert {m.r for n, m in layers.items() if n.endswith("q_proj")} == {4}
     with torch.no_grad():
         for layer in layers.values():
@@ -444,7 +441,7 @@ def test_rslora_and_rank_pattern_on_a_4bit_model_load_into_peft_and_back(base_di
 def test_apply_lora_all_linear_trains_and_loads_into_peft(base_dir, tmp_path):
     model = lorafast.apply_lora(_load(base_dir), "all-linear", r=8, alpha=16)
     layers = dict(lorafast.lora_layers(model))
-    assert len(layers) == 14 and all(isinstance(m, QuantizedLoRALinear) for m in layers.values())
+    assert len(layers) == 14 and all(isinstance(m, FusedLoRALinear) for m in layers.values())
     before = {n: _quant_snapshot(m.base_layer) for n, m in layers.items()}
     losses = _losses(model, steps=8)
     assert losses[-1] < losses[0]
@@ -469,7 +466,7 @@ def test_apply_lora_all_linear_trains_and_loads_into_peft(base_dir, tmp_path):
     # And back: PEFT's QLoRA adapter loads into lorafast on the 4-bit model.
     peft_model.save_pretrained(tmp_path / "from_peft")
     back = lorafast.load_adapter(_load(base_dir), tmp_path / "from_peft")
-    assert all(isinstance(m, QuantizedLoRALinear) for _, m in lorafast.lora_layers(back))
+    assert all(isinstance(m, FusedLoRALinear) for _, m in lorafast.lora_layers(back))
     with torch.no_grad():
         assert _rel(back(**batch).logits, peft_model(**batch).logits) < 1e-5
     # remove_lora gives the bitsandbytes layers back, untouched.
@@ -592,7 +589,7 @@ def test_lorafast_works_without_bitsandbytes():
     code = (
         "import sys; sys.modules['bitsandbytes'] = None\n"
         "import torch, lorafast\n"
-        "from lorafast.quantized import is_quantized_linear\n"
+        "from lorafast.bases import is_quantized_linear\n"
         "m = lorafast.apply_lora(torch.nn.Sequential(torch.nn.Linear(8, 8)), target_modules=['0'], r=2)\n"
         "m(torch.randn(3, 8)).sum().backward()\n"
         "assert not is_quantized_linear(m[0]) and m[0].lora_B.grad is not None\n"

@@ -23,9 +23,11 @@ if HAS_BNB:
     from tiny_models import lm_batch
 
     from conftest import assert_close_scaled, keep_mask
+    from lorafast import FusedLoRALinear
+    from lorafast.base_linear import base_lora_linear, quantized_row_norms_sq
+    from lorafast.bases import dequantize_weight
     from lorafast.dropout import dropout_seed
     from lorafast.peft_patch import patched_layer_count
-    from lorafast.quantized import QuantizedLoRALinear, dequantize_weight, quantized_dora_linear, quantized_row_norms_sq
 
 R, S = 4, 2.0  # alpha = 8
 KINDS = [("nf4", True), ("fp4", False), ("int8", False)]
@@ -34,7 +36,7 @@ KINDS = [("nf4", True), ("fp4", False), ("int8", False)]
 def _dora_layer(kind, double_quant=True, dropout=0.0, compute_dtype=torch.float32, adapter_dtype=None, seed=0):
     """A QLoRA-DoRA layer with B non-zero and m away from its init (g ≠ 1)."""
     layer, _ = _quantized_linear(kind, double_quant, compute_dtype=compute_dtype, seed=seed)
-    lora = QuantizedLoRALinear.from_linear(layer, r=R, alpha=8, dropout=dropout, use_dora=True,
+    lora = FusedLoRALinear.from_linear(layer, r=R, alpha=8, dropout=dropout, use_dora=True,
                                            adapter_dtype=adapter_dtype).train()  # fmt: skip
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -65,7 +67,7 @@ def _grads(y, inputs, grad):
 def test_magnitude_starts_as_peft_s_and_the_layer_as_its_base(kind, double_quant):
     layer, _ = _quantized_linear(kind, double_quant)
     lora = lorafast.FusedLoRALinear.from_linear(layer, r=R, alpha=8, use_dora=True)
-    assert isinstance(lora, QuantizedLoRALinear) and "use_dora=True" in repr(lora)
+    assert isinstance(lora, FusedLoRALinear) and "use_dora=True" in repr(lora)
     assert lora.lora_magnitude.dtype == torch.float32
     want = torch.linalg.vector_norm(dequantize_weight(layer, torch.float64), dim=1)
     torch.testing.assert_close(lora.lora_magnitude.double(), want, rtol=1e-6, atol=0)
@@ -238,7 +240,7 @@ def test_merge_and_merge_lora_dense(kind):
 def test_bad_input_is_refused_before_anything_changes():
     layer, _ = _quantized_linear("nf4")
     with pytest.raises(ValueError, match="use_dora must be a bool"):
-        QuantizedLoRALinear.from_linear(layer, r=R, use_dora="yes")
+        FusedLoRALinear.from_linear(layer, r=R, use_dora="yes")
     assert layer.bias.requires_grad  # the refused call froze nothing
     model = nn.Sequential(bnb.nn.Linear4bit(D_IN, D_OUT), nn.Linear(D_OUT, 16))  # never moved: not quantized
     with pytest.raises(ValueError, match="not quantized yet"):
@@ -249,13 +251,13 @@ def test_bad_input_is_refused_before_anything_changes():
     assert model[1].weight.requires_grad  # nothing was frozen
     unquantized8 = bnb.nn.Linear8bitLt(D_IN, D_OUT, has_fp16_weights=False)
     with pytest.raises(ValueError, match="not quantized yet"):
-        QuantizedLoRALinear.from_linear(unquantized8, r=R, use_dora=True)
+        FusedLoRALinear.from_linear(unquantized8, r=R, use_dora=True)
     lora = _dora_layer("nf4")
     x = torch.randn(N, D_IN)
     with pytest.raises(ValueError, match="magnitude must have shape"):
-        quantized_dora_linear(x, lora.base_layer, lora.lora_A, lora.lora_B, lora.lora_magnitude[:-1], S)
+        base_lora_linear(x, lora.base_layer, lora.lora_A, lora.lora_B, S, magnitude=lora.lora_magnitude[:-1])
     with pytest.raises(ValueError, match="Linear4bit"):
-        quantized_dora_linear(x, nn.Linear(D_IN, D_OUT), lora.lora_A, lora.lora_B, lora.lora_magnitude, S)
+        base_lora_linear(x, nn.Conv1d(D_IN, D_OUT, 1), lora.lora_A, lora.lora_B, S, magnitude=lora.lora_magnitude)
 
 
 # --- PEFT ------------------------------------------------------------------------------------------------------
@@ -282,9 +284,9 @@ def test_patch_peft_matches_peft_qlora_dora_fp32(base_dir, bits, caplog, monkeyp
     assert "14 of 14 PEFT LoRA layers run lorafast" in caplog.text
     assert patched_layer_count(ours) == 14
     calls = []
-    real = lorafast.peft_patch.quantized_lora_linear  # what the PEFT bridge runs over a quantized base
+    real = lorafast.peft_patch.base_lora_linear  # what the PEFT bridge runs over a quantized base
     spy = lambda *a, **k: calls.append(a[-1] is not None) or real(*a, **k)  # a[-1]: DoRA's magnitude
-    monkeypatch.setattr(lorafast.peft_patch, "quantized_lora_linear", spy)
+    monkeypatch.setattr(lorafast.peft_patch, "base_lora_linear", spy)
     batch = lm_batch("llama")
     (want_logits, want_grads), (logits, grads) = _step(ref, batch), _step(ours, batch)
     assert len(calls) == 14 and all(calls)  # every layer ran lorafast's QLoRA-DoRA
@@ -333,7 +335,7 @@ def _trained_dora(path, bits=4):
 def test_dora_adapter_loads_in_peft_over_the_4bit_base_and_back(base_dir, tmp_path):
     model = _trained_dora(base_dir)
     layers = dict(lorafast.lora_layers(model))
-    assert len(layers) == 14 and all(isinstance(m, QuantizedLoRALinear) and m.use_dora for m in layers.values())
+    assert len(layers) == 14 and all(isinstance(m, FusedLoRALinear) and m.use_dora for m in layers.values())
     lorafast.save_adapter(model, tmp_path / "ours", task_type="CAUSAL_LM")
     # train mode before any forward: in eval mode bitsandbytes' CPU backend repacks 4-bit weights
     peft_model = PeftModel.from_pretrained(_load(base_dir), tmp_path / "ours").train()
@@ -345,7 +347,7 @@ def test_dora_adapter_loads_in_peft_over_the_4bit_base_and_back(base_dir, tmp_pa
         assert _rel(ours, _load(base_dir)(**batch).logits) > 1e-3  # the adapter is not a no-op
     peft_model.save_pretrained(tmp_path / "peft")
     back = lorafast.load_adapter(_load(base_dir), tmp_path / "peft")
-    assert all(isinstance(m, QuantizedLoRALinear) and m.use_dora for _, m in lorafast.lora_layers(back))
+    assert all(isinstance(m, FusedLoRALinear) and m.use_dora for _, m in lorafast.lora_layers(back))
     with torch.no_grad():
         assert _rel(back(**batch).logits, ours) < 1e-5
 
@@ -416,7 +418,7 @@ def test_named_dora_adapters_single_and_mixed_match_float64(backend, kind):
     """A DoRA and a plain named adapter over a quantized base: the active DoRA adapter, then a batch mixing DoRA,
     base and plain rows; outputs and the gradients of x and every factor and magnitude against float64."""
     model, lora = _named_dora_model(kind)
-    assert type(lora).__name__ == "QuantizedMultiLoRALinear" and lora.uses_dora("d") and not lora.uses_dora("p")
+    assert type(lora) is lorafast.MultiLoRALinear and lora.uses_dora("d") and not lora.uses_dora("p")
     torch.testing.assert_close(
         lora.lora_magnitude["d"].detach().double() / torch.linalg.vector_norm(lora.base_weight().double(), dim=1),
         torch.ones(D_OUT, dtype=torch.float64),

@@ -106,7 +106,7 @@ def _install() -> None:
 
         setattr(PeftModel, name, functools.wraps(original)(method))
 
-    for name in ("lora_linear", "multi_lora_linear", "dora_linear"):
+    for name in ("base_lora_linear", "multi_lora_linear"):  # one adapter (plain or DoRA, any base), mixed batch
         real = getattr(lorafast.peft_patch, name)
 
         def counted(*args, _real=real, **kwargs):

@@ -10,6 +10,9 @@
 # Default pytest args: the LoRA cases (--lora-only) of tests/test_custom_models.py. Cases that need the Hugging
 # Face hub are skipped in both runs (HF_HUB_OFFLINE=1 unless set otherwise; --tiny-hub-models builds PEFT's tiny
 # random hub models locally instead).
+# PEFT's own pytest options are dropped: its coverage addopts (pytest-cov is not needed here) and its filter that makes
+# transformers' deprecation warnings errors (a transformers newer than the tests warns on PEFT's own calls, failing
+# both runs alike).
 # Reports: $OUT_DIR (default /tmp/lorafast-peft-suite)/{unpatched,patched}.{xml,log}.
 set -euo pipefail
 peft_src=${1:?usage: run_peft_tests.sh PEFT_CHECKOUT [pytest args]}
@@ -26,7 +29,7 @@ for mode in unpatched patched; do
   patch=$([ "$mode" = patched ] && echo 1 || echo 0)
   rm -f "$out/$mode.xml"  # a run that cannot start must not be compared through an earlier report
   LORAFAST_PEFT_PATCH=$patch PYTHONPATH="$repo:$here${PYTHONPATH:+:$PYTHONPATH}" \
-    python -m pytest -p lorafast_peft_plugin -p no:cacheprovider -q -rs "${args[@]}" \
+    python -m pytest -o addopts="" -o filterwarnings="ignore::FutureWarning:transformers" -p lorafast_peft_plugin -p no:cacheprovider -q -rs "${args[@]}" \
     --junitxml="$out/$mode.xml" >"$out/$mode.log" 2>&1 || true
   tail -n 2 "$out/$mode.log"
 done
