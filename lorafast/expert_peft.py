@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .experts import is_experts_module, lora_experts_forward, peft_expert_factors
+from .peft_subclass import peft_subclass
 
 _fused_class: type | None = None
 
@@ -95,16 +96,7 @@ def fused_wrapper_class() -> type | None:
     global _fused_class
     wrapper = _param_wrapper_class()
     if _fused_class is None and wrapper is not None:
-        _fused_class = type(
-            "ParamWrapper",  # PEFT's class name, so the repr reads lora.ParamWrapper(...) as PEFT's
-            (wrapper,),
-            {
-                "forward": _fused_forward,
-                "__module__": __name__,
-                "__qualname__": "PeftFusedParamWrapper",  # where pickle finds the class (module __getattr__ below)
-                "__doc__": "PEFT's ParamWrapper whose forward runs lorafast's expert LoRA (see patch_peft).",
-            },
-        )
+        _fused_class = peft_subclass(wrapper, _fused_forward, __name__, "expert LoRA")
     return _fused_class
 
 

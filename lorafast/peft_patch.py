@@ -34,6 +34,7 @@ from .expert_peft import (
 )
 from .multi_function import MAX_STACKED_RANK, multi_lora_linear
 from .multi_stack import stack_factors
+from .peft_subclass import peft_subclass
 
 logger = logging.getLogger(__name__)
 
@@ -145,17 +146,7 @@ def _mixed_forward(self, x: torch.Tensor, adapter_names, kwargs) -> torch.Tensor
 def _make_fused_class() -> type:
     global _fused_class
     if _fused_class is None:
-        linear = _peft_linear_class()
-        _fused_class = type(
-            "Linear",  # PEFT's class name, so the repr reads lora.Linear(...) as PEFT's
-            (linear,),
-            {
-                "forward": _fused_forward,
-                "__module__": __name__,
-                "__qualname__": "PeftFusedLinear",  # where pickle finds the class (module __getattr__ below)
-                "__doc__": "PEFT's LoRA Linear whose forward runs lorafast's fused LoRA linear (see patch_peft).",
-            },
-        )
+        _fused_class = peft_subclass(_peft_linear_class(), _fused_forward, __name__, "fused LoRA linear")
     return _fused_class
 
 
@@ -287,17 +278,7 @@ def peft_adapter_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.
 
 def _peft_fused_class(name: str) -> type:
     if name not in _peft_fused:
-        peft_class = _peft_bnb_class(name)
-        _peft_fused[name] = type(
-            name,  # PEFT's class name, so the repr reads lora.Linear4bit(...) as PEFT's
-            (peft_class,),
-            {
-                "forward": _fused_forward,
-                "__module__": __name__,
-                "__qualname__": f"PeftFused{name}",  # where pickle finds the class (module __getattr__ below)
-                "__doc__": f"PEFT's LoRA {name} whose forward runs lorafast's QLoRA linear (see patch_peft).",
-            },
-        )
+        _peft_fused[name] = peft_subclass(_peft_bnb_class(name), _fused_forward, __name__, "QLoRA linear")
     return _peft_fused[name]
 
 
