@@ -23,7 +23,7 @@ from torch import nn
 
 from . import dora
 from .backend import front_door
-from .bases import QUANTIZED, compute_dtype, dequantize_weight, kind_of
+from .bases import QUANTIZED, base_weight, compute_dtype, dequantize_weight, kind_name, kind_of
 from .function import LoRALinearFunction, lora_linear
 from .validation import autocast_dtype, lora_inputs_check
 
@@ -47,23 +47,23 @@ def base_lora_linear(
     compute dtype, gradients in their own). ValueError as lora_linear's (and dora_linear's), and for a module of no
     kind (or not quantized yet).
     """
-    kind = kind_of(module, kind)
-    if kind not in QUANTIZED:
-        weight, lora_A, lora_B = kind.weight_view(module), lora_A.to(x.dtype), lora_B.to(x.dtype)
+    kind = kind_name(module) if kind is None else kind  # looked up once: forward, reload and backward use it
+    if kind_of(module, kind) not in QUANTIZED:
+        weight, lora_A, lora_B = base_weight(module, kind), lora_A.to(x.dtype), lora_B.to(x.dtype)
         if magnitude is None:
             return lora_linear(x, weight, module.bias, lora_A, lora_B, scaling, dropout_p, training)
         return dora.dora_linear(x, weight, module.bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
     if magnitude is not None:
         dora.check_magnitude(magnitude, module.out_features, x)
-    dtype = compute_dtype(module, x)
+    dtype = compute_dtype(module, x, kind)
     under_autocast = autocast_dtype(x) is not None
-    reload = functools.partial(dequantize_weight, module, dtype)
+    reload = functools.partial(dequantize_weight, module, dtype, kind)
 
     def run(tensors, p, backend, seed):
         if magnitude is None:  # the factors as given: the Function casts them itself (no cast copy kept)
             return LoRALinearFunction.apply(*tensors[:3], lora_A, lora_B, float(scaling), p, seed, backend, reload)
         # fp64 (references): the norms of the fp64 weight of this call, not the cached fp32 ones
-        base_sq = quantized_row_norms_sq(module) if dtype != torch.float64 else None
+        base_sq = quantized_row_norms_sq(module, kind) if dtype != torch.float64 else None
         return dora.ReloadedWeightDoRALinearFunction.apply(
             *tensors, magnitude, float(scaling), p, seed, backend, base_sq, reload
         )
@@ -76,10 +76,10 @@ def base_lora_linear(
     return y.to(dtype if under_autocast else x.dtype)
 
 
-def quantized_row_norms_sq(module: nn.Module) -> torch.Tensor:
+def quantized_row_norms_sq(module: nn.Module, kind: str | None = None) -> torch.Tensor:
     """``‖W0‖²`` per row ``(out,)`` fp32 of a quantized module's dequantized W0, cached per quantized weight (its
     Parameter's storage and version: a merge, which re-quantizes, or a device move invalidates it)."""
-    return dora.base_row_norms_sq(module.weight, lambda: dequantize_weight(module, torch.float32))
+    return dora.base_row_norms_sq(module.weight, lambda: dequantize_weight(module, torch.float32, kind))
 
 
 def on_dense_base(
@@ -93,12 +93,12 @@ def on_dense_base(
     itself, or a quantized W0 dequantized once in the compute dtype, with x and the bias in it (fp32
     ``factors_dtype`` then computes under autocast in that dtype; the output comes back in x's dtype). ``run``
     may keep what it is given for backward (a mixed batch keeps the dequantized W0)."""
-    kind = kind_of(module, kind)
-    if kind not in QUANTIZED:
-        return run(x, kind.weight_view(module), module.bias)
-    dtype = compute_dtype(module, x)
+    kind = kind_name(module) if kind is None else kind
+    if kind_of(module, kind) not in QUANTIZED:
+        return run(x, base_weight(module, kind), module.bias)
+    dtype = compute_dtype(module, x, kind)
     cast = contextlib.nullcontext() if factors_dtype in (None, dtype) else torch.autocast(x.device.type, dtype=dtype)
     out_dtype = x.dtype if autocast_dtype(x) is None else dtype
     bias = None if module.bias is None else module.bias.to(dtype)
     with cast:
-        return run(x.to(dtype), dequantize_weight(module, dtype), bias).to(out_dtype)
+        return run(x.to(dtype), dequantize_weight(module, dtype, kind), bias).to(out_dtype)

@@ -48,8 +48,8 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return any(kind.recognises(module) for kind in QUANTIZED)
 
 
-def _quantized(module: nn.Module):
-    kind = kind_of(module)
+def _quantized(module: nn.Module, name: str | None = None):
+    kind = kind_of(module, name)
     if kind not in QUANTIZED:
         raise ValueError(
             "expected a bitsandbytes Linear4bit or Linear8bitLt or a transformers FP8Linear, "
@@ -71,16 +71,16 @@ def features(module: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def dequantize_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """W0 ``(out, in)`` of a quantized linear as a new dense tensor in ``dtype``."""
-    return _quantized(module).dequantize(module, dtype)
+def dequantize_weight(module: nn.Module, dtype: torch.dtype, name: str | None = None) -> torch.Tensor:
+    """W0 ``(out, in)`` of a quantized linear as a new dense tensor in ``dtype`` (``name``: its kind's, if known)."""
+    return _quantized(module, name).dequantize(module, dtype)
 
 
 def base_weight(module: nn.Module, name: str | None = None) -> torch.Tensor:
     """W0 ``(out, in)`` of a base of any kind (``name``: its kind's): the weight itself or a view of it, or for a
     quantized base a new fp32 tensor."""
     kind = kind_of(module, name)
-    return dequantize_weight(module, torch.float32) if kind in QUANTIZED else kind.weight_view(module)
+    return dequantize_weight(module, torch.float32, name) if kind in QUANTIZED else kind.weight_view(module)
 
 
 def adapter_dtype_basis(module: nn.Module) -> torch.dtype:
@@ -96,10 +96,10 @@ def in_weight_layout(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     return delta if kind in QUANTIZED else kind.in_layout(module, delta)
 
 
-def compute_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
+def compute_dtype(module: nn.Module, x: torch.Tensor, name: str | None = None) -> torch.dtype:
     """The dtype a LoRA linear over ``module`` computes in for input x: the autocast dtype under ``torch.autocast``,
-    else the module's own (a ``Linear4bit``'s ``compute_dtype``), else x's dtype."""
-    own = getattr(kind_of(module), "compute_dtype", None)
+    else the module's own (a ``Linear4bit``'s ``compute_dtype``), else x's dtype (``name``: its kind's, if known)."""
+    own = getattr(kind_of(module, name), "compute_dtype", None)
     return autocast_dtype(x) or (own and own(module)) or x.dtype
 
 
