@@ -60,9 +60,10 @@ def lora_experts_forward(
         raise ValueError("lorafast's expert LoRA does not support expert parallelism (tokens routed to other ranks)")
     num_experts = experts.down_proj.shape[0]
     tokens, top_k = top_k_index.shape
-    if top_k_index.numel() and not 0 <= int(top_k_index.min()) <= int(top_k_index.max()) < num_experts:
-        raise ValueError(f"top_k_index holds expert ids outside [0, {num_experts})")
     expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
+    # sorted: the ends are the smallest and largest ids (one read from the device, no reductions)
+    if expert_ids.numel() and not 0 <= (ends := expert_ids[[0, -1]].tolist())[0] <= ends[1] < num_experts:
+        raise ValueError(f"top_k_index holds expert ids outside [0, {num_experts})")
     counts = torch.bincount(expert_ids, minlength=num_experts).tolist()
     x = hidden_states[order // top_k]
     has_gate = getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))

@@ -249,3 +249,13 @@ def test_apply_lora_twice_and_named_adapter_loads_are_refused(tmp_path):
         lorafast.load_adapter(tiny_qwen3_moe(), tmp_path, adapter_name="x")
     with pytest.raises(ValueError, match="match no parameter"):
         lorafast.load_adapter(tiny_gpt_oss().model, tmp_path)  # other module names
+
+
+@pytest.mark.parametrize("bad", [-1, 4])  # 4 experts: ids 0..3
+def test_expert_ids_outside_the_stack_are_refused_by_name(bad):
+    model = lorafast.apply_lora(tiny_qwen3_moe(), target_parameters=TARGETS, r=4)
+    experts = model.model.layers[0].mlp.experts
+    index = torch.tensor([[0, 1], [2, bad], [3, 3]])
+    with pytest.raises(ValueError, match=r"expert ids outside \[0, 4\)"):
+        experts(torch.randn(3, 32), index, torch.full((3, 2), 0.5))
+    experts(torch.randn(3, 32), index.clamp(0, 3), torch.full((3, 2), 0.5))  # in range: runs
